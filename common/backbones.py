@@ -1,0 +1,206 @@
+"""ID-free sequential recommenders behind one interface (see docs/design.md, "Model contract").
+
+Both backbones embed a user's history and an item into the same L2-normalised space; score = cosine.
+Items enter only through their text, so every parameter is shared across domains and can be merged.
+
+- ``LightRecommender`` (CPU default): frozen pretrained item-text embeddings (cached once per catalog) ->
+  trainable linear adaptor -> small causal transformer over the history. Initialised so that the untrained
+  ("pretrained") model scores a candidate by its text similarity to the most recent history item.
+- ``TextRecommender``: the pretrained text encoder itself, fine-tuned end to end; a history is embedded from
+  its sequence text (most recent first, "; "-joined, token budget), an item from its item text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from common.config import BackboneConfig
+
+if TYPE_CHECKING:
+    from common.data import CatalogView
+
+PAD = -1
+
+
+@dataclass
+class DomainInputs:
+    """Per-domain item inputs of a model (never user data). Built by `Recommender.domain_inputs`."""
+
+    domain: str
+    num_items: int
+    features: torch.Tensor | None = None  # light: [N, F] frozen item-text embeddings
+    texts: list[str] | None = None  # text: item texts, row = item id
+    extra: dict = field(default_factory=dict)
+
+
+def pad_histories(histories: list[list[int]], max_items: int) -> torch.Tensor:
+    """Right-aligned LongTensor [B, L] of the last `max_items` items of each history, -1 padded on the left."""
+    rows = [h[-max_items:] for h in histories]
+    width = max(1, max((len(r) for r in rows), default=1))
+    out = torch.full((len(rows), width), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+class Recommender(nn.Module):
+    """Interface. forward(dom, "items", ids[n]) -> [n,d]; forward(dom, "histories", hist[B,L]) -> [B,d]."""
+
+    causal: bool = False  # True: forward(dom, "positions", hist) gives an embedding per position
+
+    def domain_inputs(self, catalog: CatalogView, **kw) -> DomainInputs:
+        raise NotImplementedError
+
+    def layer_of(self, param_name: str) -> str:
+        raise NotImplementedError
+
+
+class LightRecommender(Recommender):
+    causal = True
+
+    def __init__(self, cfg: BackboneConfig, feature_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim or feature_dim
+        self.adaptor = nn.Linear(feature_dim, dim)
+        self.position = nn.Embedding(cfg.max_items, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, cfg.heads, dim * cfg.ff_mult, cfg.dropout, batch_first=True, norm_first=True, activation="gelu"
+        )
+        self.blocks = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self._init_as_text_similarity()
+
+    def _init_as_text_similarity(self) -> None:
+        """Identity adaptor (a truncated identity if dim < F), zero positions, zero residual outputs: the
+        untrained model embeds a history as its last item's text embedding."""
+        with torch.no_grad():
+            self.adaptor.weight.copy_(torch.eye(*self.adaptor.weight.shape))
+            self.adaptor.bias.zero_()
+            self.position.weight.zero_()
+            for blk in self.blocks.layers:
+                blk.self_attn.out_proj.weight.zero_()
+                blk.self_attn.out_proj.bias.zero_()
+                blk.linear2.weight.zero_()
+                blk.linear2.bias.zero_()
+
+    def domain_inputs(self, catalog: CatalogView, *, features: torch.Tensor | None = None, **kw) -> DomainInputs:
+        if features is None:
+            from common.item_cache import item_text_embeddings
+
+            features = item_text_embeddings(
+                catalog,
+                encoder=self.cfg.encoder,
+                value_tokens=self.cfg.item_value_tokens,
+                max_tokens=self.cfg.item_max_tokens,
+                cache_dir=self.cfg.cache_dir,
+                **kw,
+            )
+        if features.shape[0] != len(catalog):
+            raise ValueError(f"{catalog.domain}: {features.shape[0]} feature rows for {len(catalog)} items")
+        return DomainInputs(catalog.domain, len(catalog), features=features)
+
+    def _items(self, dom: DomainInputs, ids: torch.Tensor) -> torch.Tensor:
+        feats = dom.features.to(self.adaptor.weight.device)
+        return self.adaptor(feats[ids])
+
+    def _positions(self, dom: DomainInputs, hist: torch.Tensor) -> torch.Tensor:
+        b, length = hist.shape
+        valid = hist >= 0
+        x = self._items(dom, hist.clamp_min(0)) * valid.unsqueeze(-1)
+        # absolute position from the start of the (truncated) history; padding sits left of position 0
+        pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+        x = x + self.position(pos)
+        causal = torch.ones(length, length, dtype=torch.bool, device=hist.device).tril()
+        allowed = causal & (valid.unsqueeze(1) | torch.eye(length, dtype=torch.bool, device=hist.device))
+        mask = torch.zeros(b, length, length, device=x.device, dtype=x.dtype)
+        mask.masked_fill_(~allowed, float("-inf"))
+        mask = mask.repeat_interleave(self.cfg.heads, dim=0)
+        return self.blocks(x, mask=mask)
+
+    def forward(self, dom: DomainInputs, kind: str, x: torch.Tensor) -> torch.Tensor:
+        if kind == "items":
+            return F.normalize(self._items(dom, x), dim=-1)
+        if kind == "histories":
+            return F.normalize(self._positions(dom, x)[:, -1], dim=-1)
+        if kind == "positions":
+            return F.normalize(self._positions(dom, x), dim=-1)
+        raise ValueError(f"unknown forward kind {kind!r}")
+
+    def layer_of(self, param_name: str) -> str:
+        m = re.match(r"blocks\.layers\.(\d+)\.", param_name)
+        return f"layer{int(m.group(1))}" if m else "rest"
+
+
+class TextRecommender(Recommender):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        from common.encoder import load_encoder, load_tokenizer
+
+        self.cfg = cfg
+        self.encoder = load_encoder(cfg.encoder)
+        self.tokenizer = load_tokenizer(cfg.encoder)
+
+    def domain_inputs(self, catalog: CatalogView, **kw) -> DomainInputs:
+        from common.text import catalog_texts
+
+        texts = catalog_texts(catalog, self.tokenizer, self.cfg.item_value_tokens)
+        return DomainInputs(catalog.domain, len(catalog), texts=texts)
+
+    def _encode(self, texts: list[str], max_tokens: int) -> torch.Tensor:
+        from common.encoder import mean_pool
+
+        device = next(self.encoder.parameters()).device
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        batch = batch.to(device)
+        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return F.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+
+    def forward(self, dom: DomainInputs, kind: str, x: torch.Tensor) -> torch.Tensor:
+        if kind == "items":
+            return self._encode([dom.texts[i] for i in x.tolist()], self.cfg.item_max_tokens)
+        if kind == "histories":
+            from common.text import sequence_texts
+
+            histories = [[i for i in row if i >= 0] for row in x.tolist()]
+            texts = sequence_texts(histories, dom.texts, self.tokenizer, self.cfg.seq_max_tokens - 2,
+                                   self.cfg.max_items)
+            return self._encode(texts, self.cfg.seq_max_tokens)
+        raise ValueError(f"unknown forward kind {kind!r}")
+
+    def layer_of(self, param_name: str) -> str:
+        m = re.search(r"encoder\.layer\.(\d+)\.", param_name)
+        return f"layer{int(m.group(1))}" if m else "rest"
+
+
+def build_backbone(cfg: BackboneConfig, *, seed: int = 0) -> Recommender:
+    """The shared pretrained model every silo starts from. Deterministic given (cfg, seed)."""
+    torch.manual_seed(seed)
+    if cfg.kind == "text":
+        return TextRecommender(cfg)
+    from transformers import AutoConfig
+
+    from common.encoder import resolve_model_path
+
+    hidden = AutoConfig.from_pretrained(resolve_model_path(cfg.encoder)).hidden_size
+    return LightRecommender(cfg, hidden)
+
+
+def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, detached, on CPU: what a task vector / merged model is made of."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def encode_all_items(model: Recommender, dom: DomainInputs, batch_size: int = 1024) -> torch.Tensor:
+    """[N, d] item embeddings of a whole catalog, batched, no grad."""
+    device = next(model.parameters()).device
+    out = [model(dom, "items", torch.arange(s, min(s + batch_size, dom.num_items), device=device))
+           for s in range(0, dom.num_items, batch_size)]
+    return torch.cat(out)

@@ -1,0 +1,65 @@
+"""pydantic configs shared by the CLI, benchmarks, server and clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneConfig(Strict):
+    """Which recommender to build. Every parameter is shared across domains (ID-free)."""
+
+    kind: Literal["light", "text"] = "light"
+    encoder: str = Field("minilm", description="'minilm' (bundled, offline), a local model folder, or a hub id")
+    # light backbone: frozen item-text features -> adaptor -> causal transformer over the history
+    dim: PositiveInt | None = Field(None, description="hidden size; None = the encoder's hidden size")
+    layers: PositiveInt = 2
+    heads: PositiveInt = 4
+    ff_mult: PositiveInt = 2
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    max_items: PositiveInt = Field(50, description="at most this many most recent history items")
+    # text backbone / item features
+    item_value_tokens: PositiveInt = Field(32, description="each of title/brand/category cut to this many tokens")
+    item_max_tokens: PositiveInt = 128
+    seq_max_tokens: PositiveInt = 128
+    cache_dir: Path = Field(Path(".cache/item_embeddings"), description="frozen item-text embedding cache")
+
+
+class TrainConfig(Strict):
+    """Local fine-tuning in one silo (stage 1)."""
+
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 128
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    tau: float = Field(0.05, gt=0)
+    negatives: Literal["full", "inbatch"] = "full"
+    patience: int = Field(3, ge=1, description="epochs without validation NDCG@10 gain before stopping")
+    max_users: PositiveInt | None = Field(None, description="train on a seeded subsample of users")
+    max_steps_per_epoch: PositiveInt | None = None
+    eval_batch_size: PositiveInt = 256
+    val_max_users: PositiveInt | None = Field(None, description="validate on a seeded subsample (speed)")
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    @classmethod
+    def for_backbone(cls, kind: str, **overrides) -> "TrainConfig":
+        """Sane defaults per backbone: the text encoder uses the reference's lr 5e-5, batch 64."""
+        base = {"light": {}, "text": {"lr": 5e-5, "batch_size": 32, "epochs": 3, "patience": 1}}[kind]
+        return cls(**{**base, **overrides})
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

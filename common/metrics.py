@@ -1,0 +1,65 @@
+"""Full-ranking leave-one-out metrics: Recall@k and NDCG@k with one target per user.
+
+Contract: every metric here is an aggregate over users. `RankingAccumulator.result()` is what may leave a
+silo; per-user ranks stay inside it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_KS = (1, 5, 10, 50)
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """0-based rank of each target among all N items. scores [B,N], targets [B] -> int64 [B].
+
+    rank = #items scored strictly higher + a uniformly random share of the items tied with the target
+    (random tie-breaking, seeded by `generator`), so constant scores do not look perfect.
+    """
+    t = scores.gather(1, targets.view(-1, 1))
+    higher = (scores > t).sum(1)
+    ties = (scores == t).sum(1) - 1
+    if generator is None or not bool((ties > 0).any()):
+        return higher
+    u = torch.rand(ties.shape, generator=generator)
+    return higher + torch.floor(u * (ties + 1).to(u.dtype)).long()
+
+
+def metrics_from_ranks(ranks: torch.Tensor, ks=DEFAULT_KS) -> dict[str, float]:
+    """Mean Recall@k and NDCG@k over users; one relevant item each, so NDCG@k = 1/log2(rank+2) if rank < k."""
+    acc = RankingAccumulator(ks)
+    acc.add(ranks)
+    return acc.result()
+
+
+class RankingAccumulator:
+    """Streams ranks batch by batch and keeps only sums (no per-user values are stored)."""
+
+    def __init__(self, ks=DEFAULT_KS):
+        self.ks = tuple(sorted(ks))
+        self.count = 0
+        self.hits = {k: 0.0 for k in self.ks}
+        self.gains = {k: 0.0 for k in self.ks}
+
+    def add(self, ranks: torch.Tensor) -> None:
+        r = ranks.to(torch.float64)
+        gain = 1.0 / torch.log2(r + 2.0)
+        for k in self.ks:
+            inside = r < k
+            self.hits[k] += float(inside.sum())
+            self.gains[k] += float(gain[inside].sum())
+        self.count += int(r.numel())
+
+    def result(self) -> dict[str, float]:
+        if self.count == 0:
+            return {**{f"recall@{k}": math.nan for k in self.ks}, **{f"ndcg@{k}": math.nan for k in self.ks}, "users": 0}
+        out: dict[str, float] = {}
+        for k in self.ks:
+            out[f"recall@{k}"] = self.hits[k] / self.count
+        for k in self.ks:
+            out[f"ndcg@{k}"] = self.gains[k] / self.count
+        out["users"] = self.count
+        return out

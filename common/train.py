@@ -1,0 +1,190 @@
+"""Stage 1 (local fine-tuning in a silo) and full-ranking evaluation. Runs inside the silo only.
+
+Loss: cross-entropy over cosine / tau against the next item, either over the domain's full item softmax or
+over in-batch candidates. A causal backbone (light) is trained on every position of each training sequence
+at once (next item at each step); the text backbone on (train[:-1] -> train[-1]) per user, with the full
+item table re-encoded without gradient once per epoch (as Recformer-style training does on CPU budgets).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from common.backbones import DomainInputs, Recommender, encode_all_items, pad_histories, shared_state
+from common.config import TrainConfig, resolve_device
+from common.data import SiloData
+from common.metrics import DEFAULT_KS, RankingAccumulator, target_ranks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FineTuneResult:
+    """Best weights (by validation NDCG@10) and aggregate numbers only: safe to report, the weights are
+    what the silo sends as a task vector."""
+
+    state: dict[str, torch.Tensor]
+    val: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+    epochs: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def _subsample(n: int, k: int | None, seed: int) -> torch.Tensor:
+    if k is None or k >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:k].sort().values
+
+
+def _training_rows(silo: SiloData, causal: bool, max_items: int, max_users: int | None, seed: int):
+    """(inputs, targets) per training example. Causal: one row per user, targets per position."""
+    keep = _subsample(len(silo.train), max_users, seed).tolist()
+    rows = []
+    for u in keep:
+        seq = silo.train[u]
+        if len(seq) < 2:
+            continue
+        if causal:
+            seq = seq[-(max_items + 1) :]
+            rows.append((seq[:-1], seq[1:]))
+        else:
+            rows.append((seq[:-1][-max_items:], [seq[-1]]))
+    return rows
+
+
+def _batch_loss(model: Recommender, dom: DomainInputs, rows, cfg: TrainConfig, item_table, device) -> torch.Tensor:
+    inputs = pad_histories([r[0] for r in rows], model.cfg.max_items).to(device)
+    if model.causal:
+        targets = pad_histories([r[1] for r in rows], model.cfg.max_items).to(device)
+        out = model(dom, "positions", inputs)
+        valid = inputs >= 0
+        queries, tgt = out[valid], targets[valid]
+    else:
+        queries = model(dom, "histories", inputs)
+        tgt = torch.tensor([r[1][0] for r in rows], device=device)
+    if cfg.negatives == "inbatch":
+        cands, tgt = torch.unique(tgt, return_inverse=True)
+        items = model(dom, "items", cands)
+    else:
+        items = item_table if item_table is not None else model(dom, "items", torch.arange(dom.num_items, device=device))
+    return F.cross_entropy(queries @ items.T / cfg.tau, tgt)
+
+
+@torch.no_grad()
+def evaluate(
+    model: Recommender,
+    dom: DomainInputs,
+    histories: list[list[int]],
+    targets: list[int],
+    *,
+    ks=DEFAULT_KS,
+    batch_size: int = 256,
+    max_users: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Full ranking over every item of the domain; aggregate Recall@k / NDCG@k only."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    items = encode_all_items(model, dom)
+    keep = _subsample(len(histories), max_users, seed).tolist()
+    acc = RankingAccumulator(ks)
+    gen = torch.Generator().manual_seed(seed)
+    for s in tqdm(range(0, len(keep), batch_size), disable=not progress, desc=f"eval {dom.domain}", leave=False):
+        idx = keep[s : s + batch_size]
+        hist = pad_histories([histories[i] for i in idx], model.cfg.max_items).to(device)
+        scores = (model(dom, "histories", hist) @ items.T).cpu()
+        acc.add(target_ranks(scores, torch.tensor([targets[i] for i in idx]), gen))
+    model.train(was_training)
+    return acc.result()
+
+
+def evaluate_split(model: Recommender, silo: SiloData, dom: DomainInputs, split: str, **kw) -> dict[str, float]:
+    histories, targets = silo.eval_split(split)
+    return evaluate(model, dom, histories, targets, **kw)
+
+
+def popularity_metrics(silo: SiloData, split: str, *, ks=DEFAULT_KS, seed: int = 0) -> dict[str, float]:
+    """Baseline: rank items by their training interaction count (ties broken at random)."""
+    counts = torch.as_tensor(silo.interaction_counts(), dtype=torch.float32)
+    _, targets = silo.eval_split(split)
+    acc = RankingAccumulator(ks)
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.tensor(targets)
+    for s in range(0, len(t), 1024):
+        chunk = t[s : s + 1024]
+        acc.add(target_ranks(counts.expand(len(chunk), -1), chunk, gen))
+    return acc.result()
+
+
+def fine_tune(model: Recommender, silo: SiloData, dom: DomainInputs, cfg: TrainConfig) -> FineTuneResult:
+    """Fine-tune `model` in place on the silo's training sequences, early-stopping on validation NDCG@10.
+
+    The model ends holding the best weights (also returned as `state`, on CPU)."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    rows = _training_rows(silo, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed)
+    if not rows:
+        raise ValueError(f"{silo.domain}: no training sequence has two or more items")
+    val_hist, val_tgt = silo.eval_split("val")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def validate() -> dict[str, float]:
+        return evaluate(model, dom, val_hist, val_tgt, batch_size=cfg.eval_batch_size, max_users=cfg.val_max_users,
+                        seed=cfg.seed)
+
+    best = validate()
+    best_state = copy.deepcopy(model.state_dict())
+    history = [{"epoch": 0, "val_ndcg@10": best["ndcg@10"], "val_recall@10": best["recall@10"]}]
+    log.info("%s: epoch 0 val NDCG@10 %.4f Recall@10 %.4f", silo.domain, best["ndcg@10"], best["recall@10"])
+    stale, steps, epoch = 0, 0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        item_table = None
+        if not model.causal and cfg.negatives == "full":
+            item_table = encode_all_items(model, dom).detach()
+            model.train()
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        batches = [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+        if cfg.max_steps_per_epoch:
+            batches = batches[: cfg.max_steps_per_epoch]
+        total, te = 0.0, time.perf_counter()
+        bar = tqdm(batches, disable=not cfg.progress, desc=f"{silo.domain} epoch {epoch}", leave=False)
+        for b in bar:
+            loss = _batch_loss(model, dom, [rows[i] for i in b], cfg, item_table, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            steps += 1
+            total += float(loss)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+        val = validate()
+        history.append({"epoch": epoch, "loss": total / max(1, len(batches)), "val_ndcg@10": val["ndcg@10"],
+                        "val_recall@10": val["recall@10"], "seconds": time.perf_counter() - te})
+        log.info("%s: epoch %d loss %.4f val NDCG@10 %.4f (best %.4f)", silo.domain, epoch,
+                 history[-1]["loss"], val["ndcg@10"], best["ndcg@10"])
+        if val["ndcg@10"] > best["ndcg@10"]:
+            best, best_state, stale = val, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return FineTuneResult(shared_state(model), best, history, epoch, steps, time.perf_counter() - t0)

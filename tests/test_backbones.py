@@ -1,0 +1,69 @@
+import pytest
+import torch
+from torch.nn import functional as F
+
+from common.backbones import DomainInputs, LightRecommender, pad_histories, shared_state
+from common.config import BackboneConfig
+
+
+@pytest.fixture
+def light():
+    torch.manual_seed(0)
+    cfg = BackboneConfig(kind="light", layers=2, heads=2, dropout=0.0, max_items=8)
+    feats = F.normalize(torch.randn(30, 16), dim=-1)
+    return LightRecommender(cfg, feature_dim=16), DomainInputs("d", 30, features=feats)
+
+
+def _perturb(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+
+def test_pad_histories_right_aligned_and_truncated():
+    h = pad_histories([[1, 2, 3], [4], list(range(20))], max_items=5)
+    assert h.tolist() == [[-1, -1, 1, 2, 3], [-1, -1, -1, -1, 4], [15, 16, 17, 18, 19]]
+
+
+def test_untrained_light_model_scores_by_last_item_text(light):
+    model, dom = light
+    model.eval()
+    hist = pad_histories([[3, 7, 9], [5]], 8)
+    emb = model(dom, "histories", hist)
+    assert torch.allclose(emb, dom.features[[9, 5]], atol=1e-5)
+    assert torch.allclose(model(dom, "items", torch.tensor([4])), dom.features[[4]], atol=1e-6)
+
+
+def test_light_model_is_causal_and_padding_invariant(light):
+    model, dom = light
+    _perturb(model)
+    model.eval()
+    a = model(dom, "positions", torch.tensor([[1, 2, 3, 4]]))
+    b = model(dom, "positions", torch.tensor([[1, 2, 9, 8]]))
+    assert torch.allclose(a[:, :2], b[:, :2], atol=1e-6)
+    assert not torch.allclose(a[:, 2:], b[:, 2:], atol=1e-4)
+    short = model(dom, "histories", torch.tensor([[1, 2, 3]]))
+    padded = model(dom, "histories", torch.tensor([[-1, -1, 1, 2, 3]]))
+    assert torch.allclose(short, padded, atol=1e-5)
+    assert torch.allclose(short, a[:, 2], atol=1e-5)
+    assert torch.allclose(short.norm(dim=-1), torch.ones(1))
+
+
+def test_functional_call_with_shared_state_matches_module(light):
+    model, dom = light
+    _perturb(model)
+    model.eval()
+    hist = pad_histories([[1, 2], [3, 4, 5]], 8)
+    params = shared_state(model)
+    direct = model(dom, "histories", hist)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    via = torch.func.functional_call(model, params, (dom, "histories", hist))
+    assert torch.allclose(direct, via, atol=1e-6)
+
+
+def test_layer_groups(light):
+    model, _ = light
+    groups = {model.layer_of(n) for n, _ in model.named_parameters()}
+    assert groups == {"layer0", "layer1", "rest"}
