@@ -1,0 +1,121 @@
+"""Silo-side distillation targets (MergeRec stage 4), streamed and compact.
+
+For each pseudo-user (an item id i, read as the history [i]) the silo's own fine-tuned model scores every item
+of its domain: t_j = cosine(f_d(pseudo-user), f_d(item_j)). Only the top-k (index, value) pairs per pseudo-user
+leave the silo, rows in the order of the requested pseudo-user item ids: they describe the model, not any user.
+The loss (``losses.mergerec_loss``) treats the missing N - k entries as zero teacher probability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+class TopKLogits(BaseModel):
+    """Top-k teacher logits of P pseudo-users over a catalog of ``num_items`` items.
+
+    item_ids [P] int64 (the pseudo-users), indices [P, k] int64 (item ids, each row distinct), values [P, k]
+    float32 cosine scores sorted descending per row. k = num_items means dense (a permutation per row).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    item_ids: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+    num_items: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coerce(cls, data):
+        if isinstance(data, dict):
+            data = dict(data)
+            for key, dtype in (("item_ids", torch.long), ("indices", torch.long), ("values", torch.float32)):
+                v = data.get(key)
+                if v is not None and not isinstance(v, torch.Tensor):
+                    v = np.asarray(v)
+                    v = torch.from_numpy(v if v.flags.writeable else v.copy())
+                if v is not None:
+                    data[key] = v.to(dtype)
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "TopKLogits":
+        p = self.item_ids.shape[0] if self.item_ids.dim() == 1 else -1
+        if p < 0:
+            raise ValueError(f"item_ids must be 1-D, got {list(self.item_ids.shape)}")
+        if self.indices.dim() != 2 or self.indices.shape[0] != p:
+            raise ValueError(f"indices must be [{p}, k], got {list(self.indices.shape)}")
+        if self.values.shape != self.indices.shape:
+            raise ValueError(f"values {list(self.values.shape)} must match indices {list(self.indices.shape)}")
+        k = self.indices.shape[1]
+        if self.num_items <= 0 or k > self.num_items or (p and k == 0):
+            raise ValueError(f"k = {k} must be in [1, num_items = {self.num_items}]")
+        for name, t in (("item_ids", self.item_ids), ("indices", self.indices)):
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_items):
+                raise ValueError(f"{name} out of range [0, {self.num_items})")
+        if not torch.isfinite(self.values).all():
+            raise ValueError("values must be finite")
+        if k > 1 and not bool((self.values[:, :-1] >= self.values[:, 1:]).all()):
+            raise ValueError("values must be sorted descending within each row")
+        return self
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Wire form: {"indices": int32 [P, k], "values": float32 [P, k]}; rows follow the request's item ids."""
+        return {"indices": self.indices.to(torch.int32).numpy().copy(),
+                "values": self.values.to(torch.float32).numpy().copy()}
+
+    @classmethod
+    def from_arrays(cls, item_ids, indices, values, num_items: int) -> "TopKLogits":
+        """Inverse of ``to_arrays`` (the item ids come from the request); validates everything."""
+        return cls(item_ids=item_ids, indices=indices, values=values, num_items=int(num_items))
+
+    def dense(self, fill: float = float("-inf")) -> torch.Tensor:
+        """[P, N] with the known values and ``fill`` elsewhere (for tests and small catalogs only)."""
+        out = torch.full((self.item_ids.shape[0], self.num_items), fill, dtype=torch.float32)
+        return out.scatter_(1, self.indices, self.values)
+
+
+@torch.no_grad()
+def teacher_topk(query_embeddings_fn: Callable[[torch.Tensor], torch.Tensor], item_embeddings: torch.Tensor,
+                 pseudo_item_ids: torch.Tensor, k: int | None, chunk_size: int = 256) -> TopKLogits:
+    """Top-k cosine logits of each pseudo-user against all N items, computed ``chunk_size`` pseudo-users at a time.
+
+    ``query_embeddings_fn(item_ids [c]) -> [c, d]``: the fine-tuned model's embedding of the pseudo-users whose
+    history is that single item; ``item_embeddings`` [N, d]. Both L2-normalised, so logits = q @ items.T.
+    ``k`` None or >= N gives k = N (dense, rows sorted). Memory: O(chunk_size * N + P * k) besides the inputs;
+    the P x N matrix never exists.
+    """
+    if item_embeddings.dim() != 2:
+        raise ValueError(f"item_embeddings must be [N, d], got {list(item_embeddings.shape)}")
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    n = item_embeddings.shape[0]
+    ids = torch.as_tensor(pseudo_item_ids, dtype=torch.long).reshape(-1)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise ValueError(f"pseudo-user item ids out of range [0, {n})")
+    if k is not None and k <= 0:
+        raise ValueError(f"k must be positive or None, got {k}")
+    k_eff = n if k is None or k >= n else int(k)
+    p = ids.numel()
+    out_idx = torch.empty((p, k_eff), dtype=torch.long)
+    out_val = torch.empty((p, k_eff), dtype=torch.float32)
+    items_t = item_embeddings.T
+    for s in range(0, p, chunk_size):
+        q = query_embeddings_fn(ids[s:s + chunk_size])
+        if q.dim() != 2 or q.shape[0] != min(chunk_size, p - s) or q.shape[1] != item_embeddings.shape[1]:
+            raise ValueError(f"query_embeddings_fn returned {list(q.shape)} for a chunk of {min(chunk_size, p - s)}")
+        scores = (q.to(items_t.dtype) @ items_t).float()  # [c, N]
+        top = torch.topk(scores, k_eff, dim=1, largest=True, sorted=True)
+        out_val[s:s + chunk_size] = top.values
+        out_idx[s:s + chunk_size] = top.indices
+        del scores, top
+    return TopKLogits(item_ids=ids.clone(), indices=out_idx, values=out_val, num_items=n)
