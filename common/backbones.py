@@ -5,7 +5,8 @@ Items enter only through their text, so every parameter is shared across domains
 
 - ``LightRecommender`` (CPU default): frozen pretrained item-text embeddings (cached once per catalog) ->
   trainable linear adaptor -> small causal transformer over the history. Initialised so that the untrained
-  ("pretrained") model scores a candidate by its text similarity to the most recent history item.
+  ("pretrained") model scores a candidate by its text similarity to the most recent history item (exactly
+  when dim = F; through a fixed random orthonormal projection, which roughly preserves cosines, when dim < F).
 - ``TextRecommender``: the pretrained text encoder itself, fine-tuned end to end; a history is embedded from
   its sequence text (most recent first, "; "-joined, token budget), an item from its item text.
 """
@@ -78,10 +79,14 @@ class LightRecommender(Recommender):
         self._init_as_text_similarity()
 
     def _init_as_text_similarity(self) -> None:
-        """Identity adaptor (a truncated identity if dim < F), zero positions, zero residual outputs: the
-        untrained model embeds a history as its last item's text embedding."""
+        """Adaptor = identity (dim = F) or orthonormal rows (dim < F); zero positions and zero residual
+        outputs: the untrained model embeds a history as its last item's (projected) text embedding."""
         with torch.no_grad():
-            self.adaptor.weight.copy_(torch.eye(*self.adaptor.weight.shape))
+            w = self.adaptor.weight
+            if w.shape[0] == w.shape[1]:
+                w.copy_(torch.eye(*w.shape))
+            else:
+                nn.init.orthogonal_(w)
             self.adaptor.bias.zero_()
             self.position.weight.zero_()
             for blk in self.blocks.layers:

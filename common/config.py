@@ -18,9 +18,9 @@ class BackboneConfig(Strict):
     kind: Literal["light", "text"] = "light"
     encoder: str = Field("minilm", description="'minilm' (bundled, offline), a local model folder, or a hub id")
     # light backbone: frozen item-text features -> adaptor -> causal transformer over the history
-    dim: PositiveInt | None = Field(None, description="hidden size; None = the encoder's hidden size")
+    dim: PositiveInt | None = Field(128, description="hidden size; None = the encoder's hidden size")
     layers: PositiveInt = 2
-    heads: PositiveInt = 4
+    heads: PositiveInt = 2
     ff_mult: PositiveInt = 2
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     max_items: PositiveInt = Field(50, description="at most this many most recent history items")

@@ -61,6 +61,15 @@ def _training_rows(silo: SiloData, causal: bool, max_items: int, max_users: int 
     return rows
 
 
+def _length_buckets(rows, batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    """Shuffled batches of rows with similar input length (little padding): random order, stable sort by
+    length, cut into batches, shuffle the batches."""
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    order.sort(key=lambda i: len(rows[i][0]))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
 def _batch_loss(model: Recommender, dom: DomainInputs, rows, cfg: TrainConfig, item_table, device) -> torch.Tensor:
     inputs = pad_histories([r[0] for r in rows], model.cfg.max_items).to(device)
     if model.causal:
@@ -98,6 +107,7 @@ def evaluate(
     device = next(model.parameters()).device
     items = encode_all_items(model, dom)
     keep = _subsample(len(histories), max_users, seed).tolist()
+    keep.sort(key=lambda i: min(len(histories[i]), model.cfg.max_items))  # similar lengths batch together
     acc = RankingAccumulator(ks)
     gen = torch.Generator().manual_seed(seed)
     for s in tqdm(range(0, len(keep), batch_size), disable=not progress, desc=f"eval {dom.domain}", leave=False):
@@ -158,8 +168,7 @@ def fine_tune(model: Recommender, silo: SiloData, dom: DomainInputs, cfg: TrainC
         if not model.causal and cfg.negatives == "full":
             item_table = encode_all_items(model, dom).detach()
             model.train()
-        order = torch.randperm(len(rows), generator=gen).tolist()
-        batches = [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+        batches = _length_buckets(rows, cfg.batch_size, gen)
         if cfg.max_steps_per_epoch:
             batches = batches[: cfg.max_steps_per_epoch]
         total, te = 0.0, time.perf_counter()
@@ -172,8 +181,9 @@ def fine_tune(model: Recommender, silo: SiloData, dom: DomainInputs, cfg: TrainC
             opt.step()
             sched.step()
             steps += 1
-            total += float(loss)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            value = loss.item()
+            total += value
+            bar.set_postfix(loss=f"{value:.3f}")
         val = validate()
         history.append({"epoch": epoch, "loss": total / max(1, len(batches)), "val_ndcg@10": val["ndcg@10"],
                         "val_recall@10": val["recall@10"], "seconds": time.perf_counter() - te})

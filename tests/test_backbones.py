@@ -9,7 +9,7 @@ from common.config import BackboneConfig
 @pytest.fixture
 def light():
     torch.manual_seed(0)
-    cfg = BackboneConfig(kind="light", layers=2, heads=2, dropout=0.0, max_items=8)
+    cfg = BackboneConfig(kind="light", dim=None, layers=2, heads=2, dropout=0.0, max_items=8)
     feats = F.normalize(torch.randn(30, 16), dim=-1)
     return LightRecommender(cfg, feature_dim=16), DomainInputs("d", 30, features=feats)
 
@@ -30,7 +30,7 @@ def test_untrained_light_model_scores_by_last_item_text(light):
     model.eval()
     hist = pad_histories([[3, 7, 9], [5]], 8)
     emb = model(dom, "histories", hist)
-    assert torch.allclose(emb, dom.features[[9, 5]], atol=1e-5)
+    assert torch.allclose(emb, dom.features[[9, 5]], atol=1e-5)  # dim == F: exact identity
     assert torch.allclose(model(dom, "items", torch.tensor([4])), dom.features[[4]], atol=1e-6)
 
 
@@ -67,3 +67,16 @@ def test_layer_groups(light):
     model, _ = light
     groups = {model.layer_of(n) for n, _ in model.named_parameters()}
     assert groups == {"layer0", "layer1", "rest"}
+
+
+def test_narrow_adaptor_roughly_preserves_text_similarity():
+    torch.manual_seed(0)
+    feats = F.normalize(torch.randn(200, 384), dim=-1)
+    model = LightRecommender(BackboneConfig(kind="light", dim=128, dropout=0.0), feature_dim=384).eval()
+    dom = DomainInputs("d", 200, features=feats)
+    emb = model(dom, "items", torch.arange(200))
+    before = feats @ feats.T
+    after = emb @ emb.T
+    off = ~torch.eye(200, dtype=torch.bool)
+    corr = torch.corrcoef(torch.stack([before[off], after[off]]))[0, 1]
+    assert corr > 0.5
