@@ -172,7 +172,7 @@ def fine_tune(model: Recommender, silo: SiloData, dom: DomainInputs, cfg: TrainC
         if cfg.max_steps_per_epoch:
             batches = batches[: cfg.max_steps_per_epoch]
         total, te = 0.0, time.perf_counter()
-        bar = tqdm(batches, disable=not cfg.progress, desc=f"{silo.domain} epoch {epoch}", leave=False)
+        bar = tqdm(batches, disable=None if cfg.progress else True, desc=f"{silo.domain} epoch {epoch}", leave=False)
         for b in bar:
             loss = _batch_loss(model, dom, [rows[i] for i in b], cfg, item_table, device)
             opt.zero_grad(set_to_none=True)

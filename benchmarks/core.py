@@ -1,0 +1,122 @@
+"""Benchmark the recommender core on real data (default ../shared/data/amazon: Beauty, Sports, Toys).
+
+    python -m benchmarks.core [--data ../shared/data/amazon] [--domains Beauty Sports Toys]
+
+Per domain and model: test Recall@10 / NDCG@10 (and @50 in the JSON), wall time, peak memory. Each
+(domain, model) job runs in its own subprocess so that its peak RSS is its own. Writes
+benchmarks/results/core.json and core.md. Models:
+
+- popularity: training interaction counts
+- light zero-shot: the untrained light backbone (= text similarity to the most recent item)
+- encoder zero-shot: the raw pretrained encoder on sequence text vs item text
+- light fine-tuned: the CPU default, full data
+- encoder fine-tuned: MiniLM end to end, on a seeded user subsample (2 CPU cores), see --text-users
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = ["popularity", "light-zero-shot", "light-fine-tuned", "encoder-zero-shot", "encoder-fine-tuned"]
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "amazon"
+
+
+def run_job(data: Path, domain: str, model: str, args) -> dict:
+    """One (domain, model) measurement, in this process."""
+    import copy
+
+    import torch
+
+    from common.backbones import build_backbone
+    from common.config import BackboneConfig, TrainConfig
+    from common.data import load_silo
+    from common.train import evaluate_split, fine_tune, popularity_metrics
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    silo = load_silo(data / domain)
+    out: dict = {"domain": domain, "model": model, "test_users": len(silo.test)}
+    if model == "popularity":
+        out.update(popularity_metrics(silo, "test", seed=args.seed))
+    else:
+        kind = "light" if model.startswith("light") else "text"
+        bb = BackboneConfig(kind=kind, cache_dir=Path(args.cache) / "item_embeddings")
+        base = build_backbone(bb, seed=args.seed)
+        dom = base.domain_inputs(silo.catalog)
+        eval_users = None if kind == "light" else args.text_eval_users
+        if model.endswith("fine-tuned"):
+            over = {"seed": args.seed, "progress": False}
+            if kind == "text":
+                over.update(max_users=args.text_users, epochs=args.text_epochs, val_max_users=args.text_eval_users)
+            res = fine_tune(base, silo, dom, TrainConfig.for_backbone(kind, **over))
+            out.update(epochs=res.epochs, steps=res.steps, train_seconds=round(res.seconds, 1),
+                       train_users=args.text_users if kind == "text" else len(silo.train))
+        out.update(evaluate_split(base, silo, dom, "test", seed=args.seed, max_users=eval_users))
+        out["eval_users"] = out.pop("users")
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    from common.report import markdown_table
+
+    cols = ["domain", "model", "recall@10", "ndcg@10", "seconds", "peak_rss_mb", "train_users", "eval_users"]
+    return markdown_table(rows, cols)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.core", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--domains", nargs="+", default=["Beauty", "Sports", "Toys"])
+    ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=".cache")
+    ap.add_argument("--text-users", type=int, default=2000, help="users the text encoder fine-tunes on")
+    ap.add_argument("--text-epochs", type=int, default=2)
+    ap.add_argument("--text-eval-users", type=int, default=2000, help="test users for the text-encoder rows")
+    ap.add_argument("--out", type=Path, default=RESULTS / "core.json")
+    ap.add_argument("--job", nargs=2, metavar=("DOMAIN", "MODEL"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+    if args.job:
+        print(json.dumps(run_job(args.data, args.job[0], args.job[1], args)))
+        return 0
+    if not args.data.is_dir():
+        ap.error(f"data folder not found: {args.data}")
+    rows = []
+    passthrough = ["--data", str(args.data), "--seed", str(args.seed), "--cache", args.cache,
+                   "--text-users", str(args.text_users), "--text-epochs", str(args.text_epochs),
+                   "--text-eval-users", str(args.text_eval_users)]
+    for domain in args.domains:
+        for model in args.models:
+            logging.info("running %s / %s", domain, model)
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.core", *passthrough, "--job", domain, model],
+                                  stdout=subprocess.PIPE, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"job {domain}/{model} failed with exit code {proc.returncode}")
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            logging.info("%s", rows[-1])
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            report = {"command": "python -m benchmarks.core " + " ".join(argv or sys.argv[1:]),
+                      "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+                      "rows": rows}
+            args.out.write_text(json.dumps(report, indent=1))
+            args.out.with_suffix(".md").write_text(table(rows) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

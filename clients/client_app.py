@@ -1,0 +1,115 @@
+"""Flower ClientApp: one per domain silo. Thin: decode -> SiloWorker -> encode (see clients/silo.py).
+
+Where the silo's data is:
+- deployment: `flower-supernode --node-config 'domain="beauty" data-path="/data/beauty"'`
+  (optional `state-path`: where the silo keeps its fine-tuned model; default .cache/silo-state/<domain>)
+- simulation: node_config has only partition-id; run_config `domains` (comma list) maps partition i to
+  domains[i] and `data-root` holds one folder per domain.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from clients.silo import SiloWorker
+from common.messages import (
+    EVALUATE,
+    FINETUNE,
+    HANDSHAKE,
+    TEACHER,
+    ContractError,
+    EvaluateRequest,
+    FinetuneRequest,
+    HandshakeRequest,
+    TeacherRequest,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+CONTRACT_ERROR_CODE = 100
+
+_ROUTES = {
+    HANDSHAKE: (HandshakeRequest, "handshake"),
+    FINETUNE: (FinetuneRequest, "finetune"),
+    TEACHER: (TeacherRequest, "teacher"),
+    EVALUATE: (EvaluateRequest, "evaluate"),
+}
+_workers: dict[tuple, SiloWorker] = {}
+
+
+def silo_location(node_config: dict, run_config: dict) -> tuple[str, Path, Path | None]:
+    """(domain, data path, state path) of this node, from deployment or simulation configuration."""
+    if "domain" in node_config:
+        if "data-path" not in node_config:
+            raise ContractError("node-config has 'domain' but no 'data-path'")
+        domain = str(node_config["domain"])
+        state = node_config.get("state-path")
+        return domain, Path(str(node_config["data-path"])), Path(str(state)) if state else None
+    if "partition-id" in node_config:
+        domains = [d.strip() for d in str(run_config.get("domains", "")).split(",") if d.strip()]
+        pid = int(node_config["partition-id"])
+        if pid >= len(domains):
+            raise ContractError(f"partition {pid} has no domain: run-config domains = {domains}")
+        root = Path(str(run_config.get("data-root", ".cache/demo-data")))
+        state_root = run_config.get("silo-state-root")
+        return domains[pid], root / domains[pid], Path(str(state_root)) / domains[pid] if state_root else None
+    raise ContractError("node-config must set domain and data-path (or run in simulation)")
+
+
+def worker_for(node_config: dict, run_config: dict) -> SiloWorker:
+    domain, data, state = silo_location(node_config, run_config)
+    key = (domain, str(data), str(state))
+    if key not in _workers:
+        cache = run_config.get("cache-dir")
+        _workers[key] = SiloWorker(domain, data, state, Path(str(cache)) if cache else None)
+    return _workers[key]
+
+
+def handle(worker: SiloWorker, message_type: str, content):
+    """Decode a request, run the silo method, encode the reply (a flwr RecordDict)."""
+    if message_type not in _ROUTES:
+        raise ContractError(f"unexpected message type {message_type!r}")
+    req_type, method = _ROUTES[message_type]
+    header, arrays = decode(content, req_type)
+    if method == "evaluate":
+        reply, out_arrays = worker.evaluate(header, arrays)
+    else:
+        if arrays:
+            raise ContractError(f"{message_type} carries no arrays, got {sorted(arrays)}")
+        reply, out_arrays = getattr(worker, method)(header)
+    return encode(reply, out_arrays)
+
+
+def _serve(msg: Message, context: Context) -> Message:
+    try:
+        worker = worker_for(dict(context.node_config), dict(context.run_config))
+        return Message(content=handle(worker, msg.metadata.message_type, msg.content), reply_to=msg)
+    except ContractError as exc:
+        log.error("rejected %s: %s", msg.metadata.message_type, exc)
+        return Message(error=Error(code=CONTRACT_ERROR_CODE, reason=f"contract: {exc}"), reply_to=msg)
+
+
+@app.query("handshake")
+def handshake(msg: Message, context: Context) -> Message:
+    return _serve(msg, context)
+
+
+@app.train("finetune")
+def finetune(msg: Message, context: Context) -> Message:
+    return _serve(msg, context)
+
+
+@app.query("teacher")
+def teacher(msg: Message, context: Context) -> Message:
+    return _serve(msg, context)
+
+
+@app.evaluate("merged")
+def evaluate(msg: Message, context: Context) -> Message:
+    return _serve(msg, context)

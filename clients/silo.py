@@ -1,0 +1,149 @@
+"""What a domain silo does, independent of Flower: one method per message type.
+
+A `SiloWorker` owns the domain's private data (`SiloData`, never serialisable) and its fine-tuned model.
+Every method takes a validated request header (+ arrays) and returns a reply header (+ arrays) built only
+from the contracts in common/messages.py. The fine-tuned weights are kept in the silo's state folder so
+that a restarted silo can still answer the teacher stage without fine-tuning again.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.backbones import Recommender, build_backbone, shared_state
+from common.data import SiloData, load_silo
+from common.merging.task_vectors import fingerprint
+from common.merging.teacher import teacher_topk
+from common.messages import (
+    AggregateMetrics,
+    Arrays,
+    CatalogItem,
+    ContractError,
+    EvaluateReply,
+    EvaluateRequest,
+    FinetuneReply,
+    FinetuneRequest,
+    HandshakeReply,
+    HandshakeRequest,
+    TeacherReply,
+    TeacherRequest,
+    check_state_arrays,
+)
+from common.train import evaluate_split, fine_tune
+
+log = logging.getLogger(__name__)
+
+
+def to_numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {n: t.detach().cpu().to(torch.float32).numpy() for n, t in state.items()}
+
+
+class SiloWorker:
+    def __init__(self, domain: str, data_path: str | Path, state_dir: str | Path | None = None,
+                 cache_dir: str | Path | None = None):
+        self.domain = domain
+        self.data_path = Path(data_path)
+        self.state_dir = Path(state_dir) if state_dir else Path(".cache") / "silo-state" / domain
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._silo: SiloData | None = None
+        self._base: Recommender | None = None
+        self._base_key = None
+
+    # -- private helpers -------------------------------------------------------------------------
+    @property
+    def silo(self) -> SiloData:
+        if self._silo is None:
+            self._silo = load_silo(self.data_path, self.domain)
+        return self._silo
+
+    def _base_model(self, req: HandshakeRequest | None = None) -> Recommender:
+        if req is not None:
+            backbone = req.backbone
+            if self.cache_dir is not None:
+                backbone = backbone.model_copy(update={"cache_dir": self.cache_dir / "item_embeddings"})
+            key = (backbone.model_dump_json(), req.seed)
+            if key != self._base_key:
+                self._base = build_backbone(backbone, seed=req.seed)
+                self._base_key = key
+                self._base_fp = fingerprint(shared_state(self._base))
+                self._dom = self._base.domain_inputs(self.silo.catalog)
+        if self._base is None:
+            raise ContractError("no handshake yet: the silo does not know the base model")
+        return self._base
+
+    def _finetuned_path(self, base_fp: str) -> Path:
+        return self.state_dir / f"finetuned-{base_fp[:16]}.safetensors"
+
+    def _model_with(self, weights: dict[str, np.ndarray]) -> Recommender:
+        model = copy.deepcopy(self._base_model())
+        model.load_state_dict({n: torch.from_numpy(a) for n, a in weights.items()}, strict=False)
+        return model.eval()
+
+    # -- message handlers ------------------------------------------------------------------------
+    def handshake(self, req: HandshakeRequest) -> tuple[HandshakeReply, Arrays]:
+        self._base_model(req)
+        cat = self.silo.catalog
+        items = None
+        if req.send_catalog:
+            items = [CatalogItem(key=k, title=m.title, brand=m.brand, category=m.category)
+                     for k, m in zip(cat.item_keys, cat.items)]
+        return HandshakeReply(domain=self.domain, num_items=len(cat), catalog_fingerprint=cat.fingerprint(),
+                              base_fingerprint=self._base_fp, catalog=items), {}
+
+    def finetune(self, req: FinetuneRequest) -> tuple[FinetuneReply, Arrays]:
+        base = self._base_model()
+        if req.base_fingerprint != self._base_fp:
+            raise ContractError(f"silo {self.domain} has base {self._base_fp[:12]}, request is for "
+                                f"{req.base_fingerprint[:12]}")
+        model = copy.deepcopy(base)
+        res = fine_tune(model, self.silo, self._dom, req.train)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._finetuned_path(self._base_fp).with_suffix(".tmp")
+        save_file({n: t.contiguous() for n, t in res.state.items()}, str(tmp))
+        tmp.replace(self._finetuned_path(self._base_fp))
+        base_state = shared_state(base)
+        tv = {n: res.state[n] - base_state[n] for n in base_state}
+        reply = FinetuneReply(domain=self.domain, base_fingerprint=self._base_fp,
+                              val=AggregateMetrics.from_result(res.val), epochs=res.epochs, seconds=res.seconds)
+        return reply, {"task_vector": to_numpy_state(tv)}
+
+    def teacher(self, req: TeacherRequest) -> tuple[TeacherReply, Arrays]:
+        self._base_model()
+        path = self._finetuned_path(self._base_fp)
+        if not path.exists():
+            raise ContractError(f"silo {self.domain} has no fine-tuned model for base {self._base_fp[:12]}")
+        n = len(self.silo.catalog)
+        if max(req.pseudo_item_ids) >= n:
+            raise ContractError(f"pseudo-user item id {max(req.pseudo_item_ids)} out of range for {n} items")
+        model = self._model_with({k: v.numpy() for k, v in load_file(str(path)).items()})
+        dom = self._dom
+        with torch.no_grad():
+            from common.backbones import encode_all_items
+
+            items = encode_all_items(model, dom)
+
+            def queries(ids: torch.Tensor) -> torch.Tensor:
+                return model(dom, "histories", ids.view(-1, 1))
+
+            top = teacher_topk(queries, items, torch.tensor(req.pseudo_item_ids), req.top_k, req.chunk_size)
+        arrays = top.to_arrays()
+        return TeacherReply(domain=self.domain, num_items=n, k=int(arrays["indices"].shape[1])), {"teacher": arrays}
+
+    def evaluate(self, req: EvaluateRequest, arrays: Arrays) -> tuple[EvaluateReply, Arrays]:
+        base = self._base_model()
+        shapes = {n: tuple(t.shape) for n, t in base.named_parameters()}
+        metrics = {}
+        for name in req.models:
+            if name not in arrays:
+                raise ContractError(f"model {name!r} has no weights in the message")
+            check_state_arrays(arrays[name], shapes, f"model {name}")
+            model = self._model_with(arrays[name])
+            res = evaluate_split(model, self.silo, self._dom, req.split, max_users=req.max_users, seed=req.seed)
+            metrics[name] = AggregateMetrics.from_result(res)
+        return EvaluateReply(domain=self.domain, metrics=metrics), {}

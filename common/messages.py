@@ -1,0 +1,206 @@
+"""Message contracts: everything that crosses the network between the server and a silo.
+
+Each message = one pydantic *header* (small, JSON, in a ConfigRecord) + named groups of float/int arrays
+(ArrayRecords). Both sides validate every message against these models; anything else is an error.
+
+What may cross (method.md): down — base fingerprint, configs, pseudo-user item ids, merged weights;
+up — task vectors, top-k teacher logits for pseudo-users (keyed by *item* ids the server chose), catalog
+(item texts) when asked, aggregate metrics. No field here can hold a user id, a sequence or a per-user
+score: metrics are `AggregateMetrics` (a fixed set of metric names + a user count, and only over at least
+`MIN_USERS_FOR_METRICS` users), and arrays are checked for names, dtypes and shapes on receipt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from common.config import BackboneConfig, TrainConfig
+
+MIN_USERS_FOR_METRICS = 5
+_METRIC = re.compile(r"^(recall|ndcg)@\d{1,3}$")
+
+# message types (Flower: "query.<name>", "train.<name>", "evaluate.<name>")
+HANDSHAKE = "query.handshake"
+FINETUNE = "train.finetune"
+TEACHER = "query.teacher"
+EVALUATE = "evaluate.merged"
+
+
+class ContractError(ValueError):
+    """A message that does not satisfy its contract (the reply/handler names what is wrong)."""
+
+
+class Header(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AggregateMetrics(Header):
+    """Mean Recall@k / NDCG@k over `users` users of one split. Nothing per user."""
+
+    users: int = Field(ge=MIN_USERS_FOR_METRICS)
+    values: dict[str, float]
+
+    @field_validator("values")
+    @classmethod
+    def _names(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in v if not _METRIC.match(k)]
+        if bad:
+            raise ValueError(f"only recall@k / ndcg@k may leave a silo, got {bad}")
+        out_of_range = [k for k, x in v.items() if not (0.0 <= x <= 1.0)]
+        if out_of_range:
+            raise ValueError(f"metric values must be in [0, 1]: {out_of_range}")
+        return v
+
+    @classmethod
+    def from_result(cls, result: dict[str, float]) -> "AggregateMetrics":
+        """From `RankingAccumulator.result()` output."""
+        values = {k: float(v) for k, v in result.items() if k != "users"}
+        return cls(users=int(result["users"]), values=values)
+
+
+class CatalogItem(Header):
+    key: str
+    title: str
+    brand: str
+    category: str
+
+
+class HandshakeRequest(Header):
+    base_fingerprint: str
+    backbone: BackboneConfig
+    seed: int
+    send_catalog: bool = False
+
+
+class HandshakeReply(Header):
+    domain: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    num_items: int = Field(gt=0)
+    catalog_fingerprint: str
+    base_fingerprint: str
+    catalog: list[CatalogItem] | None = None
+
+    @model_validator(mode="after")
+    def _catalog_size(self):
+        if self.catalog is not None and len(self.catalog) != self.num_items:
+            raise ValueError(f"catalog has {len(self.catalog)} items, num_items says {self.num_items}")
+        return self
+
+
+class FinetuneRequest(Header):
+    train: TrainConfig
+    base_fingerprint: str
+
+
+class FinetuneReply(Header):
+    """Arrays: group "task_vector" = {parameter name: float32 array}."""
+
+    domain: str
+    base_fingerprint: str
+    val: AggregateMetrics
+    epochs: int
+    seconds: float
+
+
+class TeacherRequest(Header):
+    pseudo_item_ids: list[int] = Field(min_length=1)
+    top_k: int | None = Field(None, gt=0, description="None: dense (k = number of items)")
+    chunk_size: int = Field(256, gt=0)
+
+    @field_validator("pseudo_item_ids")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or min(v) < 0:
+            raise ValueError("pseudo_item_ids must be unique non-negative item ids")
+        return v
+
+
+class TeacherReply(Header):
+    """Arrays: group "teacher" = {"indices": int32 [P, k], "values": float32 [P, k]}, rows in the order of
+    the request's pseudo_item_ids."""
+
+    domain: str
+    num_items: int
+    k: int
+
+
+class EvaluateRequest(Header):
+    """Arrays: one group per model name = {parameter name: float32 array} (full weights)."""
+
+    split: Literal["val", "test"] = "test"
+    models: list[str] = Field(min_length=1)
+    max_users: int | None = None
+    seed: int = 0
+
+
+class EvaluateReply(Header):
+    domain: str
+    metrics: dict[str, AggregateMetrics]
+
+
+Arrays = dict[str, dict[str, np.ndarray]]
+
+
+def encode(header: Header, arrays: Arrays | None = None):
+    """-> flwr RecordDict: ConfigRecord "header" {"type", "json"} + one ArrayRecord per array group."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    content = RecordDict()
+    content["header"] = ConfigRecord({"type": type(header).__name__, "json": header.model_dump_json()})
+    for group, named in (arrays or {}).items():
+        content[f"arrays.{group}"] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in named.items()})
+    return content
+
+
+def decode(content, header_type: type[Header]) -> tuple[Header, Arrays]:
+    """Inverse of `encode`; raises ContractError naming what is wrong."""
+    try:
+        cfg = content.config_records["header"]
+    except KeyError:
+        raise ContractError("message has no 'header' config record") from None
+    if cfg.get("type") != header_type.__name__:
+        raise ContractError(f"expected a {header_type.__name__} message, got {cfg.get('type')!r}")
+    try:
+        header = header_type.model_validate_json(cfg["json"])
+    except Exception as exc:  # pydantic.ValidationError or bad JSON
+        raise ContractError(f"invalid {header_type.__name__}: {exc}") from None
+    arrays: Arrays = {}
+    for key, record in content.array_records.items():
+        if not key.startswith("arrays."):
+            raise ContractError(f"unexpected array record {key!r}")
+        arrays[key[len("arrays."):]] = {n: a.numpy() for n, a in record.items()}
+    return header, arrays
+
+
+def check_state_arrays(named: dict[str, np.ndarray], reference: dict[str, tuple[int, ...]], what: str) -> None:
+    """Names and shapes must equal the model's parameters exactly; float32 only."""
+    missing = sorted(set(reference) - set(named))
+    extra = sorted(set(named) - set(reference))
+    if missing or extra:
+        raise ContractError(f"{what}: missing parameters {missing[:5]}, unexpected {extra[:5]}")
+    for n, a in named.items():
+        if a.dtype != np.float32 or tuple(a.shape) != tuple(reference[n]):
+            raise ContractError(f"{what}: parameter {n} is {a.dtype}{list(a.shape)}, expected float32{list(reference[n])}")
+        if not np.isfinite(a).all():
+            raise ContractError(f"{what}: parameter {n} has non-finite values")
+
+
+def check_teacher_arrays(named: dict[str, np.ndarray], rows: int, num_items: int, k: int) -> None:
+    if set(named) != {"indices", "values"}:
+        raise ContractError(f"teacher arrays must be exactly indices/values, got {sorted(named)}")
+    idx, val = named["indices"], named["values"]
+    if idx.shape != (rows, k) or val.shape != (rows, k):
+        raise ContractError(f"teacher arrays must be [{rows}, {k}], got {idx.shape} and {val.shape}")
+    if idx.dtype != np.int32 or val.dtype != np.float32:
+        raise ContractError(f"teacher arrays must be int32/float32, got {idx.dtype}/{val.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= num_items):
+        raise ContractError(f"teacher indices out of range [0, {num_items})")
+
+
+def header_summary(header: Header) -> str:
+    """One line for logs."""
+    return f"{type(header).__name__} {json.dumps(header.model_dump(mode='json'))[:200]}"

@@ -1,0 +1,427 @@
+"""The MergeRec stages on the server side, each a small function, checkpointed in a run directory.
+
+handshake -> finetune -> merge_init -> pseudo_users -> teacher -> coefficients -> evaluate -> artifacts
+
+The transport (server/transport.py) is Flower or in-process; the stages do not care. After each stage the
+state is written to `run_dir/checkpoint.json` (+ files), so starting again with the same run directory
+resumes after the last completed stage (silos that already fine-tuned are not asked again: their task
+vectors are read back). A silo that errors or does not answer is retried `retries` times, then dropped for
+the rest of the run if at least `min_silos` remain; the report says which, where and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from common.backbones import Recommender, build_backbone, shared_state
+from common.config import BackboneConfig, Strict, TrainConfig
+from common.data import CatalogView, ItemMeta, load_catalog
+from common.merging import methods as merge_methods
+from common.merging.coefficients import (
+    CoefficientConfig,
+    DomainBatchSource,
+    learn_coefficients,
+    merge_with_coefficients,
+)
+from common.merging.pseudo_users import select_pseudo_users
+from common.merging.task_vectors import fingerprint
+from common.merging.teacher import TopKLogits
+from common.messages import (
+    EVALUATE,
+    FINETUNE,
+    HANDSHAKE,
+    TEACHER,
+    EvaluateReply,
+    EvaluateRequest,
+    FinetuneReply,
+    FinetuneRequest,
+    HandshakeReply,
+    HandshakeRequest,
+    TeacherReply,
+    TeacherRequest,
+    check_state_arrays,
+    check_teacher_arrays,
+)
+from common.report import markdown_table
+from server.transport import Outcome, Transport
+
+log = logging.getLogger(__name__)
+
+STAGES = ["handshake", "finetune", "merge_init", "pseudo_users", "teacher", "coefficients", "evaluate", "artifacts"]
+
+
+class PipelineError(RuntimeError):
+    """The run cannot go on (too few silos, bad run directory, ...). The message says why."""
+
+
+class PipelineConfig(Strict):
+    backbone: BackboneConfig = BackboneConfig()
+    train: TrainConfig = TrainConfig()
+    baselines: list[str] = Field(default_factory=lambda: ["weight_average", "task_arithmetic", "ties", "dare_ties"])
+    init_method: str = "ties"
+    granularities: list[Literal["task", "layer"]] = Field(default_factory=lambda: ["task", "layer"])
+    coefficients: CoefficientConfig = CoefficientConfig()
+    pseudo_users: Literal["all", "random", "kmeans"] = "all"
+    pseudo_users_n: int | None = None
+    teacher_top_k: int | None = 256
+    evaluate_finetuned: bool = True
+    eval_max_users: int | None = None
+    catalog_root: Path | None = Field(None, description="server's own catalog view: <root>/<domain>/{meta_data,smap}.json")
+    min_silos: int = Field(2, ge=1)
+    retries: int = Field(1, ge=0)
+    timeout_s: float = Field(3600.0, gt=0)
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results (not timeouts/retries/min_silos)."""
+        d = self.model_dump(mode="json", exclude={"min_silos", "retries", "timeout_s"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _tensors(named: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {n: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in named.items()}
+
+
+def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {n: t.detach().cpu().float().numpy() for n, t in state.items()}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class Pipeline:
+    def __init__(self, transport: Transport, cfg: PipelineConfig, run_dir: str | Path):
+        self.t = transport
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.run_dir / "checkpoint.json"
+        self.state = self._load_checkpoint()
+        self.handles: dict[str, str] = {}  # domain -> transport handle (re-learned at every start)
+        self.base = build_backbone(cfg.backbone, seed=cfg.seed)
+        self.base_state = shared_state(self.base)
+        self.base_fp = fingerprint(self.base_state)
+        self.shapes = {n: tuple(t.shape) for n, t in self.base_state.items()}
+        self.catalogs: dict[str, CatalogView] = {}
+
+    # ---------------------------------------------------------------- checkpoint & bookkeeping
+    def _load_checkpoint(self) -> dict:
+        if self.ckpt_path.exists():
+            st = json.loads(self.ckpt_path.read_text())
+            if st.get("config") != self.cfg.fingerprint():
+                raise PipelineError(f"run directory {self.run_dir} belongs to a run with another configuration "
+                                    f"({st.get('config')} != {self.cfg.fingerprint()}): use a new run directory")
+            log.info("resuming %s after stage(s): %s", self.run_dir, ", ".join(st["completed"]) or "none")
+            return st
+        return {"config": self.cfg.fingerprint(), "completed": [], "domains": [], "dropped": [], "timings": {},
+                "bytes": {}, "val": {}, "finetune": {}}
+
+    def _save(self) -> None:
+        _atomic_write(self.ckpt_path, json.dumps(self.state, indent=1))
+
+    def _done(self, stage: str, seconds: float) -> None:
+        self.state["completed"].append(stage)
+        self.state["timings"][stage] = round(self.state["timings"].get(stage, 0.0) + seconds, 3)
+        self._save()
+        log.info("stage %s done in %.1fs", stage, seconds)
+
+    def active(self) -> list[str]:
+        dropped = {d["domain"] for d in self.state["dropped"]}
+        return [d for d in self.state["domains"] if d not in dropped]
+
+    def _drop(self, domain: str, stage: str, reason: str) -> None:
+        log.error("dropping silo %s at stage %s: %s", domain, stage, reason)
+        self.state["dropped"].append({"domain": domain, "stage": stage, "reason": reason})
+        left = self.active()
+        if len(left) < self.cfg.min_silos:
+            self._save()
+            raise PipelineError(f"only {len(left)} silo(s) left ({', '.join(left) or 'none'}) after dropping "
+                                f"{domain} at {stage}: {reason}; min-silos is {self.cfg.min_silos}")
+
+    def _count(self, o: Outcome, domain: str) -> None:
+        b = self.state["bytes"].setdefault(domain, {"sent_to_silo": 0, "received_from_silo": 0})
+        b["sent_to_silo"] += o.bytes_down
+        b["received_from_silo"] += o.bytes_up
+
+    def _ask(self, stage: str, message_type: str, requests: dict, reply_type, validate=None) -> dict:
+        """requests: domain -> (header, arrays). Retries failures, drops silos that keep failing."""
+        results, todo = {}, dict(requests)
+        for attempt in range(self.cfg.retries + 1):
+            if not todo:
+                break
+            handles = {self.handles[d]: d for d in todo if d in self.handles}
+            outcomes = self.t.call(message_type, {h: todo[d] for h, d in handles.items()}, reply_type,
+                                   self.cfg.timeout_s)
+            failed = {}
+            for h, d in handles.items():
+                o = outcomes[h]
+                self._count(o, d)
+                err = o.error
+                if err is None and validate is not None:
+                    try:
+                        validate(d, o)
+                    except ValueError as exc:
+                        err = f"invalid reply: {exc}"
+                if err is None:
+                    results[d] = o
+                else:
+                    log.warning("%s: silo %s failed (attempt %d): %s", stage, d, attempt + 1, err)
+                    failed[d] = err
+            for d in set(todo) - set(handles):
+                failed[d] = "silo not connected"
+            todo = {d: todo[d] for d in failed}
+            if todo and attempt < self.cfg.retries:
+                self._rehandshake(set(todo))
+        for d in todo:
+            self._drop(d, stage, failed[d])
+        return results
+
+    # ---------------------------------------------------------------- stages
+    def handshake(self) -> None:
+        """Ask every reachable silo for its domain, catalog size and base fingerprint; refuse other bases."""
+        t0 = time.perf_counter()
+        resumed = bool(self.state["domains"])
+        handles = self.t.silos()
+        want_catalog = self.cfg.catalog_root is None
+        req = HandshakeRequest(base_fingerprint=self.base_fp, backbone=self.cfg.backbone, seed=self.cfg.seed,
+                               send_catalog=want_catalog)
+        outcomes = self.t.call(HANDSHAKE, {h: (req, {}) for h in handles}, HandshakeReply, self.cfg.timeout_s)
+        found: dict[str, HandshakeReply] = {}
+        for h, o in outcomes.items():
+            if o.error:
+                log.warning("handshake: silo %s failed: %s", h, o.error)
+                continue
+            r: HandshakeReply = o.header
+            if r.base_fingerprint != self.base_fp:
+                msg = (f"silo {r.domain} uses base model {r.base_fingerprint[:16]} but the server's base is "
+                       f"{self.base_fp[:16]}: refused")
+                log.error(msg)
+                if r.domain not in {d["domain"] for d in self.state["dropped"]}:
+                    self.state["dropped"].append({"domain": r.domain, "stage": "handshake", "reason": msg})
+                continue
+            if r.domain in found:
+                raise PipelineError(f"two silos report domain {r.domain!r}: domain names must be unique")
+            found[r.domain] = r
+            self.handles[r.domain] = h
+            self._count(o, r.domain)
+        for domain, r in found.items():
+            self.catalogs[domain] = self._catalog(domain, r)
+        if resumed:
+            missing = [d for d in self.active() if d not in found]
+            for d in missing:
+                self._drop(d, "handshake", "did not reconnect after the server restarted")
+        else:
+            self.state["domains"] = sorted(found)
+        if len(self.active()) < self.cfg.min_silos:
+            raise PipelineError(f"{len(self.active())} silo(s) passed the handshake "
+                                f"({', '.join(self.active()) or 'none'}); min-silos is {self.cfg.min_silos}")
+        self.state["timings"]["handshake"] = round(time.perf_counter() - t0, 3)
+        self._save()
+        log.info("handshake: silos %s on base %s", ", ".join(self.active()), self.base_fp[:16])
+
+    def _rehandshake(self, domains: set[str]) -> None:
+        """Before a retry: re-learn handles (a restarted SuperNode has a new node id)."""
+        req = HandshakeRequest(base_fingerprint=self.base_fp, backbone=self.cfg.backbone, seed=self.cfg.seed)
+        outcomes = self.t.call(HANDSHAKE, {h: (req, {}) for h in self.t.silos()}, HandshakeReply,
+                               min(self.cfg.timeout_s, 120.0))
+        for h, o in outcomes.items():
+            if o.error is None and o.header.domain in domains and o.header.base_fingerprint == self.base_fp:
+                self.handles[o.header.domain] = h
+
+    def _catalog(self, domain: str, r: HandshakeReply) -> CatalogView:
+        if self.cfg.catalog_root is not None:
+            cat = load_catalog(self.cfg.catalog_root / domain, domain)
+            if cat.fingerprint() != r.catalog_fingerprint:
+                raise PipelineError(f"the server's catalog of {domain} differs from the silo's "
+                                    f"({cat.fingerprint()[:12]} != {r.catalog_fingerprint[:12]})")
+            return cat
+        if r.catalog is None:
+            raise PipelineError(f"silo {domain} sent no catalog and the server has none (set catalog-root)")
+        cat = CatalogView(domain=domain, item_keys=tuple(i.key for i in r.catalog),
+                          items=tuple(ItemMeta(title=i.title, brand=i.brand, category=i.category) for i in r.catalog))
+        if cat.fingerprint() != r.catalog_fingerprint:
+            raise PipelineError(f"catalog of {domain} changed in transit")
+        return cat
+
+    def _tv_path(self, domain: str) -> Path:
+        return self.run_dir / "task_vectors" / f"{domain}.safetensors"
+
+    def finetune(self) -> None:
+        t0 = time.perf_counter()
+        todo = [d for d in self.active() if not self._tv_path(d).exists()]
+        if len(todo) < len(self.active()):
+            log.info("finetune: reusing task vectors of %s", ", ".join(sorted(set(self.active()) - set(todo))))
+        req = FinetuneRequest(train=self.cfg.train, base_fingerprint=self.base_fp)
+
+        def validate(domain, o):
+            check_state_arrays(o.arrays.get("task_vector", {}), self.shapes, f"task vector of {domain}")
+
+        results = self._ask("finetune", FINETUNE, {d: (req, {}) for d in todo}, FinetuneReply, validate)
+        self._tv_path("x").parent.mkdir(parents=True, exist_ok=True)
+        for d, o in results.items():
+            tmp = self._tv_path(d).with_suffix(".tmp")
+            save_file(_tensors(o.arrays["task_vector"]), str(tmp))
+            tmp.replace(self._tv_path(d))
+            self.state["val"][d] = o.header.val.model_dump()
+            self.state["finetune"][d] = {"epochs": o.header.epochs, "seconds": round(o.header.seconds, 2)}
+            self._save()
+        self._done("finetune", time.perf_counter() - t0)
+
+    def task_vectors(self, domains: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        return {d: load_file(str(self._tv_path(d))) for d in (self.active() if domains is None else domains)}
+
+    def merged_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Training-free merges of the active silos' task vectors (cheap: recomputed on resume)."""
+        tvs = self.task_vectors()
+        vecs = [tvs[d] for d in sorted(tvs)]
+        out = {}
+        for name in self.cfg.baselines:
+            plan = merge_methods.process(vecs, name, seed=self.cfg.seed)
+            out[name] = merge_methods.merge(self.base_state, plan.vectors, plan.weights)
+        return out
+
+    def merge_init(self) -> None:
+        t0 = time.perf_counter()
+        self.merged_states()  # validates that every method runs on these vectors
+        self._done("merge_init", time.perf_counter() - t0)
+
+    def _dom(self, domain: str):
+        return self.base.domain_inputs(self.catalogs[domain])
+
+    def pseudo_users(self) -> None:
+        t0 = time.perf_counter()
+        chosen = {}
+        for d in self.active():
+            dom = self._dom(d)
+            feats = dom.features if dom.features is not None else None
+            ids = select_pseudo_users(dom.num_items, self.cfg.pseudo_users, n=self.cfg.pseudo_users_n,
+                                      item_embeddings=feats, seed=self.cfg.seed)
+            chosen[d] = ids.tolist()
+        _atomic_write(self.run_dir / "pseudo_users.json", json.dumps(chosen))
+        self._done("pseudo_users", time.perf_counter() - t0)
+
+    def _teacher_path(self, domain: str) -> Path:
+        return self.run_dir / "teacher" / f"{domain}.npz"
+
+    def teacher(self) -> None:
+        t0 = time.perf_counter()
+        chosen = json.loads((self.run_dir / "pseudo_users.json").read_text())
+        todo = [d for d in self.active() if not self._teacher_path(d).exists()]
+        reqs = {d: (TeacherRequest(pseudo_item_ids=chosen[d], top_k=self.cfg.teacher_top_k), {}) for d in todo}
+
+        def validate(domain, o):
+            r: TeacherReply = o.header
+            check_teacher_arrays(o.arrays.get("teacher", {}), len(chosen[domain]), len(self.catalogs[domain]), r.k)
+
+        results = self._ask("teacher", TEACHER, reqs, TeacherReply, validate)
+        self._teacher_path("x").parent.mkdir(parents=True, exist_ok=True)
+        for d, o in results.items():
+            np.savez(self._teacher_path(d), **o.arrays["teacher"])
+        self._done("teacher", time.perf_counter() - t0)
+
+    def coefficients(self) -> None:
+        t0 = time.perf_counter()
+        chosen = json.loads((self.run_dir / "pseudo_users.json").read_text())
+        tvs = self.task_vectors()
+        domains = sorted(tvs)
+        plan = merge_methods.process([tvs[d] for d in domains], self.cfg.init_method, seed=self.cfg.seed)
+        sources = []
+        for d in domains:
+            arr = np.load(self._teacher_path(d))
+            top = TopKLogits.from_arrays(chosen[d], arr["indices"], arr["values"], len(self.catalogs[d]))
+            sources.append(DomainBatchSource(dom_inputs=self._dom(d), pseudo_item_ids=torch.tensor(chosen[d]),
+                                             teacher=top, name=d))
+        learned = {}
+        for gran in self.cfg.granularities:
+            ccfg = self.cfg.coefficients.model_copy(update={"granularity": gran})
+            res = learn_coefficients(self.base, self.base_state, plan.vectors, self.base.layer_of, sources, ccfg,
+                                     progress=False, method=self.cfg.init_method)
+            learned[gran] = {"domains": domains, "groups": list(res.groups), "W": res.W.tolist(),
+                             "final_loss": res.history[-1]["loss"] if res.history else None}
+        _atomic_write(self.run_dir / "coefficients.json", json.dumps(learned, indent=1))
+        self._done("coefficients", time.perf_counter() - t0)
+
+    def mergerec_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """theta(W) for each learned granularity (over the domains W was learned on, even if one was dropped
+        later: its vector is part of the merged model)."""
+        learned = json.loads((self.run_dir / "coefficients.json").read_text())
+        out = {}
+        for gran, c in learned.items():
+            tvs = self.task_vectors(c["domains"])
+            plan = merge_methods.process([tvs[d] for d in c["domains"]], self.cfg.init_method, seed=self.cfg.seed)
+            out[f"mergerec-{gran}"] = merge_with_coefficients(self.base_state, plan.vectors, torch.tensor(c["W"]),
+                                                              c["groups"], self.base.layer_of)
+        return out
+
+    def candidate_models(self) -> dict[str, dict[str, torch.Tensor]]:
+        models = {"pretrained": self.base_state, **self.merged_states(), **self.mergerec_states()}
+        if self.cfg.evaluate_finetuned:
+            for d, tv in self.task_vectors().items():
+                models[f"finetuned-{d}"] = {n: self.base_state[n] + tv[n] for n in self.base_state}
+        return models
+
+    def evaluate(self) -> None:
+        t0 = time.perf_counter()
+        models = self.candidate_models()
+        arrays = {name: _numpy(s) for name, s in models.items()}
+        req = EvaluateRequest(split="test", models=list(models), max_users=self.cfg.eval_max_users, seed=self.cfg.seed)
+        results = self._ask("evaluate", EVALUATE, {d: (req, arrays) for d in self.active()}, EvaluateReply)
+        metrics = {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}
+        _atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
+        self._done("evaluate", time.perf_counter() - t0)
+
+    def artifacts(self) -> dict:
+        t0 = time.perf_counter()
+        metrics = json.loads((self.run_dir / "metrics.json").read_text())
+        learned = json.loads((self.run_dir / "coefficients.json").read_text())
+        final_name = f"mergerec-{self.cfg.granularities[-1]}"
+        final = self.mergerec_states()[final_name]
+        model_dir = self.run_dir / "model"
+        model_dir.mkdir(exist_ok=True)
+        save_file({n: t.contiguous() for n, t in final.items()}, str(model_dir / "merged.safetensors"))
+        card = {"base_fingerprint": self.base_fp, "merged_fingerprint": fingerprint(final), "method": final_name,
+                "init": self.cfg.init_method, "domains": learned[self.cfg.granularities[-1]]["domains"],
+                "coefficients": learned, "backbone": self.cfg.backbone.model_dump(mode="json"), "seed": self.cfg.seed}
+        _atomic_write(model_dir / "model_card.json", json.dumps(card, indent=1))
+        self.state["timings"]["artifacts"] = round(time.perf_counter() - t0, 3)
+        report = {"run_dir": str(self.run_dir), "config": self.cfg.model_dump(mode="json"),
+                  "base_fingerprint": self.base_fp, "domains": self.state["domains"], "active": self.active(),
+                  "dropped": self.state["dropped"], "metrics": metrics, "validation": self.state["val"],
+                  "finetune": self.state["finetune"], "coefficients": learned, "timings": self.state["timings"],
+                  "bytes": self.state["bytes"], "model": str(model_dir / "merged.safetensors")}
+        _atomic_write(self.run_dir / "report.json", json.dumps(report, indent=1))
+        if "artifacts" not in self.state["completed"]:
+            self._done("artifacts", time.perf_counter() - t0)
+        return report
+
+    # ---------------------------------------------------------------- driver
+    def run(self) -> dict:
+        self.handshake()
+        for stage in STAGES[1:]:
+            if stage in self.state["completed"] and stage != "artifacts":
+                continue
+            log.info("stage %s (silos: %s)", stage, ", ".join(self.active()))
+            result = getattr(self, stage)()
+        return result
+
+
+def results_table(report: dict, k: int = 10) -> str:
+    rows = []
+    for domain, per_model in sorted(report["metrics"].items()):
+        for model, m in per_model.items():
+            rows.append({"domain": domain, "model": model, f"recall@{k}": m["values"][f"recall@{k}"],
+                         f"ndcg@{k}": m["values"][f"ndcg@{k}"], "users": m["users"]})
+    return markdown_table(rows, ["domain", "model", f"recall@{k}", f"ndcg@{k}", "users"])

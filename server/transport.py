@@ -1,0 +1,132 @@
+"""How the server reaches its silos: one interface, two implementations.
+
+- `FlowerTransport`: a Flower `Grid` (simulation or a real SuperLink); silos are SuperNodes.
+- `InProcessTransport`: `SiloWorker`s called directly (the in-process pipeline, tests, benchmarks).
+
+Both carry exactly the same encoded messages (common/messages.py), so a pipeline run in process and one
+through Flower compute the same thing, and byte counts are comparable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from common.messages import Arrays, ContractError, Header, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """One silo's answer to one request: a decoded reply, or an error string."""
+
+    silo: str
+    header: Header | None = None
+    arrays: Arrays = field(default_factory=dict)
+    error: str | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class Transport(Protocol):
+    def silos(self) -> list[str]:
+        """Opaque silo handles currently reachable (node ids as strings, or domain names)."""
+
+    def call(self, message_type: str, requests: dict[str, tuple[Header, Arrays]], reply_type: type[Header],
+             timeout: float) -> dict[str, Outcome]:
+        """Send one request per silo, wait up to `timeout` seconds, return an outcome per silo."""
+
+
+def record_bytes(content) -> int:
+    return sum(r.count_bytes() for r in content.values())
+
+
+def _decode_reply(silo: str, content, reply_type, sent: int) -> Outcome:
+    try:
+        header, arrays = decode(content, reply_type)
+    except ContractError as exc:
+        return Outcome(silo, error=f"malformed reply: {exc}", bytes_down=sent)
+    return Outcome(silo, header, arrays, bytes_up=record_bytes(content), bytes_down=sent)
+
+
+class InProcessTransport:
+    """Calls `handle(message_type, content) -> content` of in-process silo endpoints.
+
+    `endpoints`: silo handle -> callable taking and returning a flwr RecordDict (clients.client_app.handle)."""
+
+    def __init__(self, endpoints: dict, observer=None):
+        self.endpoints = dict(endpoints)
+        self.observer = observer  # called with (direction, silo, message_type, content): privacy tests
+
+    def silos(self) -> list[str]:
+        return list(self.endpoints)
+
+    def call(self, message_type, requests, reply_type, timeout):
+        out = {}
+        for silo, (header, arrays) in requests.items():
+            content = encode(header, arrays)
+            sent = record_bytes(content)
+            if self.observer:
+                self.observer("down", silo, message_type, content)
+            try:
+                reply = self.endpoints[silo](message_type, content)
+            except Exception as exc:  # a crashing silo is an error outcome, like Flower's error reply
+                out[silo] = Outcome(silo, error=f"{type(exc).__name__}: {exc}", bytes_down=sent)
+                continue
+            if self.observer:
+                self.observer("up", silo, message_type, reply)
+            out[silo] = _decode_reply(silo, reply, reply_type, sent)
+        return out
+
+
+class FlowerTransport:
+    """Messages through a Flower Grid. Errors are mapped by reply_to_message_id, so a dead node (whose
+    error reply comes from the SuperLink) is attributed to the right silo."""
+
+    def __init__(self, grid, observer=None):
+        self.grid = grid
+        self.observer = observer
+
+    def silos(self) -> list[str]:
+        return [str(n) for n in self.grid.get_node_ids()]
+
+    def call(self, message_type, requests, reply_type, timeout):
+        from flwr.app import Message
+
+        msgs, by_id, sent = [], {}, {}
+        for silo, (header, arrays) in requests.items():
+            content = encode(header, arrays)
+            sent[silo] = record_bytes(content)
+            if self.observer:
+                self.observer("down", silo, message_type, content)
+            msg = Message(content=content, dst_node_id=int(silo), message_type=message_type)
+            msgs.append(msg)
+        t0 = time.monotonic()
+        ids = list(self.grid.push_messages(msgs))
+        for mid, silo in zip(ids, requests):
+            by_id[mid] = silo
+        out: dict[str, Outcome] = {}
+        pending = set(ids)
+        while pending and time.monotonic() - t0 < timeout:
+            for reply in self.grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                if mid not in pending:
+                    continue
+                pending.discard(mid)
+                silo = by_id[mid]
+                if reply.has_error():
+                    err = reply.error
+                    out[silo] = Outcome(silo, error=f"Flower error {err.code}: {err.reason}", bytes_down=sent[silo])
+                    continue
+                if self.observer:
+                    self.observer("up", silo, message_type, reply.content)
+                out[silo] = _decode_reply(silo, reply.content, reply_type, sent[silo])
+            if pending:
+                time.sleep(0.5)
+        for mid in pending:
+            silo = by_id[mid]
+            out[silo] = Outcome(silo, error=f"no reply within {timeout:.0f}s", bytes_down=sent[silo])
+        return out

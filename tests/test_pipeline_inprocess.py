@@ -1,0 +1,127 @@
+"""The whole pipeline through the in-process transport on tiny demo silos: stages, resume, faults, privacy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.client_app import handle
+from clients.silo import SiloWorker
+from common.config import BackboneConfig, TrainConfig
+from common.demo import make_demo
+from common.merging.coefficients import CoefficientConfig
+from server.pipeline import Pipeline, PipelineConfig, PipelineError
+from server.transport import InProcessTransport
+
+from helpers import make_tiny_encoder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    enc = make_tiny_encoder(root / "enc")
+    dirs = make_demo(root / "data", n_domains=3, n_items=60, n_users=80, seed=1)
+    return root, enc, dirs
+
+
+def _cfg(enc: Path, root: Path, **kw) -> PipelineConfig:
+    bb = BackboneConfig(kind="light", encoder=str(enc), layers=1, heads=2, cache_dir=root / "cache")
+    base = dict(backbone=bb, train=TrainConfig(epochs=2, batch_size=32, progress=False, warmup_steps=5),
+                coefficients=CoefficientConfig(steps=10, batch_size=8), baselines=["task_arithmetic", "ties"],
+                teacher_top_k=16, min_silos=2, retries=1, timeout_s=60)
+    return PipelineConfig(**{**base, **kw})
+
+
+def _transport(dirs, root, observer=None, broken: dict | None = None):
+    endpoints = {}
+    for d in dirs:
+        w = SiloWorker(d.name, d, state_dir=root / "state" / d.name, cache_dir=root / "cache")
+        fn = (lambda w: (lambda mt, c: handle(w, mt, c)))(w)
+        if broken and d.name in broken:
+            fn = broken[d.name](fn)
+        endpoints[d.name] = fn
+    return InProcessTransport(endpoints, observer)
+
+
+def test_full_pipeline_and_report(world, tmp_path):
+    root, enc, dirs = world
+    report = Pipeline(_transport(dirs, root), _cfg(enc, root), tmp_path / "run").run()
+    assert sorted(report["active"]) == sorted(d.name for d in dirs)
+    for d in dirs:
+        models = report["metrics"][d.name]
+        assert {"pretrained", "task_arithmetic", "ties", "mergerec-task", "mergerec-layer"} <= set(models)
+        assert all(0 <= m["values"]["ndcg@10"] <= 1 for m in models.values())
+    assert (tmp_path / "run" / "model" / "merged.safetensors").exists()
+    card = json.loads((tmp_path / "run" / "model" / "model_card.json").read_text())
+    assert card["base_fingerprint"] == report["base_fingerprint"]
+    assert report["bytes"][dirs[0].name]["received_from_silo"] > 0
+
+
+def test_resume_does_not_finetune_again(world, tmp_path):
+    root, enc, dirs = world
+    calls = []
+    first = _transport(dirs, root, observer=lambda dr, s, mt, c: calls.append((dr, mt)))
+    p = Pipeline(first, _cfg(enc, root), tmp_path / "run")
+    p.handshake()
+    p.finetune()
+    n_finetune = sum(1 for dr, mt in calls if mt == "train.finetune" and dr == "down")
+    assert n_finetune == 3
+    calls.clear()
+    report = Pipeline(_transport(dirs, root, observer=lambda dr, s, mt, c: calls.append((dr, mt))),
+                      _cfg(enc, root), tmp_path / "run").run()
+    assert not [c for c in calls if c[1] == "train.finetune"]
+    assert len(report["active"]) == 3
+
+
+def test_failing_silo_is_retried_then_dropped(world, tmp_path):
+    root, enc, dirs = world
+    attempts = []
+
+    def crash_on_finetune(fn):
+        def wrapped(mt, content):
+            if mt == "train.finetune":
+                attempts.append(1)
+                raise RuntimeError("disk on fire")
+            return fn(mt, content)
+        return wrapped
+
+    report = Pipeline(_transport(dirs, root, broken={dirs[1].name: crash_on_finetune}), _cfg(enc, root),
+                      tmp_path / "run").run()
+    assert len(attempts) == 2  # first try + one retry
+    assert report["dropped"] == [{"domain": dirs[1].name, "stage": "finetune",
+                                  "reason": "RuntimeError: disk on fire"}]
+    assert dirs[1].name not in report["metrics"]
+
+
+def test_too_few_silos_stops_with_clear_message(world, tmp_path):
+    root, enc, dirs = world
+    with pytest.raises(PipelineError, match="min-silos is 3"):
+        Pipeline(_transport(dirs[:2], root), _cfg(enc, root, min_silos=3), tmp_path / "run").run()
+
+
+def test_no_user_data_in_any_message(world, tmp_path):
+    """Record every message both ways; no user id, user sequence or per-user score may appear."""
+    root, enc, dirs = world
+    from common.data import load_silo
+
+    seen = []
+    Pipeline(_transport(dirs, root, observer=lambda *a: seen.append(a)), _cfg(enc, root), tmp_path / "run").run()
+    assert {mt for _, _, mt, _ in seen} == {"query.handshake", "train.finetune", "query.teacher", "evaluate.merged"}
+    for d in dirs:
+        silo = load_silo(d)
+        user_keys = json.loads((d / "umap.json").read_text())
+        seqs = {tuple(s) for s in silo.train if len(s) >= 4}
+        for direction, _, mt, content in seen:
+            text = json.dumps({k: dict(v) for k, v in content.config_records.items()})
+            for key in list(user_keys)[:50]:
+                assert key not in text, f"user key {key} in a {direction} {mt} message"
+            for rec in content.array_records.values():
+                for name, arr in rec.items():
+                    a = arr.numpy()
+                    assert a.dtype in (np.float32, np.int32), f"{mt}/{name} has dtype {a.dtype}"
+                    if a.dtype == np.int32:
+                        rows = {tuple(r) for r in a.reshape(a.shape[0], -1).tolist()}
+                        assert not (rows & seqs), f"a user sequence appears in {mt}/{name}"
