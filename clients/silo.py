@@ -23,6 +23,7 @@ from common.merging.teacher import teacher_topk
 from common.messages import (
     AggregateMetrics,
     Arrays,
+    BaseSpec,
     CatalogItem,
     ContractError,
     EvaluateReply,
@@ -62,32 +63,37 @@ class SiloWorker:
             self._silo = load_silo(self.data_path, self.domain)
         return self._silo
 
-    def _base_model(self, req: HandshakeRequest | None = None) -> Recommender:
-        if req is not None:
-            backbone = req.backbone
-            if self.cache_dir is not None:
-                backbone = backbone.model_copy(update={"cache_dir": self.cache_dir / "item_embeddings"})
-            key = (backbone.model_dump_json(), req.seed)
-            if key != self._base_key:
-                self._base = build_backbone(backbone, seed=req.seed)
-                self._base_key = key
-                self._base_fp = fingerprint(shared_state(self._base))
-                self._dom = self._base.domain_inputs(self.silo.catalog)
-        if self._base is None:
-            raise ContractError("no handshake yet: the silo does not know the base model")
+    def _base_model(self, spec: BaseSpec) -> Recommender:
+        """Build (or reuse) the base model described by `spec`; its fingerprint is this silo's to report."""
+        backbone = spec.backbone
+        if self.cache_dir is not None:
+            backbone = backbone.model_copy(update={"cache_dir": self.cache_dir / "item_embeddings"})
+        key = (backbone.model_dump_json(), spec.seed)
+        if key != self._base_key:
+            self._base = build_backbone(backbone, seed=spec.seed)
+            self._base_key = key
+            self._base_fp = fingerprint(shared_state(self._base))
+            self._dom = self._base.domain_inputs(self.silo.catalog)
         return self._base
+
+    def _require_base(self, spec: BaseSpec) -> Recommender:
+        base = self._base_model(spec)
+        if spec.fingerprint != self._base_fp:
+            raise ContractError(f"silo {self.domain} builds base {self._base_fp[:16]}, the request is for "
+                                f"{spec.fingerprint[:16]}")
+        return base
 
     def _finetuned_path(self, base_fp: str) -> Path:
         return self.state_dir / f"finetuned-{base_fp[:16]}.safetensors"
 
     def _model_with(self, weights: dict[str, np.ndarray]) -> Recommender:
-        model = copy.deepcopy(self._base_model())
+        model = copy.deepcopy(self._base)
         model.load_state_dict({n: torch.from_numpy(a) for n, a in weights.items()}, strict=False)
         return model.eval()
 
     # -- message handlers ------------------------------------------------------------------------
     def handshake(self, req: HandshakeRequest) -> tuple[HandshakeReply, Arrays]:
-        self._base_model(req)
+        self._base_model(req.base)
         cat = self.silo.catalog
         items = None
         if req.send_catalog:
@@ -97,10 +103,7 @@ class SiloWorker:
                               base_fingerprint=self._base_fp, catalog=items), {}
 
     def finetune(self, req: FinetuneRequest) -> tuple[FinetuneReply, Arrays]:
-        base = self._base_model()
-        if req.base_fingerprint != self._base_fp:
-            raise ContractError(f"silo {self.domain} has base {self._base_fp[:12]}, request is for "
-                                f"{req.base_fingerprint[:12]}")
+        base = self._require_base(req.base)
         model = copy.deepcopy(base)
         res = fine_tune(model, self.silo, self._dom, req.train)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +117,7 @@ class SiloWorker:
         return reply, {"task_vector": to_numpy_state(tv)}
 
     def teacher(self, req: TeacherRequest) -> tuple[TeacherReply, Arrays]:
-        self._base_model()
+        self._require_base(req.base)
         path = self._finetuned_path(self._base_fp)
         if not path.exists():
             raise ContractError(f"silo {self.domain} has no fine-tuned model for base {self._base_fp[:12]}")
@@ -136,7 +139,7 @@ class SiloWorker:
         return TeacherReply(domain=self.domain, num_items=n, k=int(arrays["indices"].shape[1])), {"teacher": arrays}
 
     def evaluate(self, req: EvaluateRequest, arrays: Arrays) -> tuple[EvaluateReply, Arrays]:
-        base = self._base_model()
+        base = self._require_base(req.base)
         shapes = {n: tuple(t.shape) for n, t in base.named_parameters()}
         metrics = {}
         for name in req.models:

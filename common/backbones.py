@@ -6,13 +6,14 @@ Items enter only through their text, so every parameter is shared across domains
 - ``LightRecommender`` (CPU default): frozen pretrained item-text embeddings (cached once per catalog) ->
   trainable linear adaptor -> small causal transformer over the history. Initialised so that the untrained
   ("pretrained") model scores a candidate by its text similarity to the most recent history item (exactly
-  when dim = F; through a fixed random orthonormal projection, which roughly preserves cosines, when dim < F).
+  when dim = F; through a fixed random +-1 projection, which roughly preserves cosines, when dim != F).
 - ``TextRecommender``: the pretrained text encoder itself, fine-tuned end to end; a history is embedded from
   its sequence text (most recent first, "; "-joined, token budget), an item from its item text.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -79,14 +80,17 @@ class LightRecommender(Recommender):
         self._init_as_text_similarity()
 
     def _init_as_text_similarity(self) -> None:
-        """Adaptor = identity (dim = F) or orthonormal rows (dim < F); zero positions and zero residual
-        outputs: the untrained model embeds a history as its last item's (projected) text embedding."""
+        """Adaptor = identity (dim = F) or a random +-1/sqrt(dim) projection (Johnson-Lindenstrauss);
+        zero positions and zero residual outputs: the untrained model embeds a history as its last item's
+        (projected) text embedding. Only the seeded RNG is used (no LAPACK), so every process, whatever its
+        thread count, builds the bit-identical base that the fingerprint check expects."""
         with torch.no_grad():
             w = self.adaptor.weight
             if w.shape[0] == w.shape[1]:
                 w.copy_(torch.eye(*w.shape))
             else:
-                nn.init.orthogonal_(w)
+                signs = torch.randint(0, 2, w.shape, dtype=torch.int64).to(w.dtype) * 2 - 1
+                w.copy_(signs / math.sqrt(w.shape[0]))
             self.adaptor.bias.zero_()
             self.position.weight.zero_()
             for blk in self.blocks.layers:

@@ -70,10 +70,17 @@ class CatalogItem(Header):
     category: str
 
 
-class HandshakeRequest(Header):
-    base_fingerprint: str
+class BaseSpec(Header):
+    """The shared pretrained model every silo starts from: how to build it, and its fingerprint. Carried by
+    every request, because a silo process may be new for each message (Flower starts ClientApps on demand)."""
+
     backbone: BackboneConfig
     seed: int
+    fingerprint: str
+
+
+class HandshakeRequest(Header):
+    base: BaseSpec
     send_catalog: bool = False
 
 
@@ -92,8 +99,8 @@ class HandshakeReply(Header):
 
 
 class FinetuneRequest(Header):
+    base: BaseSpec
     train: TrainConfig
-    base_fingerprint: str
 
 
 class FinetuneReply(Header):
@@ -107,6 +114,7 @@ class FinetuneReply(Header):
 
 
 class TeacherRequest(Header):
+    base: BaseSpec
     pseudo_item_ids: list[int] = Field(min_length=1)
     top_k: int | None = Field(None, gt=0, description="None: dense (k = number of items)")
     chunk_size: int = Field(256, gt=0)
@@ -131,6 +139,7 @@ class TeacherReply(Header):
 class EvaluateRequest(Header):
     """Arrays: one group per model name = {parameter name: float32 array} (full weights)."""
 
+    base: BaseSpec
     split: Literal["val", "test"] = "test"
     models: list[str] = Field(min_length=1)
     max_users: int | None = None

@@ -46,6 +46,7 @@ from common.messages import (
     FinetuneReply,
     FinetuneRequest,
     HandshakeReply,
+    BaseSpec,
     HandshakeRequest,
     TeacherReply,
     TeacherRequest,
@@ -115,6 +116,7 @@ class Pipeline:
         self.base_state = shared_state(self.base)
         self.base_fp = fingerprint(self.base_state)
         self.shapes = {n: tuple(t.shape) for n, t in self.base_state.items()}
+        self.spec = BaseSpec(backbone=cfg.backbone, seed=cfg.seed, fingerprint=self.base_fp)
         self.catalogs: dict[str, CatalogView] = {}
 
     # ---------------------------------------------------------------- checkpoint & bookkeeping
@@ -180,7 +182,7 @@ class Pipeline:
                 else:
                     log.warning("%s: silo %s failed (attempt %d): %s", stage, d, attempt + 1, err)
                     failed[d] = err
-            for d in set(todo) - set(handles):
+            for d in set(todo) - set(handles.values()):
                 failed[d] = "silo not connected"
             todo = {d: todo[d] for d in failed}
             if todo and attempt < self.cfg.retries:
@@ -196,8 +198,7 @@ class Pipeline:
         resumed = bool(self.state["domains"])
         handles = self.t.silos()
         want_catalog = self.cfg.catalog_root is None
-        req = HandshakeRequest(base_fingerprint=self.base_fp, backbone=self.cfg.backbone, seed=self.cfg.seed,
-                               send_catalog=want_catalog)
+        req = HandshakeRequest(base=self.spec, send_catalog=want_catalog)
         outcomes = self.t.call(HANDSHAKE, {h: (req, {}) for h in handles}, HandshakeReply, self.cfg.timeout_s)
         found: dict[str, HandshakeReply] = {}
         for h, o in outcomes.items():
@@ -234,7 +235,7 @@ class Pipeline:
 
     def _rehandshake(self, domains: set[str]) -> None:
         """Before a retry: re-learn handles (a restarted SuperNode has a new node id)."""
-        req = HandshakeRequest(base_fingerprint=self.base_fp, backbone=self.cfg.backbone, seed=self.cfg.seed)
+        req = HandshakeRequest(base=self.spec)
         outcomes = self.t.call(HANDSHAKE, {h: (req, {}) for h in self.t.silos()}, HandshakeReply,
                                min(self.cfg.timeout_s, 120.0))
         for h, o in outcomes.items():
@@ -264,7 +265,7 @@ class Pipeline:
         todo = [d for d in self.active() if not self._tv_path(d).exists()]
         if len(todo) < len(self.active()):
             log.info("finetune: reusing task vectors of %s", ", ".join(sorted(set(self.active()) - set(todo))))
-        req = FinetuneRequest(train=self.cfg.train, base_fingerprint=self.base_fp)
+        req = FinetuneRequest(base=self.spec, train=self.cfg.train)
 
         def validate(domain, o):
             check_state_arrays(o.arrays.get("task_vector", {}), self.shapes, f"task vector of {domain}")
@@ -320,7 +321,7 @@ class Pipeline:
         t0 = time.perf_counter()
         chosen = json.loads((self.run_dir / "pseudo_users.json").read_text())
         todo = [d for d in self.active() if not self._teacher_path(d).exists()]
-        reqs = {d: (TeacherRequest(pseudo_item_ids=chosen[d], top_k=self.cfg.teacher_top_k), {}) for d in todo}
+        reqs = {d: (TeacherRequest(base=self.spec, pseudo_item_ids=chosen[d], top_k=self.cfg.teacher_top_k), {}) for d in todo}
 
         def validate(domain, o):
             r: TeacherReply = o.header
@@ -377,7 +378,7 @@ class Pipeline:
         t0 = time.perf_counter()
         models = self.candidate_models()
         arrays = {name: _numpy(s) for name, s in models.items()}
-        req = EvaluateRequest(split="test", models=list(models), max_users=self.cfg.eval_max_users, seed=self.cfg.seed)
+        req = EvaluateRequest(base=self.spec, split="test", models=list(models), max_users=self.cfg.eval_max_users, seed=self.cfg.seed)
         results = self._ask("evaluate", EVALUATE, {d: (req, arrays) for d in self.active()}, EvaluateReply)
         metrics = {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}
         _atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
