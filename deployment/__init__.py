@@ -1,0 +1,1 @@
+"""Deployment helpers: certificates and node keys (certs), loopback stack (local), containers."""
