@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m common.cli demo-run
+	$(BIN)/python -m server.simulate
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -57,7 +57,15 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
             over = {"seed": args.seed, "progress": False}
             if kind == "text":
                 over.update(max_users=args.text_users, epochs=args.text_epochs, val_max_users=args.text_eval_users)
+            else:
+                over.update(epochs=args.light_epochs, patience=2)
             res = fine_tune(base, silo, dom, TrainConfig.for_backbone(kind, **over))
+            if kind == "light":  # the merge benchmark starts from these very models
+                from safetensors.torch import save_file
+
+                path = Path(args.cache) / "bench-models" / f"{domain}-light-seed{args.seed}.safetensors"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(res.state, str(path))
             out.update(epochs=res.epochs, steps=res.steps, train_seconds=round(res.seconds, 1),
                        train_users=args.text_users if kind == "text" else len(silo.train))
         out.update(evaluate_split(base, silo, dom, "test", seed=args.seed, max_users=eval_users))
@@ -82,9 +90,10 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=".cache")
-    ap.add_argument("--text-users", type=int, default=2000, help="users the text encoder fine-tunes on")
-    ap.add_argument("--text-epochs", type=int, default=2)
-    ap.add_argument("--text-eval-users", type=int, default=2000, help="test users for the text-encoder rows")
+    ap.add_argument("--light-epochs", type=int, default=12, help="at most; early stopping (patience 2)")
+    ap.add_argument("--text-users", type=int, default=1000, help="users the text encoder fine-tunes on")
+    ap.add_argument("--text-epochs", type=int, default=1)
+    ap.add_argument("--text-eval-users", type=int, default=1000, help="test users for the text-encoder rows")
     ap.add_argument("--out", type=Path, default=RESULTS / "core.json")
     ap.add_argument("--job", nargs=2, metavar=("DOMAIN", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -95,8 +104,11 @@ def main(argv=None) -> int:
         return 0
     if not args.data.is_dir():
         ap.error(f"data folder not found: {args.data}")
-    rows = []
+    previous = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+    rows = [r for r in previous if (r["domain"], r["model"]) not in
+            {(d, m) for d in args.domains for m in args.models}]
     passthrough = ["--data", str(args.data), "--seed", str(args.seed), "--cache", args.cache,
+                   "--light-epochs", str(args.light_epochs),
                    "--text-users", str(args.text_users), "--text-epochs", str(args.text_epochs),
                    "--text-eval-users", str(args.text_eval_users)]
     for domain in args.domains:
@@ -107,6 +119,7 @@ def main(argv=None) -> int:
             if proc.returncode != 0:
                 raise SystemExit(f"job {domain}/{model} failed with exit code {proc.returncode}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows.sort(key=lambda r: (r["domain"], MODELS.index(r["model"])))
             logging.info("%s", rows[-1])
             args.out.parent.mkdir(parents=True, exist_ok=True)
             report = {"command": "python -m benchmarks.core " + " ".join(argv or sys.argv[1:]),

@@ -1,0 +1,150 @@
+"""Local simulation of every silo on this machine, through the real Flower stack (`make run`).
+
+    python -m server.simulate [--data-root DIR] [--domains a,b,c] [--run-dir DIR] [--run-config "k=v ..."]
+
+Starts its own simulation SuperLink (free loopback ports, in-memory state), runs `flwr run . <connection>
+--stream` with one simulated SuperNode per domain (1 CPU each), prints the per-domain table from the run's
+report.json and stops the SuperLink and everything it started. With the default data root, missing demo
+domains are generated first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_ROOT = ROOT / ".cache" / "demo-data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(home: Path) -> dict:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PATH=bindir + os.pathsep + env.get("PATH", ""))
+    return env
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"flower-superlink not healthy on port {port} after {timeout:.0f}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, SIGKILL after 10 s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_simulation(domains: list[str], data_root: Path, run_dir: Path, run_config: str = "",
+                   cpus_per_silo: int = 1, timeout: float = 3600.0, log_dir: Path | None = None) -> dict:
+    """Run the federated pipeline in a Flower simulation; returns report.json's content."""
+    log_dir = Path(log_dir or run_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
+    http_port, control_port = free_port(), free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n')
+    env = flwr_env(home)
+    link_log = open(log_dir / "superlink.log", "w")
+    link = subprocess.Popen(
+        ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
+         "--port", str(http_port), "--control-api-address", f"127.0.0.1:{control_port}"],
+        env=env, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(http_port, link)
+        rc = " ".join([f"run-dir='{run_dir}'", f"data-root='{data_root}'", f"domains='{','.join(domains)}'",
+                       f"min-nodes={len(domains)}", run_config]).strip()
+        cmd = ["flwr", "run", str(ROOT), "sim", "--stream", "--run-config", rc, "--federation-config",
+               f"num-supernodes={len(domains)} client-resources-num-cpus={cpus_per_silo}"]
+        report = run_dir / "report.json"
+        before = report.stat().st_mtime if report.exists() else None
+        t0 = time.monotonic()
+        with open(log_dir / "flwr-run.log", "w") as out:
+            proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
+        if not report.exists() or report.stat().st_mtime == before:
+            tail = (log_dir / "flwr-run.log").read_text()[-4000:]
+            raise RuntimeError(f"the federated run produced no report (flwr exit {proc.returncode}); "
+                               f"log tail:\n{tail}")
+        result = json.loads(report.read_text())
+        result.setdefault("timings", {})["flower_wall_s"] = round(time.monotonic() - t0, 2)
+        return result
+    finally:
+        stop(link)
+        link_log.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m server.simulate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", type=Path, default=DEMO_ROOT)
+    ap.add_argument("--domains", default="", help="comma list (default: every domain folder under --data-root)")
+    ap.add_argument("--run-dir", type=Path, default=None, help="default: runs/<timestamp>; reuse one to resume")
+    ap.add_argument("--run-config", default="", help='extra "key=value ..." for [tool.flwr.app.config]')
+    ap.add_argument("--cpus-per-silo", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    from common.report import markdown_table
+
+    data_root = args.data_root.resolve()
+    if data_root == DEMO_ROOT and not data_root.exists():
+        from common.demo import make_demo
+
+        make_demo(data_root)
+        print(f"demo domains written to {data_root}")
+    domains = [d for d in args.domains.split(",") if d] or sorted(
+        p.name for p in data_root.iterdir() if (p / "smap.json").exists())
+    if len(domains) < 2:
+        ap.error(f"need at least two domain folders under {data_root}, found {domains}")
+    run_dir = (args.run_dir or ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    print(f"federated run over {', '.join(domains)} -> {run_dir} (logs: flwr-run.log, superlink.log)")
+    report = run_simulation(domains, data_root, run_dir, args.run_config, args.cpus_per_silo)
+    rows = []
+    for domain, per_model in sorted(report["metrics"].items()):
+        for model, m in per_model.items():
+            rows.append({"domain": domain, "model": model, **m["values"], "users": m["users"]})
+    print(markdown_table(rows, ["domain", "model", "recall@10", "ndcg@10", "recall@50", "ndcg@50", "users"]))
+    if report["dropped"]:
+        print("dropped silos:", json.dumps(report["dropped"]))
+    print(f"stage timings (s): {json.dumps(report['timings'])}")
+    print(f"report: {run_dir / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
