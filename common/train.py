@@ -137,44 +137,54 @@ def popularity_metrics(silo: SiloData, split: str, *, ks=DEFAULT_KS, seed: int =
     return acc.result()
 
 
-def fine_tune(model: Recommender, silo: SiloData, dom: DomainInputs, cfg: TrainConfig) -> FineTuneResult:
+def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs | list[DomainInputs],
+              cfg: TrainConfig) -> FineTuneResult:
     """Fine-tune `model` in place on the silo's training sequences, early-stopping on validation NDCG@10.
 
-    The model ends holding the best weights (also returned as `state`, on CPU)."""
+    Given lists of silos and their domain inputs, trains one model on the pooled data (each batch from one
+    domain, softmax over that domain's items; validation = mean NDCG@10 over the domains): the non-private
+    joint-training reference. The model ends holding the best weights (also returned as `state`, on CPU)."""
+    silos = silo if isinstance(silo, list) else [silo]
+    doms = dom if isinstance(dom, list) else [dom]
+    name = "+".join(s.domain for s in silos)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device)
-    rows = _training_rows(silo, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed)
-    if not rows:
-        raise ValueError(f"{silo.domain}: no training sequence has two or more items")
-    val_hist, val_tgt = silo.eval_split("val")
+    rows = [_training_rows(s, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed) for s in silos]
+    for s, r in zip(silos, rows):
+        if not r:
+            raise ValueError(f"{s.domain}: no training sequence has two or more items")
+    vals = [s.eval_split("val") for s in silos]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def validate() -> dict[str, float]:
-        return evaluate(model, dom, val_hist, val_tgt, batch_size=cfg.eval_batch_size, max_users=cfg.val_max_users,
-                        seed=cfg.seed)
+        results = [evaluate(model, d, h, t, batch_size=cfg.eval_batch_size, max_users=cfg.val_max_users,
+                            seed=cfg.seed) for d, (h, t) in zip(doms, vals)]
+        return results[0] if len(results) == 1 else {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
     best = validate()
     best_state = copy.deepcopy(model.state_dict())
     history = [{"epoch": 0, "val_ndcg@10": best["ndcg@10"], "val_recall@10": best["recall@10"]}]
-    log.info("%s: epoch 0 val NDCG@10 %.4f Recall@10 %.4f", silo.domain, best["ndcg@10"], best["recall@10"])
+    log.info("%s: epoch 0 val NDCG@10 %.4f Recall@10 %.4f", name, best["ndcg@10"], best["recall@10"])
     stale, steps, epoch = 0, 0, 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        item_table = None
+        tables = [None] * len(doms)
         if not model.causal and cfg.negatives == "full":
-            item_table = encode_all_items(model, dom).detach()
+            tables = [encode_all_items(model, d).detach() for d in doms]
             model.train()
-        batches = _length_buckets(rows, cfg.batch_size, gen)
+        batches = [(t, b) for t, r in enumerate(rows) for b in _length_buckets(r, cfg.batch_size, gen)]
+        if len(rows) > 1:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
         if cfg.max_steps_per_epoch:
             batches = batches[: cfg.max_steps_per_epoch]
         total, te = 0.0, time.perf_counter()
-        bar = tqdm(batches, disable=None if cfg.progress else True, desc=f"{silo.domain} epoch {epoch}", leave=False)
-        for b in bar:
-            loss = _batch_loss(model, dom, [rows[i] for i in b], cfg, item_table, device)
+        bar = tqdm(batches, disable=None if cfg.progress else True, desc=f"{name} epoch {epoch}", leave=False)
+        for t, b in bar:
+            loss = _batch_loss(model, doms[t], [rows[t][i] for i in b], cfg, tables[t], device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -187,7 +197,7 @@ def fine_tune(model: Recommender, silo: SiloData, dom: DomainInputs, cfg: TrainC
         val = validate()
         history.append({"epoch": epoch, "loss": total / max(1, len(batches)), "val_ndcg@10": val["ndcg@10"],
                         "val_recall@10": val["recall@10"], "seconds": time.perf_counter() - te})
-        log.info("%s: epoch %d loss %.4f val NDCG@10 %.4f (best %.4f)", silo.domain, epoch,
+        log.info("%s: epoch %d loss %.4f val NDCG@10 %.4f (best %.4f)", name, epoch,
                  history[-1]["loss"], val["ndcg@10"], best["ndcg@10"])
         if val["ndcg@10"] > best["ndcg@10"]:
             best, best_state, stale = val, copy.deepcopy(model.state_dict()), 0

@@ -1,0 +1,258 @@
+"""Benchmark the merge engine in process on real data (default ../shared/data/amazon: Beauty, Sports, Toys).
+
+    python -m benchmarks.merge [--data DIR] [--domains Beauty Sports Toys] [--coef-steps 500]
+
+One run, the same fine-tuned light models for every method (reused from `python -m benchmarks.core` when
+present in .cache/bench-models, else fine-tuned here with the same settings). Test Recall@10 / NDCG@10 per
+domain and averaged (Recall@50 / NDCG@50 in the JSON) for: pretrained zero-shot, the 3 x 3 matrix of
+fine-tuned models, weight averaging, task arithmetic (lambda 0.3 and lambda picked on held-out pseudo-users),
+TIES, DARE (TIES and linear), breadcrumbs, AdaMerging, MergeRec task-wise and layer-wise, and joint training
+on pooled data (non-private reference). Unseen domains: merge two, test on the third, for all three choices.
+Writes benchmarks/results/merge.json and merge.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from benchmarks.core import DEFAULT_DATA, RESULTS
+from common.backbones import build_backbone, encode_all_items, shared_state
+from common.config import BackboneConfig, TrainConfig
+from common.data import load_silo
+from common.merging import methods as mm
+from common.merging.coefficients import (
+    CoefficientConfig,
+    CoefficientMerger,
+    DomainBatchSource,
+    learn_coefficients,
+    pseudo_user_losses,
+)
+from common.merging.pseudo_users import select_pseudo_users
+from common.merging.teacher import teacher_topk
+from common.report import markdown_table
+from common.train import evaluate_split, fine_tune
+
+log = logging.getLogger("benchmarks.merge")
+TRAINING_FREE = ["weight_average", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs"]
+LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+
+
+class Stages:
+    """Wall time and peak RSS (process high-water mark, MB) at the end of each stage."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def __call__(self, name: str):
+        stages = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                log.info("stage %s ...", name)
+
+            def __exit__(self, *exc):
+                dt = time.perf_counter() - self.t0
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                stages.rows.append({"stage": name, "seconds": round(dt, 1), "peak_rss_mb": round(peak, 1)})
+                log.info("stage %s: %.1fs, peak RSS %.0f MB", name, dt, peak)
+
+        return _Ctx()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.merge", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--domains", nargs="+", default=["Beauty", "Sports", "Toys"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=".cache")
+    ap.add_argument("--light-epochs", type=int, default=12)
+    ap.add_argument("--coef-steps", type=int, default=500)
+    ap.add_argument("--teacher-top-k", type=int, default=256)
+    ap.add_argument("--joint-epochs", type=int, default=4, help="0 skips joint training")
+    ap.add_argument("--holdout", type=float, default=0.1, help="pseudo-users held out to pick lambda")
+    ap.add_argument("--out", type=Path, default=RESULTS / "merge.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if not args.data.is_dir():
+        ap.error(f"data folder not found: {args.data}")
+    torch.manual_seed(args.seed)
+    stage = Stages()
+    doms_names = args.domains
+
+    with stage("load + item embeddings"):
+        silos = {d: load_silo(args.data / d) for d in doms_names}
+        base = build_backbone(BackboneConfig(cache_dir=Path(args.cache) / "item_embeddings"), seed=args.seed)
+        base_state = shared_state(base)
+        dom = {d: base.domain_inputs(silos[d].catalog) for d in doms_names}
+
+    train_cfg = TrainConfig(epochs=args.light_epochs, patience=2, seed=args.seed, progress=False)
+    finetuned = {}
+    with stage("fine-tune (or load) per domain"):
+        for d in doms_names:
+            path = Path(args.cache) / "bench-models" / f"{d}-light-seed{args.seed}.safetensors"
+            if path.exists():
+                finetuned[d] = load_file(str(path))
+            else:
+                finetuned[d] = fine_tune(copy.deepcopy(base), silos[d], dom[d], train_cfg).state
+    tvs = {d: {n: finetuned[d][n] - base_state[n] for n in base_state} for d in doms_names}
+    tv_bytes = sum(t.numel() for t in base_state.values()) * 4
+
+    def model_with(state):
+        m = copy.deepcopy(base)
+        m.load_state_dict(state, strict=False)
+        return m.eval()
+
+    test_cache: dict = {}
+
+    def test(state_name: str, state, d: str) -> dict:
+        key = (state_name, d)
+        if key not in test_cache:
+            test_cache[key] = evaluate_split(model_with(state), silos[d], dom[d], "test", seed=args.seed)
+        return test_cache[key]
+
+    teachers, pseudo = {}, {}
+    with stage("pseudo-users + teacher top-k (silo side)"):
+        for d in doms_names:
+            pseudo[d] = select_pseudo_users(dom[d].num_items, "all", seed=args.seed)
+            ft = model_with(finetuned[d])
+            with torch.no_grad():
+                items = encode_all_items(ft, dom[d])
+                teachers[d] = teacher_topk(lambda ids, m=ft, dd=dom[d]: m(dd, "histories", ids.view(-1, 1)),
+                                           items, pseudo[d], args.teacher_top_k)
+    logit_bytes = {d: int(teachers[d].indices.numel() * 8) for d in doms_names}
+
+    rows: list[dict] = []
+
+    def record(scenario: str, method: str, state, eval_domains: list[str], extra: dict | None = None):
+        for d in eval_domains:
+            m = test(f"{scenario}/{method}", state, d)
+            rows.append({"scenario": scenario, "method": method, "domain": d, **{k: m[k] for k in
+                         ("recall@10", "ndcg@10", "recall@50", "ndcg@50")}, **(extra or {})})
+
+    def sources(domains: list[str], holdout: float = 0.0):
+        """(train sources, held-out sources) of pseudo-users with their teachers."""
+        train, held = [], []
+        g = torch.Generator().manual_seed(args.seed)
+        for d in domains:
+            p = pseudo[d]
+            perm = torch.randperm(len(p), generator=g)
+            n_hold = int(len(p) * holdout)
+            for part, out in ((perm[n_hold:], train), (perm[:n_hold], held)):
+                if len(part):
+                    idx = part.sort().values
+                    t = teachers[d]
+                    sub = type(t)(item_ids=t.item_ids[idx], indices=t.indices[idx], values=t.values[idx],
+                                  num_items=t.num_items)
+                    out.append(DomainBatchSource(dom_inputs=dom[d], pseudo_item_ids=p[idx], teacher=sub, name=d))
+        return train, held
+
+    def heldout_loss(state, held) -> float:
+        cfg = CoefficientConfig()
+        params = {n: t for n, t in state.items()}
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for s in held:
+                items = torch.cat([torch.func.functional_call(base, params, (s.dom_inputs, "items", torch.arange(
+                    a, min(a + 4096, s.num_items)))) for a in range(0, s.num_items, 4096)])
+                rows_ = torch.arange(len(s.pseudo_item_ids))
+                for a in range(0, len(rows_), 512):
+                    losses = pseudo_user_losses(base.eval(), params, s, rows_[a:a + 512], items, cfg)
+                    total += float(losses.sum())
+                    count += len(losses)
+        return total / max(count, 1)
+
+    coef_log = {}
+
+    def run_scenario(scenario: str, merged: list[str], eval_domains: list[str]):
+        vecs = [tvs[d] for d in merged]
+        with stage(f"{scenario}: training-free merges"):
+            for name in TRAINING_FREE:
+                plan = mm.process(vecs, name, seed=args.seed)
+                record(scenario, name if name != "task_arithmetic" else "task_arithmetic@0.3",
+                       mm.merge(base_state, plan.vectors, plan.weights), eval_domains)
+            _, held = sources(merged, args.holdout)
+            plan = mm.process(vecs, "task_arithmetic", seed=args.seed)
+            losses = {lam: heldout_loss(mm.merge(base_state, plan.vectors, [lam] * len(vecs)), held) for lam in LAMBDAS}
+            best = min(losses, key=losses.get)
+            record(scenario, "task_arithmetic@picked", mm.merge(base_state, plan.vectors, [best] * len(vecs)),
+                   eval_domains, {"lambda": best})
+            coef_log[f"{scenario}/task_arithmetic_lambda"] = {"picked": best, "heldout_loss": losses}
+        train_src, _ = sources(merged)
+        for label, gran, loss, init_method in (("adamerging", "layer", "adamerging", "task_arithmetic"),
+                                               ("mergerec-task", "task", "mergerec", "ties"),
+                                               ("mergerec-layer", "layer", "mergerec", "ties")):
+            with stage(f"{scenario}: {label}"):
+                plan = mm.process(vecs, init_method, seed=args.seed)
+                cfg = CoefficientConfig(granularity=gran, loss=loss, steps=args.coef_steps, seed=args.seed)
+                res = learn_coefficients(base, base_state, plan.vectors, base.layer_of, train_src, cfg,
+                                         progress=False, method=init_method)
+                state = CoefficientMerger(base_state, plan.vectors, base.layer_of, gran).merged_state(res.W)
+                record(scenario, label, state, eval_domains)
+                coef_log[f"{scenario}/{label}"] = {"groups": list(res.groups), "W": res.W.tolist(),
+                                                   "first_loss": res.history[0]["loss"] if res.history else None,
+                                                   "last_loss": res.history[-1]["loss"] if res.history else None}
+
+    with stage("zero-shot + fine-tuned matrix"):
+        record("in-domain", "pretrained", base_state, doms_names)
+        for src in doms_names:
+            record("in-domain", f"finetuned-{src}", finetuned[src], doms_names)
+    run_scenario("in-domain", doms_names, doms_names)
+    for held_out in doms_names:
+        merged = [d for d in doms_names if d != held_out]
+        scenario = f"unseen-{held_out}"
+        record(scenario, "pretrained", base_state, [held_out])
+        for src in merged:
+            record(scenario, f"finetuned-{src}", finetuned[src], [held_out])
+        run_scenario(scenario, merged, [held_out])
+    if args.joint_epochs:
+        with stage("joint training on pooled data (reference)"):
+            joint = fine_tune(copy.deepcopy(base), [silos[d] for d in doms_names], [dom[d] for d in doms_names],
+                              train_cfg.model_copy(update={"epochs": args.joint_epochs}))
+            record("in-domain", "joint (pooled, non-private)", joint.state, doms_names,
+                   {"epochs": joint.epochs})
+
+    summary = []
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        for method in dict.fromkeys(r["method"] for r in rows if r["scenario"] == scenario):
+            rs = [r for r in rows if r["scenario"] == scenario and r["method"] == method]
+            row = {"scenario": scenario, "method": method}
+            for r in rs:
+                row[f"{r['domain']} R@10"] = r["recall@10"]
+                row[f"{r['domain']} N@10"] = r["ndcg@10"]
+            row["avg R@10"] = sum(r["recall@10"] for r in rs) / len(rs)
+            row["avg N@10"] = sum(r["ndcg@10"] for r in rs) / len(rs)
+            summary.append(row)
+    sent = {d: {"task_vector_bytes": tv_bytes, "teacher_logit_bytes": logit_bytes[d]} for d in doms_names}
+    report = {"command": "python -m benchmarks.merge " + " ".join(argv or sys.argv[1:]), "rows": rows,
+              "summary": summary, "stages": stage.rows, "coefficients": coef_log, "bytes_sent_per_silo": sent,
+              "bytes_note": "every method needs the task vector; only MergeRec also needs the teacher logits",
+              "config": vars(args) | {"data": str(args.data), "out": str(args.out)}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    md = []
+    for scenario in dict.fromkeys(r["scenario"] for r in summary):
+        part = [r for r in summary if r["scenario"] == scenario]
+        cols = ["method"] + [c for c in part[0] if c not in ("scenario", "method")]
+        md.append(f"### {scenario}\n\n" + markdown_table(part, cols))
+    md.append("### stages\n\n" + markdown_table(stage.rows, ["stage", "seconds", "peak_rss_mb"]))
+    md.append("### bytes a silo sends\n\n" + markdown_table(
+        [{"domain": d, **v} for d, v in sent.items()], ["domain", "task_vector_bytes", "teacher_logit_bytes"]))
+    args.out.with_suffix(".md").write_text("\n\n".join(md) + "\n")
+    print("\n\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
