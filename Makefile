@@ -34,3 +34,20 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache runs
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deployment (docs/deployment.md). `e2e`: real processes on loopback with TLS + SuperNode authentication.
+E2E_DIR        ?= $(CURDIR)/.cache/e2e
+E2E_DOMAINS    ?= garden,kitchen,outdoor
+E2E_RUN_CONFIG ?= epochs=2 coef-steps=20
+
+.PHONY: e2e e2e-containers compose-lint
+
+e2e: $(STAMP)
+	rm -rf $(E2E_DIR) && mkdir -p $(E2E_DIR)
+	$(BIN)/python -m deployment.local --smoke --domains $(E2E_DOMAINS) --run-dir $(E2E_DIR)/smoke --timeout 300
+	$(BIN)/python -m common.demo --out $(E2E_DIR)/data
+	$(BIN)/python -m deployment.local --app . --domains $(E2E_DOMAINS) --data-root $(E2E_DIR)/data \
+	    --run-dir $(E2E_DIR)/stack --timeout 1800 \
+	    --run-config 'run-dir="$(E2E_DIR)/artifacts" cache-dir="$(E2E_DIR)/cache" $(E2E_RUN_CONFIG)'
+	$(BIN)/python -m deployment.check_artifacts $(E2E_DIR)/artifacts --domains $(E2E_DOMAINS)

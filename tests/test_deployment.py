@@ -158,3 +158,96 @@ def test_cli(tmp_path, capsys):
     assert certs.main(["--out", str(tmp_path / "s"), "--domains", "x,y", "--hosts", "127.0.0.1,superlink"]) == 0
     assert "wrote" not in capsys.readouterr().out
     assert certs.main(["--out", str(tmp_path / "s"), "--domains", "x", "--hosts", "10.0.0.1"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------- local stack
+
+
+def test_run_config_and_node_config_formatting():
+    from deployment.local import format_run_config, node_config
+
+    assert format_run_config(None) is None
+    assert format_run_config("epochs=1") == "epochs=1"
+    assert format_run_config({"epochs": 2, "lr": 0.5, "run-dir": "/x y", "flag": True}) == \
+        'epochs=2 lr=0.5 run-dir="/x y" flag=true'
+    assert node_config("garden", Path("/data/garden")) == 'domain="garden" data-path="/data/garden"'
+
+
+def test_marker_scan_finds_only_marked_processes():
+    import os
+    import subprocess
+
+    from deployment.local import MARKER, marked_pids
+
+    env = dict(os.environ, **{MARKER: "unit-test-marker"})
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    try:
+        assert marked_pids("unit-test-marker") == [p.pid]
+        assert marked_pids("another-marker") == []
+    finally:
+        p.kill()
+        p.wait()
+    assert marked_pids("unit-test-marker") == []
+
+
+def test_check_artifacts_reports_problems(tmp_path):
+    import json
+
+    from deployment.check_artifacts import check
+
+    assert check(tmp_path, ["a"]) == [f"{tmp_path / 'report.json'} is missing"]
+    (tmp_path / "report.json").write_text(json.dumps({
+        "active": ["a"], "dropped": [],
+        "metrics": {"a": {"mergerec-task": {"values": {"ndcg@10": 0.5}}, "ties": {"values": {"ndcg@10": 1.5}}}}}))
+    problems = check(tmp_path, ["a"])
+    assert any("ties/ndcg@10" in p for p in problems)
+    assert any("task vector of a" in p for p in problems)
+    assert any("merged.safetensors" in p for p in problems)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_e2e_smoke_app_on_tls_and_node_auth_stack(tmp_path):
+    """Real processes on loopback: SuperLink (TLS, node auth) + 3 registered SuperNodes; an unregistered key
+    is refused; a killed SuperNode takes its children with it and comes back under the same node id; the smoke
+    app then reaches all three domains; nothing is left running afterwards."""
+    import signal
+    import time
+
+    from deployment.local import SMOKE_APP, group_members, start_stack
+
+    domains = ["garden", "kitchen", "outdoor"]
+    t0 = time.monotonic()
+    with start_stack(domains, run_dir=tmp_path / "stack", timeout=90) as stack:
+        started = time.monotonic() - t0
+        assert set(stack.node_ids) == set(domains)
+        assert stack.healthy()
+
+        code, log = stack.try_unregistered_node(timeout=60)
+        assert code not in (None, 0), log
+        assert "Failed to activate SuperNode" in log
+        assert "No SuperNode found with the given public key" in (stack.logs / "superlink.log").read_text()
+
+        # SIGTERM: the SuperNode deactivates itself, so it may come back at once (after SIGKILL the SuperLink
+        # refuses the key until the node's heartbeat expires, ~60 s: restart_supernode retries through that)
+        kitchen = stack.procs["supernode-kitchen"]
+        stack.kill_supernode("kitchen", sig=signal.SIGTERM)
+        assert not kitchen.alive
+        assert group_members(kitchen.popen.pid) == []  # its SuperExec and ClientApps went with it
+        assert stack.restart_supernode("kitchen", timeout=60) < 30
+        assert f"SuperNode ID: {stack.node_ids['kitchen']}" in stack.procs["supernode-kitchen"].output()
+        assert stack.procs["supernode-kitchen"] is not kitchen and stack.procs["supernode-kitchen"].offset > 0
+        res = stack.run_app(SMOKE_APP, run_config={"min-nodes": 3, "expect-domains": ",".join(domains)},
+                            timeout=180)
+        assert res.ok, f"{res.status}: {res.details}\n{stack.log_tails()}"
+        run_log = res.log.read_text()
+        assert "SMOKE-OK domains=garden,kitchen,outdoor" in run_log
+        for d in domains:
+            assert f"SMOKE node {stack.node_ids[d]} domain={d} data-files={d}.txt" in run_log
+
+        stack_id = stack.id
+    from deployment.local import marked_pids
+
+    assert marked_pids(stack_id) == []
+    print(f"\nstack start {started:.1f} s, smoke run {res.elapsed_s:.1f} s, total {time.monotonic() - t0:.1f} s, "
+          f"timings {stack.timings}")

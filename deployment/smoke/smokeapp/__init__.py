@@ -1,0 +1,1 @@
+"""Deployment smoke app (see ../pyproject.toml)."""
