@@ -18,7 +18,7 @@ def _list(v) -> list[str]:
 def pipeline_config(rc: dict) -> tuple[PipelineConfig, Path, dict]:
     """Returns (pipeline config, run directory, server options). Unknown keys are an error."""
     rc = dict(rc)
-    known_other = {"run-dir", "domains", "data-root", "silo-state-root", "cache-dir", "min-nodes", "node-wait-s"}
+    known_other = {"run-dir", "domains", "data-root", "silo-state-root", "cache-dir", "min-nodes", "node-wait-s", "record-messages"}
     opt = lambda k, d=None: rc.get(k, d)  # noqa: E731
     backbone = BackboneConfig(kind=opt("backbone", "light"), encoder=opt("encoder", "minilm"),
                               **({"cache_dir": Path(opt("cache-dir")) / "item_embeddings"} if opt("cache-dir") else {}))
@@ -49,5 +49,6 @@ def pipeline_config(rc: dict) -> tuple[PipelineConfig, Path, dict]:
     unknown = sorted(set(rc) - used)
     if unknown:
         raise ValueError(f"unknown run-config key(s): {', '.join(unknown)}")
-    server = {"min_nodes": int(opt("min-nodes", 1)), "node_wait_s": float(opt("node-wait-s", 120))}
+    server = {"min_nodes": int(opt("min-nodes", 1)), "node_wait_s": float(opt("node-wait-s", 120)),
+              "record_messages": str(opt("record-messages", "") or "")}
     return cfg, Path(str(opt("run-dir", "runs/latest"))), server

@@ -10,7 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.config import pipeline_config
 from server.pipeline import Pipeline, results_table
-from server.transport import FlowerTransport
+from server.transport import FlowerTransport, MessageRecorder
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -31,6 +31,7 @@ def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg, run_dir, server = pipeline_config(dict(context.run_config))
     wait_for_nodes(grid, server["min_nodes"], server["node_wait_s"])
-    report = Pipeline(FlowerTransport(grid), cfg, run_dir).run()
+    recorder = MessageRecorder(server["record_messages"]) if server["record_messages"] else None
+    report = Pipeline(FlowerTransport(grid, observer=recorder), cfg, run_dir).run()
     print(results_table(report))
     print(f"report: {run_dir.resolve() / 'report.json'}")

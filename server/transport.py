@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from common.messages import Arrays, ContractError, Header, decode, encode
@@ -130,3 +131,25 @@ class FlowerTransport:
             silo = by_id[mid]
             out[silo] = Outcome(silo, error=f"no reply within {timeout:.0f}s", bytes_down=sent[silo])
         return out
+
+
+class MessageRecorder:
+    """Observer that writes every message (both directions) to a folder: `NNNNN-<dir>-<type>-<silo>.json`
+    (the header record) and `.npz` (every array). For audits and the end-to-end privacy test."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.count = len(list(self.folder.glob("*.json")))
+
+    def __call__(self, direction: str, silo: str, message_type: str, content) -> None:
+        import json
+
+        import numpy as np
+
+        stem = f"{self.count:05d}-{direction}-{message_type}-{silo}"
+        self.count += 1
+        header = {k: dict(v) for k, v in content.config_records.items()}
+        (self.folder / f"{stem}.json").write_text(json.dumps(header))
+        arrays = {f"{g}/{n}": a.numpy() for g, rec in content.array_records.items() for n, a in rec.items()}
+        np.savez(self.folder / f"{stem}.npz", **arrays)

@@ -14,9 +14,10 @@ from common.config import BackboneConfig, TrainConfig
 from common.demo import make_demo
 from common.merging.coefficients import CoefficientConfig
 from server.pipeline import Pipeline, PipelineConfig, PipelineError
-from server.transport import InProcessTransport
+from server.transport import InProcessTransport, MessageRecorder
 
 from helpers import make_tiny_encoder
+from privacy import assert_no_user_data, recorded_messages
 
 
 @pytest.fixture(scope="module")
@@ -105,23 +106,21 @@ def test_too_few_silos_stops_with_clear_message(world, tmp_path):
 def test_no_user_data_in_any_message(world, tmp_path):
     """Record every message both ways; no user id, user sequence or per-user score may appear."""
     root, enc, dirs = world
+    recorder = MessageRecorder(tmp_path / "messages")
+    Pipeline(_transport(dirs, root, observer=recorder), _cfg(enc, root), tmp_path / "run").run()
+    types = {p.name.split("-")[2] for p in (tmp_path / "messages").glob("*.json")}
+    assert types == {"query.handshake", "train.finetune", "query.teacher", "evaluate.merged"}
+    assert assert_no_user_data(recorded_messages(tmp_path / "messages"), dirs) >= 24
+
+
+def test_privacy_check_catches_a_leak(world, tmp_path):
+    """The checker itself must fail on a message carrying a user sequence or a per-user score vector."""
+    root, enc, dirs = world
     from common.data import load_silo
 
-    seen = []
-    Pipeline(_transport(dirs, root, observer=lambda *a: seen.append(a)), _cfg(enc, root), tmp_path / "run").run()
-    assert {mt for _, _, mt, _ in seen} == {"query.handshake", "train.finetune", "query.teacher", "evaluate.merged"}
-    for d in dirs:
-        silo = load_silo(d)
-        user_keys = json.loads((d / "umap.json").read_text())
-        seqs = {tuple(s) for s in silo.train if len(s) >= 4}
-        for direction, _, mt, content in seen:
-            text = json.dumps({k: dict(v) for k, v in content.config_records.items()})
-            for key in list(user_keys)[:50]:
-                assert key not in text, f"user key {key} in a {direction} {mt} message"
-            for rec in content.array_records.values():
-                for name, arr in rec.items():
-                    a = arr.numpy()
-                    assert a.dtype in (np.float32, np.int32), f"{mt}/{name} has dtype {a.dtype}"
-                    if a.dtype == np.int32:
-                        rows = {tuple(r) for r in a.reshape(a.shape[0], -1).tolist()}
-                        assert not (rows & seqs), f"a user sequence appears in {mt}/{name}"
+    silo = load_silo(dirs[0])
+    seq = next(s for s in silo.train if len(s) >= 3)
+    with pytest.raises(AssertionError, match="user sequence"):
+        assert_no_user_data([("leak", json.dumps({"x": seq}), {})], dirs)
+    with pytest.raises(AssertionError, match="per-user"):
+        assert_no_user_data([("leak", "{}", {"s": np.zeros(len(silo.test), np.float32)})], dirs)
