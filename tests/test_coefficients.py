@@ -242,3 +242,32 @@ def test_adamerging_needs_no_teacher_and_config_defaults():
     res = learn_coefficients(model, base, vectors, Toy.layer_of, sources, CoefficientConfig(steps=1),
                              progress=False, method="ties")
     assert res.W.shape == (2, 1)
+
+
+def test_learned_coefficients_do_not_depend_on_prior_rng_use():
+    """Dropout draws from the global RNG: the result must not depend on what ran before (the server runs in
+    another process than the in-process reference)."""
+    import torch as _t
+
+    from common.backbones import DomainInputs, LightRecommender
+    from common.config import BackboneConfig
+    from common.merging import CoefficientConfig, DomainBatchSource, learn_coefficients, teacher_topk
+    from common.backbones import shared_state
+
+    _t.manual_seed(0)
+    model = LightRecommender(BackboneConfig(dim=16, heads=2, dropout=0.3), feature_dim=8)
+    feats = _t.nn.functional.normalize(_t.randn(40, 8), dim=-1)
+    dom = DomainInputs("d", 40, features=feats)
+    base = shared_state(model)
+    vec = {n: 0.05 * _t.randn_like(t) for n, t in base.items()}
+    ids = _t.arange(40)
+    with _t.no_grad():
+        top = teacher_topk(lambda i: model(dom, "histories", i.view(-1, 1)), model(dom, "items", ids), ids, 8)
+    src = [DomainBatchSource(dom_inputs=dom, pseudo_item_ids=ids, teacher=top)]
+    cfg = CoefficientConfig(steps=5, batch_size=4, init=0.5, lr=0.05)
+    results = []
+    for burn in (0, 17):
+        _t.manual_seed(1234)
+        _t.rand(burn)
+        results.append(learn_coefficients(model, base, [vec], model.layer_of, src, cfg, progress=False).W)
+    assert _t.equal(results[0], results[1])

@@ -276,7 +276,7 @@ class _Batches:
         return [(int(d), rows[doms == d]) for d in torch.unique(doms)]
 
 
-def learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
+def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
                        vectors: Sequence[Mapping[str, torch.Tensor]], group_of: Callable[[str], str],
                        domains: Sequence[DomainBatchSource], cfg: CoefficientConfig, progress: bool = True, *,
                        method: str | None = None) -> CoefficientResult:
@@ -392,3 +392,15 @@ def learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
         chosen_W, chosen_step = final, cfg.steps
     return CoefficientResult(W=chosen_W, groups=merger.groups, history=history, holdout=holdout,
                              chosen_step=chosen_step, final_W=final)
+
+
+def learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
+                       vectors: Sequence[Mapping[str, torch.Tensor]], group_of: Callable[[str], str],
+                       domains: Sequence[DomainBatchSource], cfg: CoefficientConfig, progress: bool = True, *,
+                       method: str | None = None) -> CoefficientResult:
+    """See `_learn_coefficients`. Runs with the global torch RNG seeded from ``cfg.seed`` (dropout draws from
+    it) inside a forked RNG scope, so the result does not depend on what ran before in the process (a server
+    in a Flower process and one in a test must learn the same W) and the caller's RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.seed))
+        return _learn_coefficients(model, base, vectors, group_of, domains, cfg, progress, method=method)
