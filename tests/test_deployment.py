@@ -251,3 +251,163 @@ def test_e2e_smoke_app_on_tls_and_node_auth_stack(tmp_path):
     assert marked_pids(stack_id) == []
     print(f"\nstack start {started:.1f} s, smoke run {res.elapsed_s:.1f} s, total {time.monotonic() - t0:.1f} s, "
           f"timings {stack.timings}")
+
+
+# ---------------------------------------------------------------------------------------------- compose file
+
+# Keys the compose specification allows (the subset a strict linter knows); anything else is a typo.
+_SERVICE_KEYS = {
+    "image", "build", "command", "entrypoint", "environment", "env_file", "volumes", "ports", "expose",
+    "networks", "depends_on", "healthcheck", "restart", "init", "container_name", "hostname", "cap_drop",
+    "cap_add", "security_opt", "user", "working_dir", "read_only", "tmpfs", "stop_signal", "stop_grace_period",
+    "labels", "logging", "deploy", "ulimits", "shm_size", "profiles",
+}
+_TOP_KEYS = {"version", "services", "networks", "volumes", "secrets", "configs"}
+
+
+@pytest.fixture(scope="module")
+def compose():
+    import yaml
+
+    from deployment.compose import COMPOSE
+
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _split_volume(v: str) -> tuple[str, str, str]:
+    """source, target, mode of a short-syntax volume whose source may hold ${VAR:-default}."""
+    if v.rsplit(":", 1)[-1] in ("ro", "rw"):
+        src, dst, mode = v.rsplit(":", 2)
+        return src, dst, mode
+    src, dst = v.rsplit(":", 1)
+    return src, dst, "rw"
+
+
+def test_compose_is_generated_from_federation_toml():
+    from deployment.compose import COMPOSE, load, render
+
+    assert COMPOSE.read_text() == render(load()), "run: python -m deployment.compose --write"
+
+
+def test_compose_keys_are_known(compose):
+    assert set(compose) - {k for k in compose if k.startswith("x-")} <= _TOP_KEYS
+    for name, svc in compose["services"].items():
+        assert set(svc) <= _SERVICE_KEYS, f"{name}: unknown keys {set(svc) - _SERVICE_KEYS}"
+        hc = svc.get("healthcheck", {})
+        assert set(hc) <= {"test", "interval", "timeout", "retries", "start_period", "disable"}
+
+
+def test_compose_services_tls_auth_and_isolation(compose):
+    from deployment.compose import load
+
+    fed = load()
+    services = compose["services"]
+    assert set(services) == {"superlink"} | {f"supernode-{d}" for d in fed.domains}
+    assert set(compose["networks"]) == {"federation"}
+    for name, svc in services.items():
+        assert svc["init"] is True and svc["restart"] == "on-failure", name
+        assert svc["networks"] == ["federation"], name
+        assert svc["image"] == fed.image
+        assert "--insecure" not in svc["command"], name
+        assert ("ports" in svc) == (name == "superlink"), f"{name}: only the SuperLink publishes a port"
+    sl = services["superlink"]
+    assert {"--ssl-ca-certfile=/certs/ca.crt", "--ssl-certfile=/certs/server.pem",
+            "--ssl-keyfile=/certs/server.key", "--enable-supernode-auth", "--port=8000"} <= set(sl["command"])
+    assert len(sl["ports"]) == 1 and sl["ports"][0].endswith(":8000")
+    assert "healthcheck" in sl and "/health" in " ".join(sl["healthcheck"]["test"])
+    for d in fed.domains:
+        svc = services[f"supernode-{d}"]
+        cmd = svc["command"]
+        assert cmd[0] == "flower-supernode"
+        assert "--superlink=superlink:8000" in cmd and "--root-certificates=/certs/ca.crt" in cmd
+        assert "--auth-supernode-private-key=/keys/node.key" in cmd
+        assert f'--node-config=domain="{d}" data-path="/data/{d}"' in cmd
+        assert svc["depends_on"]["superlink"]["condition"] == "service_healthy"
+        vols = [_split_volume(v) for v in svc["volumes"]]
+        assert {(src.rsplit("/", 1)[-1], dst, mode) for src, dst, mode in vols} == {
+            ("ca.crt", "/certs/ca.crt", "ro"), (f"{d}.key", "/keys/node.key", "ro"), (d, f"/data/{d}", "ro")}
+        others = set(fed.domains) - {d}
+        assert not any(o in v for o in others for v in svc["volumes"]), f"{d} mounts another domain's files"
+        assert not any("server.key" in v or "ca.key" in v for v in svc["volumes"])
+
+
+def test_compose_adding_a_domain(tmp_path):
+    import yaml
+
+    from deployment.compose import load, render
+
+    fed = tmp_path / "federation.toml"
+    fed.write_text('domains = ["garden", "books"]\nsuperlink_port = 9555\n')
+    doc = yaml.safe_load(render(load(fed)))
+    assert set(doc["services"]) == {"superlink", "supernode-garden", "supernode-books"}
+    assert "./secrets}/books.key:/keys/node.key:ro" in " ".join(doc["services"]["supernode-books"]["volumes"])
+    assert "9555}:8000" in doc["services"]["superlink"]["ports"][0]
+    fed.write_text('domains = ["Bad Name"]\n')
+    with pytest.raises(ValueError):
+        load(fed)
+
+
+def test_compose_real_linter_where_installed():
+    """docker-compose 1.29.2 `config -q` (`make compose-lint` installs it into .venv-lint)."""
+    import shutil
+    import subprocess
+
+    from deployment.compose import COMPOSE
+
+    exe = ROOT / ".venv-lint" / "bin" / "docker-compose"
+    exe = str(exe) if exe.exists() else shutil.which("docker-compose")
+    if not exe:
+        pytest.skip("docker-compose not installed (make compose-lint installs it); structural checks above ran")
+    r = subprocess.run([exe, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- containers
+
+
+def _podman_ready() -> str | None:
+    """Why the container test cannot run here, or None."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("podman"):
+        return "podman is not installed (deployment/podman/setup.sh installs it)"
+    from deployment.containers import Containers, compose_bin
+
+    try:
+        compose_bin()
+    except SystemExit as exc:
+        return str(exc)
+    c = Containers(ROOT / ".cache" / "isolation-test")
+    if subprocess.run(["podman", "image", "exists", c.image], env=c.env).returncode != 0:
+        return f"image {c.image} not built (python -m deployment.containers build)"
+    if c.containers():
+        return f"containers of the compose project are running: {c.containers()}"
+    return None
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_container_cannot_read_another_domains_data(tmp_path):
+    """Two SuperNode containers from compose.yaml: each lists its own /data/<domain> and no other domain's."""
+    reason = _podman_ready()
+    if reason:
+        pytest.skip(reason)
+    from deployment.containers import Containers
+
+    c = Containers(tmp_path / "work", port=None)
+    c.prepare(demo=True)
+    garden, kitchen = c.fed.domains[:2]
+    try:
+        c.compose("up", "-d", "--no-deps", f"supernode-{garden}", f"supernode-{kitchen}")
+        own = c.podman("exec", f"supernode-{garden}", "ls", f"/data/{garden}", check=False)
+        assert own.returncode == 0 and "train.json" in own.stdout
+        other = c.podman("exec", f"supernode-{garden}", "ls", f"/data/{kitchen}", check=False)
+        assert other.returncode != 0 and "No such file or directory" in other.stderr
+        assert c.podman("exec", f"supernode-{kitchen}", "cat", f"/data/{garden}/train.json",
+                        check=False).returncode != 0
+        assert c.podman("exec", f"supernode-{garden}", "touch", f"/data/{garden}/x", check=False).returncode != 0
+        problems = [p for p in c.isolation() if f"supernode-{c.fed.domains[2]}" not in p]
+        assert problems == []
+    finally:
+        assert c.down() == []
