@@ -11,7 +11,8 @@ Writes into OUT:
                               `flwr supernode register` and `flower-supernode --auth-supernode-private-key`
                               accept), private key in OpenSSH format, public key as one OpenSSH line
 
-Private keys are chmod 600. Running it again keeps every file that exists (so adding a domain only creates
+--keys-only writes only <domain>.key / <domain>.pub (on a silo's own host, so that its private key never
+leaves it; `ssh-keygen -t ecdsa -b 384 -N "" -f <domain>.key` makes the same format). Private keys are chmod 600. Running it again keeps every file that exists (so adding a domain only creates
 that domain's key pair); --force regenerates everything (rotation: re-register the new node keys and
 restart SuperLink and SuperNodes, see docs/deployment.md). A server certificate whose names differ from
 --hosts, or one the CA did not sign, is an error without --force.
@@ -171,8 +172,9 @@ def _node_pair(domain: str) -> tuple[bytes, bytes]:
 
 
 def make_certs(out: Path, domains: list[str], hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS,
-               force: bool = False, days: int = 365) -> Material:
-    """Create (or keep) the CA, the SuperLink certificate and one node key pair per domain in `out`."""
+               force: bool = False, days: int = 365, keys_only: bool = False) -> Material:
+    """Create (or keep) the CA, the SuperLink certificate and one node key pair per domain in `out`.
+    keys_only: only the node key pairs (on a silo's own host: its private key never leaves it)."""
     hosts = [h.strip() for h in hosts if h.strip()]
     domains = [d.strip() for d in domains if d.strip()]
     if not hosts:
@@ -185,6 +187,9 @@ def make_certs(out: Path, domains: list[str], hosts: list[str] | tuple[str, ...]
     m = paths(out, domains)
     m.out.mkdir(parents=True, exist_ok=True)
     os.chmod(m.out, 0o700)
+    if keys_only:
+        _node_keys(m, force)
+        return m
 
     # CA
     if force or not (m.ca_cert.exists() and m.ca_key.exists()):
@@ -218,7 +223,12 @@ def make_certs(out: Path, domains: list[str], hosts: list[str] | tuple[str, ...]
         _write(m.server_cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
         m.written += [m.server_key, m.server_cert]
 
-    # Node authentication keys (independent of the CA)
+    _node_keys(m, force)
+    return m
+
+
+def _node_keys(m: Material, force: bool) -> None:
+    """Node authentication key pairs (independent of the CA)."""
     for domain, (priv_path, pub_path) in m.node_keys.items():
         if force or not (priv_path.exists() and pub_path.exists()):
             priv, pub = _node_pair(domain)
@@ -229,7 +239,6 @@ def make_certs(out: Path, domains: list[str], hosts: list[str] | tuple[str, ...]
             pk = load_node_private_key(priv_path)
             if pk.public_key().public_numbers() != load_node_public_key(pub_path).public_numbers():
                 raise CertError(f"{priv_path} and {pub_path} are not one key pair (regenerate with --force)")
-    return m
 
 
 def _csv(s: str) -> list[str]:
@@ -245,14 +254,16 @@ def main(argv: list[str] | None = None) -> int:
                         f"default {','.join(DEFAULT_HOSTS)}")
     p.add_argument("--days", type=int, default=365, help="server certificate validity (CA: at least 10 years)")
     p.add_argument("--force", action="store_true", help="regenerate everything (rotation)")
+    p.add_argument("--keys-only", action="store_true",
+                   help="only the node key pairs (run on a silo's host; send only <domain>.pub to the operator)")
     a = p.parse_args(argv)
     try:
-        m = make_certs(a.out, a.domains, a.hosts, force=a.force, days=a.days)
+        m = make_certs(a.out, a.domains, a.hosts, force=a.force, days=a.days, keys_only=a.keys_only)
     except (CertError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    kept = sorted({m.ca_cert, m.ca_key, m.server_cert, m.server_key,
-                   *(p for pair in m.node_keys.values() for p in pair)} - set(m.written))
+    managed = set() if a.keys_only else {m.ca_cert, m.ca_key, m.server_cert, m.server_key}
+    kept = sorted(managed | {p for pair in m.node_keys.values() for p in pair} - set(m.written))
     for path in m.written:
         print(f"wrote {path}")
     for path in kept:

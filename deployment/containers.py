@@ -3,6 +3,7 @@
     python -m deployment.containers setup                  # podman, its config, localbase image, podman-compose
     python -m deployment.containers build [--no-cache] [--base IMAGE]
     python -m deployment.containers up                     # certs/keys, SuperLink, register keys, SuperNodes
+    python -m deployment.containers register               # (re-)register the node keys, e.g. after a SuperLink restart
     python -m deployment.containers run [--run-config ...] # flwr run . from the host via the published port
     python -m deployment.containers isolation              # each SuperNode sees only its own data and key
     python -m deployment.containers down                   # remove containers and network, verify none left
@@ -25,6 +26,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -114,6 +116,10 @@ class Containers:
                 shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
             else:
                 shutil.copy2(src, dst)
+        deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+        text = "".join(f"{d}\n" for d in deps)
+        if not (ctx / "requirements.txt").exists() or (ctx / "requirements.txt").read_text() != text:
+            (ctx / "requirements.txt").write_text(text)
         wheels = ctx / "wheelhouse"
         wheels.mkdir(exist_ok=True)
         if not list(wheels.glob("torch-*.whl")) and not os.environ.get("MERGEREC_NO_WHEELHOUSE"):
@@ -305,7 +311,7 @@ def e2e(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deployment.containers", description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["setup", "build", "up", "run", "isolation", "down", "e2e"])
+    p.add_argument("command", choices=["setup", "build", "up", "register", "run", "isolation", "down", "e2e"])
     p.add_argument("--dir", type=Path, default=REPO / ".cache" / "e2e-containers",
                    help="secrets/, data/, runs/, logs/ (default .cache/e2e-containers)")
     p.add_argument("--data", type=Path, default=None, help="domain folders (default DIR/data, demo data for e2e)")
@@ -327,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.command == "up":
         c.prepare(demo=a.data is None)
         c.up()
+    elif a.command == "register":  # e.g. after a SuperLink restart (its state is in memory)
+        c.cli().register()
     elif a.command == "run":
         return 0 if c.run(a.run_config or None, timeout=a.timeout) else 1
     elif a.command == "isolation":

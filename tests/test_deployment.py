@@ -145,6 +145,12 @@ def test_recreated_ca_invalidates_old_server_cert(tmp_path):
         certs.make_certs(tmp_path, ["a"], ["127.0.0.1"])
 
 
+def test_keys_only(tmp_path):
+    m = certs.make_certs(tmp_path, ["silo"], keys_only=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["silo.key", "silo.pub"]
+    assert certs.load_node_private_key(m.node_keys["silo"][0]).curve.name == "secp384r1"
+
+
 def test_bad_domain_names(tmp_path):
     with pytest.raises(ValueError):
         certs.make_certs(tmp_path, ["../etc"], ["127.0.0.1"])
