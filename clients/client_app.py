@@ -95,21 +95,7 @@ def _serve(msg: Message, context: Context) -> Message:
         return Message(error=Error(code=CONTRACT_ERROR_CODE, reason=f"contract: {exc}"), reply_to=msg)
 
 
-@app.query("handshake")
-def handshake(msg: Message, context: Context) -> Message:
-    return _serve(msg, context)
-
-
-@app.train("finetune")
-def finetune(msg: Message, context: Context) -> Message:
-    return _serve(msg, context)
-
-
-@app.query("teacher")
-def teacher(msg: Message, context: Context) -> Message:
-    return _serve(msg, context)
-
-
-@app.evaluate("merged")
-def evaluate(msg: Message, context: Context) -> Message:
-    return _serve(msg, context)
+# one handler serves every message type; Flower needs each registered under its own action name
+for _message_type in _ROUTES:
+    _kind, _action = _message_type.split(".")
+    getattr(app, _kind)(_action)(_serve)

@@ -137,7 +137,7 @@ def test_serverapp_stopped_after_finetuning_resumes_without_finetuning_again(wor
     run_dir = tmp_path / "run"
     msgs = tmp_path / "messages"
     # a long coefficient stage gives time to stop the ServerApp after fine-tuning
-    rc = run_config(root, enc, run_dir, **{"record-messages": str(msgs), "coef-steps": 3000})
+    rc = run_config(root, enc, run_dir, **{"record-messages": str(msgs), "coef-steps": 400})
     with start_stack(DOMAINS, root / "data", run_dir=tmp_path / "stack") as stack:
         first = stack.run_app(ROOT, run_config=rc, timeout=900, wait=False)
         assert first.run_id is not None, first.details
