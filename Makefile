@@ -72,7 +72,7 @@ compose-lint: $(STAMP) $(LINT_VENV)/bin/docker-compose
 # domain (deployment/federation.toml) on their own network, runs the pipeline from the host, checks, tears down.
 E2E_CONTAINERS_DIR        ?= $(CURDIR)/.cache/e2e-containers
 E2E_CONTAINERS_RUN_CONFIG ?= $(E2E_RUN_CONFIG)
-E2E_CONTAINERS_FLAGS      ?=# --cold: also time a build without the layer cache
+E2E_CONTAINERS_FLAGS      ?=# --cold: remove the image and its layers first, to time a cold build
 
 e2e-containers: $(STAMP) compose-lint
 	deployment/podman/setup.sh

@@ -153,6 +153,12 @@ class Containers:
         say(f"built {self.image} in {took:.1f} s ({int(size) / 1e9:.2f} GB)")
         return took
 
+    def forget_image(self) -> None:
+        """Remove the image and its (now unreferenced) intermediate layers; keeps the base image."""
+        self.podman("rmi", "-f", self.image, check=False)
+        self.podman("image", "prune", "-f", check=False)
+        say(f"removed {self.image} and its cached layers")
+
     # ----------------------------------------------------------------------------------------- stack
     def prepare(self, demo: bool = False) -> None:
         certs.make_certs(self.secrets, list(self.fed.domains), ["127.0.0.1", "localhost", "superlink"])
@@ -278,9 +284,11 @@ def e2e(a: argparse.Namespace) -> int:
     ok = False
     t0 = time.monotonic()
     try:
-        # cold: without usable layers (first build on this host, or --cold = --no-cache); warm: right after
-        if a.cold or c.podman("image", "exists", c.image, check=False).returncode != 0:
-            c.timings["build_cold_s"] = c.build(no_cache=a.cold)
+        # cold: no layers of this image on the host (first build, or --cold removes them); warm: right after
+        if a.cold:
+            c.forget_image()
+        if c.podman("image", "exists", c.image, check=False).returncode != 0:
+            c.timings["build_cold_s"] = c.build()
         c.timings["build_warm_s"] = c.build()
         c.prepare(demo=a.data is None)
         if c.containers():
@@ -291,6 +299,7 @@ def e2e(a: argparse.Namespace) -> int:
             say("isolation FAILED:\n  " + "\n  ".join(problems))
         else:
             say("isolation OK: every SuperNode sees only /data/<its domain> (read-only) and its own key")
+        shutil.rmtree(c.runs / "e2e", ignore_errors=True)  # the same run-dir again would resume, not rerun
         ran = c.run(f'run-dir="/runs/e2e" {a.run_config}'.strip(), timeout=a.timeout)
         found = check_artifacts.check(c.runs / "e2e", list(c.fed.domains)) if ran else ["run failed"]
         if not found:
@@ -318,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=None, help="host port for the SuperLink (e2e: a free one)")
     p.add_argument("--base", default=None, help="base image (default localhost/localbase if present)")
     p.add_argument("--no-cache", action="store_true", help="build: ignore the layer cache")
-    p.add_argument("--cold", action="store_true", help="e2e: time a build without the layer cache first "
-                   "(done anyway when the image does not exist yet), then a warm one")
+    p.add_argument("--cold", action="store_true", help="e2e: remove the image and its cached layers first, so "
+                   "that the first build is cold (it is anyway when the image does not exist yet)")
     p.add_argument("--run-config", default="", help="run/e2e: 'k=v ...' for flwr run --run-config")
     p.add_argument("--timeout", type=float, default=3600.0)
     a = p.parse_args(argv)

@@ -67,6 +67,18 @@ class StackError(RuntimeError):
     """The stack could not be started (the message carries the relevant log tails)."""
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel SIGKILLs the child when the process (thread) that started it dies, so that a
+    stack whose controller was SIGKILLed (a test runner's timeout) does not linger. Flower's SuperExec helpers
+    watch their parent's pid (--parent-pid) and exit with it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -240,7 +252,8 @@ class Stack:
         with open(log, "ab") as out:
             offset = out.tell()
             popen = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         proc = Proc(name, popen, log, cmd, offset)
         self.procs[name] = proc
         return proc
