@@ -45,6 +45,9 @@ from common.train import evaluate_split, fine_tune
 log = logging.getLogger("benchmarks.merge")
 TRAINING_FREE = ["weight_average", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs"]
 LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+#: MergeRec options measured against the default (dropout on, item embeddings frozen at init, last W)
+ABLATIONS = [("dropout off", {"dropout": False}), ("items refreshed every 50 steps", {"item_refresh_every": 50}),
+             ("W picked on 10% held-out pseudo-users", {"holdout_fraction": 0.1})]
 
 
 class Stages:
@@ -82,6 +85,10 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-top-k", type=int, default=256)
     ap.add_argument("--joint-epochs", type=int, default=4, help="0 skips joint training")
     ap.add_argument("--holdout", type=float, default=0.1, help="pseudo-users held out to pick lambda")
+    ap.add_argument("--no-ablations", dest="ablations", action="store_false",
+                    help="skip the MergeRec option ablations (in-domain only)")
+    ap.add_argument("--eval-users", type=int, default=None,
+                    help="test on a seeded subsample of this many users per domain (default: all)")
     ap.add_argument("--out", type=Path, default=RESULTS / "merge.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -97,7 +104,7 @@ def main(argv=None) -> int:
         base_state = shared_state(base)
         dom = {d: base.domain_inputs(silos[d].catalog) for d in doms_names}
 
-    train_cfg = TrainConfig(epochs=args.light_epochs, patience=2, seed=args.seed, progress=False)
+    train_cfg = TrainConfig(epochs=args.light_epochs, patience=3, seed=args.seed, progress=False)
     finetuned = {}
     with stage("fine-tune (or load) per domain"):
         for d in doms_names:
@@ -119,7 +126,8 @@ def main(argv=None) -> int:
     def test(state_name: str, state, d: str) -> dict:
         key = (state_name, d)
         if key not in test_cache:
-            test_cache[key] = evaluate_split(model_with(state), silos[d], dom[d], "test", seed=args.seed)
+            test_cache[key] = evaluate_split(model_with(state), silos[d], dom[d], "test", seed=args.seed,
+                                           max_users=args.eval_users)
         return test_cache[key]
 
     teachers, pseudo = {}, {}
@@ -190,12 +198,15 @@ def main(argv=None) -> int:
                    eval_domains, {"lambda": best})
             coef_log[f"{scenario}/task_arithmetic_lambda"] = {"picked": best, "heldout_loss": losses}
         train_src, _ = sources(merged)
-        for label, gran, loss, init_method in (("adamerging", "layer", "adamerging", "task_arithmetic"),
-                                               ("mergerec-task", "task", "mergerec", "ties"),
-                                               ("mergerec-layer", "layer", "mergerec", "ties")):
+        learned = [("adamerging", "layer", "adamerging", "task_arithmetic", {}),
+                   ("mergerec-task", "task", "mergerec", "ties", {}),
+                   ("mergerec-layer", "layer", "mergerec", "ties", {})]
+        if args.ablations and scenario == "in-domain":  # the options issue 3 asks to measure
+            learned += [(f"mergerec-layer {name}", "layer", "mergerec", "ties", over) for name, over in ABLATIONS]
+        for label, gran, loss, init_method, over in learned:
             with stage(f"{scenario}: {label}"):
                 plan = mm.process(vecs, init_method, seed=args.seed)
-                cfg = CoefficientConfig(granularity=gran, loss=loss, steps=args.coef_steps, seed=args.seed)
+                cfg = CoefficientConfig(granularity=gran, loss=loss, steps=args.coef_steps, seed=args.seed, **over)
                 res = learn_coefficients(base, base_state, plan.vectors, base.layer_of, train_src, cfg,
                                          progress=False, method=init_method)
                 state = CoefficientMerger(base_state, plan.vectors, base.layer_of, gran).merged_state(res.W)

@@ -41,6 +41,8 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(100, ge=0)
     tau: float = Field(0.05, gt=0)
     negatives: Literal["full", "inbatch"] = "full"
+    mask_current_item: bool = Field(True, description="leave the most recent input item out of the training "
+                                    "softmax unless it is the target (evaluation always ranks every item)")
     patience: int = Field(3, ge=1, description="epochs without validation NDCG@10 gain before stopping")
     max_users: PositiveInt | None = Field(None, description="train on a seeded subsample of users")
     max_steps_per_epoch: PositiveInt | None = None

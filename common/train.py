@@ -76,16 +76,26 @@ def _batch_loss(model: Recommender, dom: DomainInputs, rows, cfg: TrainConfig, i
         targets = pad_histories([r[1] for r in rows], model.cfg.max_items).to(device)
         out = model(dom, "positions", inputs)
         valid = inputs >= 0
-        queries, tgt = out[valid], targets[valid]
+        queries, tgt, current = out[valid], targets[valid], inputs[valid]
     else:
         queries = model(dom, "histories", inputs)
         tgt = torch.tensor([r[1][0] for r in rows], device=device)
+        current = inputs[:, -1]
     if cfg.negatives == "inbatch":
         cands, tgt = torch.unique(tgt, return_inverse=True)
         items = model(dom, "items", cands)
+        pos = torch.searchsorted(cands, current).clamp_max(len(cands) - 1)
+        current = torch.where(cands[pos] == current, pos, -1)  # not among the candidates: nothing to mask
     else:
         items = item_table if item_table is not None else model(dom, "items", torch.arange(dom.num_items, device=device))
-    return F.cross_entropy(queries @ items.T / cfg.tau, tgt)
+    logits = queries @ items.T / cfg.tau
+    if cfg.mask_current_item:
+        # the item just seen is the nearest text neighbour of itself; unless it is the target, leave it out
+        # of the softmax instead of teaching the model to move away from it
+        drop = (current >= 0) & (current != tgt)
+        rows_ = torch.nonzero(drop).squeeze(1)
+        logits = logits.index_put((rows_, current[rows_]), torch.tensor(float("-inf"), device=logits.device))
+    return F.cross_entropy(logits, tgt)
 
 
 @torch.no_grad()
