@@ -73,6 +73,29 @@ class Stages:
         return _Ctx()
 
 
+def compare(summary: list[dict]) -> list[dict]:
+    """In-domain and the mean over the unseen-domain scenarios: the best training-free merge (task arithmetic
+    at the picked lambda included) against MergeRec task- and layer-wise, by average test Recall@10."""
+    free = set(TRAINING_FREE) - {"task_arithmetic"} | {"task_arithmetic@0.3", "task_arithmetic@picked"}
+    out = []
+    for label, keep in (("in-domain", lambda s: s == "in-domain"), ("unseen (mean of 3)", lambda s: s.startswith("unseen-"))):
+        scen = [r for r in summary if keep(r["scenario"])]
+        by_method: dict[str, list[float]] = {}
+        for r in scen:
+            by_method.setdefault(r["method"], []).append(r["avg R@10"])
+        n = max((len(v) for v in by_method.values()), default=0)
+        mean = {m: sum(v) / len(v) for m, v in by_method.items() if len(v) == n}
+        tf = {m: v for m, v in mean.items() if m in free}
+        if not tf or "mergerec-task" not in mean or "mergerec-layer" not in mean:
+            continue
+        best = max(tf, key=tf.get)
+        row = {"case": label, "best training-free": best, "its R@10": tf[best],
+               "MergeRec task": mean["mergerec-task"], "MergeRec layer": mean["mergerec-layer"]}
+        row["best MergeRec - best training-free"] = max(row["MergeRec task"], row["MergeRec layer"]) - tf[best]
+        out.append(row)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.merge", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--domains", nargs="+", default=["Beauty", "Sports", "Toys"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=".cache")
-    ap.add_argument("--light-epochs", type=int, default=12)
+    ap.add_argument("--light-epochs", type=int, default=10)
     ap.add_argument("--coef-steps", type=int, default=500)
     ap.add_argument("--teacher-top-k", type=int, default=256)
     ap.add_argument("--joint-epochs", type=int, default=4, help="0 skips joint training")
@@ -104,7 +127,8 @@ def main(argv=None) -> int:
         base_state = shared_state(base)
         dom = {d: base.domain_inputs(silos[d].catalog) for d in doms_names}
 
-    train_cfg = TrainConfig(epochs=args.light_epochs, patience=3, seed=args.seed, progress=False)
+    # the core benchmark's settings (its models are reused when present)
+    train_cfg = TrainConfig(epochs=args.light_epochs, patience=5, val_max_users=5000, seed=args.seed, progress=False)
     finetuned = {}
     with stage("fine-tune (or load) per domain"):
         for d in doms_names:
@@ -215,11 +239,49 @@ def main(argv=None) -> int:
                                                    "first_loss": res.history[0]["loss"] if res.history else None,
                                                    "last_loss": res.history[-1]["loss"] if res.history else None}
 
+    def save(done: bool) -> list[str]:
+        """Write merge.json / merge.md with every row so far (after each scenario: nothing lost if a
+        later stage fails or the run is stopped)."""
+        summary = []
+        for scenario in dict.fromkeys(r["scenario"] for r in rows):
+            for method in dict.fromkeys(r["method"] for r in rows if r["scenario"] == scenario):
+                rs = [r for r in rows if r["scenario"] == scenario and r["method"] == method]
+                row = {"scenario": scenario, "method": method}
+                for r in rs:
+                    row[f"{r['domain']} R@10"] = r["recall@10"]
+                    row[f"{r['domain']} N@10"] = r["ndcg@10"]
+                row["avg R@10"] = sum(r["recall@10"] for r in rs) / len(rs)
+                row["avg N@10"] = sum(r["ndcg@10"] for r in rs) / len(rs)
+                summary.append(row)
+        sent = {d: {"task_vector_bytes": tv_bytes, "teacher_logit_bytes": logit_bytes[d]} for d in doms_names}
+        report = {"command": "python -m benchmarks.merge " + " ".join(argv or sys.argv[1:]), "rows": rows,
+                  "summary": summary, "stages": stage.rows, "coefficients": coef_log, "bytes_sent_per_silo": sent,
+                  "mergerec_vs_training_free": compare(summary),
+                  "bytes_note": "every method needs the task vector; only MergeRec also needs the teacher logits",
+                  "config": vars(args) | {"data": str(args.data), "out": str(args.out)}, "complete": done}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        md = []
+        for scenario in dict.fromkeys(r["scenario"] for r in summary):
+            part = [r for r in summary if r["scenario"] == scenario]
+            cols = ["method"] + [c for c in part[0] if c not in ("scenario", "method")]
+            md.append(f"### {scenario}\n\n" + markdown_table(part, cols))
+        verdict = compare(summary)
+        if verdict:
+            md.append("### MergeRec vs the best training-free merge (average test Recall@10)\n\n"
+                      + markdown_table(verdict, list(verdict[0])))
+        md.append("### stages\n\n" + markdown_table(stage.rows, ["stage", "seconds", "peak_rss_mb"]))
+        md.append("### bytes a silo sends\n\n" + markdown_table(
+            [{"domain": d, **v} for d, v in sent.items()], ["domain", "task_vector_bytes", "teacher_logit_bytes"]))
+        args.out.with_suffix(".md").write_text("\n\n".join(md) + "\n")
+        return md
+
     with stage("zero-shot + fine-tuned matrix"):
         record("in-domain", "pretrained", base_state, doms_names)
         for src in doms_names:
             record("in-domain", f"finetuned-{src}", finetuned[src], doms_names)
     run_scenario("in-domain", doms_names, doms_names)
+    save(False)
     for held_out in doms_names:
         merged = [d for d in doms_names if d != held_out]
         scenario = f"unseen-{held_out}"
@@ -227,6 +289,7 @@ def main(argv=None) -> int:
         for src in merged:
             record(scenario, f"finetuned-{src}", finetuned[src], [held_out])
         run_scenario(scenario, merged, [held_out])
+        save(False)
     if args.joint_epochs:
         with stage("joint training on pooled data (reference)"):
             joint = fine_tune(copy.deepcopy(base), [silos[d] for d in doms_names], [dom[d] for d in doms_names],
@@ -234,34 +297,7 @@ def main(argv=None) -> int:
             record("in-domain", "joint (pooled, non-private)", joint.state, doms_names,
                    {"epochs": joint.epochs})
 
-    summary = []
-    for scenario in dict.fromkeys(r["scenario"] for r in rows):
-        for method in dict.fromkeys(r["method"] for r in rows if r["scenario"] == scenario):
-            rs = [r for r in rows if r["scenario"] == scenario and r["method"] == method]
-            row = {"scenario": scenario, "method": method}
-            for r in rs:
-                row[f"{r['domain']} R@10"] = r["recall@10"]
-                row[f"{r['domain']} N@10"] = r["ndcg@10"]
-            row["avg R@10"] = sum(r["recall@10"] for r in rs) / len(rs)
-            row["avg N@10"] = sum(r["ndcg@10"] for r in rs) / len(rs)
-            summary.append(row)
-    sent = {d: {"task_vector_bytes": tv_bytes, "teacher_logit_bytes": logit_bytes[d]} for d in doms_names}
-    report = {"command": "python -m benchmarks.merge " + " ".join(argv or sys.argv[1:]), "rows": rows,
-              "summary": summary, "stages": stage.rows, "coefficients": coef_log, "bytes_sent_per_silo": sent,
-              "bytes_note": "every method needs the task vector; only MergeRec also needs the teacher logits",
-              "config": vars(args) | {"data": str(args.data), "out": str(args.out)}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    md = []
-    for scenario in dict.fromkeys(r["scenario"] for r in summary):
-        part = [r for r in summary if r["scenario"] == scenario]
-        cols = ["method"] + [c for c in part[0] if c not in ("scenario", "method")]
-        md.append(f"### {scenario}\n\n" + markdown_table(part, cols))
-    md.append("### stages\n\n" + markdown_table(stage.rows, ["stage", "seconds", "peak_rss_mb"]))
-    md.append("### bytes a silo sends\n\n" + markdown_table(
-        [{"domain": d, **v} for d, v in sent.items()], ["domain", "task_vector_bytes", "teacher_logit_bytes"]))
-    args.out.with_suffix(".md").write_text("\n\n".join(md) + "\n")
-    print("\n\n".join(md))
+    print("\n\n".join(save(True)))
     return 0
 
 
