@@ -68,7 +68,14 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
                 save_file(res.state, str(path))
             out.update(epochs=res.epochs, steps=res.steps, train_seconds=round(res.seconds, 1),
                        train_users=args.text_users if kind == "text" else len(silo.train))
-        out.update(evaluate_split(base, silo, dom, "test", seed=args.seed, max_users=eval_users))
+        items = None
+        if model == "encoder-zero-shot":  # the untrained encoder's item side = the cached item-text embeddings
+            from common.item_cache import item_text_embeddings
+
+            items = item_text_embeddings(silo.catalog, encoder=bb.encoder, value_tokens=bb.item_value_tokens,
+                                         max_tokens=bb.item_max_tokens, cache_dir=bb.cache_dir, progress=False)
+        out.update(evaluate_split(base, silo, dom, "test", seed=args.seed, max_users=eval_users,
+                                  item_embeddings=items))
         out["eval_users"] = out.pop("users")
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -110,12 +110,18 @@ def evaluate(
     max_users: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    item_embeddings: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Full ranking over every item of the domain; aggregate Recall@k / NDCG@k only."""
+    """Full ranking over every item of the domain; aggregate Recall@k / NDCG@k only.
+
+    item_embeddings: [N, d] the model's own item embeddings when already known (e.g. an untrained text
+    encoder's are the cached item-text embeddings); computed here otherwise."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    items = encode_all_items(model, dom)
+    items = encode_all_items(model, dom) if item_embeddings is None else item_embeddings.to(device)
+    if items.shape[0] != dom.num_items:
+        raise ValueError(f"{dom.domain}: {items.shape[0]} item embeddings for {dom.num_items} items")
     keep = _subsample(len(histories), max_users, seed).tolist()
     keep.sort(key=lambda i: min(len(histories[i]), model.cfg.max_items))  # similar lengths batch together
     acc = RankingAccumulator(ks)

@@ -95,3 +95,33 @@ def test_base_is_bit_identical_whatever_the_thread_count():
     fps = {subprocess.run([sys.executable, "-c", code, str(n)], capture_output=True, text=True, check=True).stdout
            for n in (1, 2)}
     assert len(fps) == 1
+
+
+def test_untrained_text_encoder_items_equal_cached_item_embeddings(tmp_path):
+    """The core benchmark scores the untrained encoder with the cached frozen item-text embeddings: they must be
+    what the text backbone itself computes (same text, truncation, pooling), and evaluation must agree."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import make_tiny_encoder
+
+    from common.backbones import build_backbone, encode_all_items
+    from common.data import load_silo
+    from common.demo import make_demo
+    from common.item_cache import item_text_embeddings
+    from common.train import evaluate_split
+
+    enc = str(make_tiny_encoder(tmp_path / "enc"))
+    silo = load_silo(make_demo(tmp_path / "demo", n_domains=1, n_items=60, n_users=40, seed=1)[0])
+    cfg = BackboneConfig(kind="text", encoder=enc, cache_dir=tmp_path / "cache")
+    model = build_backbone(cfg).eval()
+    dom = model.domain_inputs(silo.catalog)
+    cached = item_text_embeddings(silo.catalog, encoder=enc, value_tokens=cfg.item_value_tokens,
+                                  max_tokens=cfg.item_max_tokens, cache_dir=cfg.cache_dir, progress=False)
+    with torch.no_grad():
+        own = encode_all_items(model, dom)
+    assert torch.allclose(own, cached, atol=1e-5)
+    assert evaluate_split(model, silo, dom, "test", item_embeddings=cached) == evaluate_split(model, silo, dom, "test")
+    with pytest.raises(ValueError, match="item embeddings"):
+        evaluate_split(model, silo, dom, "test", item_embeddings=cached[:-1])
