@@ -410,13 +410,23 @@ class Pipeline:
 
     # ---------------------------------------------------------------- driver
     def run(self) -> dict:
-        self.handshake()
-        for stage in STAGES[1:]:
-            if stage in self.state["completed"] and stage != "artifacts":
-                continue
-            log.info("stage %s (silos: %s)", stage, ", ".join(self.active()))
-            result = getattr(self, stage)()
-        return result
+        """All stages not yet completed. Holds an exclusive lock on the run directory meanwhile (released when
+        the process ends, however it ends), so a second ServerApp on the same directory fails at once."""
+        import fcntl
+
+        with open(self.run_dir / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PipelineError(f"run directory {self.run_dir} is in use by another running pipeline: "
+                                    "wait for it, stop it (flwr stop), or use another run-dir") from None
+            self.handshake()
+            for stage in STAGES[1:]:
+                if stage in self.state["completed"] and stage != "artifacts":
+                    continue
+                log.info("stage %s (silos: %s)", stage, ", ".join(self.active()))
+                result = getattr(self, stage)()
+            return result
 
 
 def results_table(report: dict, k: int = 10) -> str:

@@ -103,6 +103,22 @@ def test_too_few_silos_stops_with_clear_message(world, tmp_path):
         Pipeline(_transport(dirs[:2], root), _cfg(enc, root, min_silos=3), tmp_path / "run").run()
 
 
+def test_second_pipeline_on_a_busy_run_dir_fails_at_once(world, tmp_path):
+    """While one pipeline runs in a directory (here: holds its lock), another refuses to start; once the
+    first is gone, the directory is free again."""
+    import fcntl
+
+    root, enc, dirs = world
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(PipelineError, match="in use by another running pipeline"):
+            Pipeline(_transport(dirs, root), _cfg(enc, root), run).run()
+    report = Pipeline(_transport(dirs, root), _cfg(enc, root, baselines=[]), run).run()
+    assert sorted(report["active"]) == sorted(d.name for d in dirs)
+
+
 def test_no_user_data_in_any_message(world, tmp_path):
     """Record every message both ways; no user id, user sequence or per-user score may appear."""
     root, enc, dirs = world
