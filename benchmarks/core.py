@@ -129,7 +129,8 @@ def main(argv=None) -> int:
                                   stdout=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"job {domain}/{model} failed with exit code {proc.returncode}")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1])
+                        | {"command": "python -m benchmarks.core " + " ".join(argv or sys.argv[1:])})
             rows.sort(key=lambda r: (r["domain"], MODELS.index(r["model"])))
             logging.info("%s", rows[-1])
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -182,8 +182,7 @@ def test_run_config_and_node_config_formatting():
 
 def test_marker_scan_finds_only_marked_processes():
     import os
-    import os
-import subprocess
+    import subprocess
 
     from deployment.local import MARKER, marked_pids
 
