@@ -53,21 +53,30 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
         base = build_backbone(bb, seed=args.seed)
         dom = base.domain_inputs(silo.catalog)
         eval_users = None if kind == "light" else args.text_eval_users
-        if model.endswith("fine-tuned"):
+        saved = Path(args.cache) / "bench-models" / f"{domain}-light-seed{args.seed}.safetensors"
+        if model == "light-fine-tuned" and args.reuse and saved.exists():
+            from safetensors.torch import load_file
+
+            base.load_state_dict(load_file(str(saved)), strict=False)
+            side = saved.with_suffix(".json")
+            out.update(reused_model=str(saved), **(json.loads(side.read_text()) if side.exists() else {}))
+        elif model.endswith("fine-tuned"):
             over = {"seed": args.seed, "progress": False}
             if kind == "text":
                 over.update(max_users=args.text_users, epochs=args.text_epochs, val_max_users=args.text_eval_users)
             else:
                 over.update(epochs=args.light_epochs, patience=args.light_patience, val_max_users=args.light_val_users)
             res = fine_tune(base, silo, dom, TrainConfig.for_backbone(kind, **over))
-            if kind == "light":  # the merge benchmark starts from these very models
-                from safetensors.torch import save_file
+            from safetensors.torch import save_file
 
-                path = Path(args.cache) / "bench-models" / f"{domain}-light-seed{args.seed}.safetensors"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file(res.state, str(path))
-            out.update(epochs=res.epochs, steps=res.steps, train_seconds=round(res.seconds, 1),
-                       train_users=args.text_users if kind == "text" else len(silo.train))
+            stats = dict(epochs=res.epochs, steps=res.steps, train_seconds=round(res.seconds, 1),
+                         train_users=args.text_users if kind == "text" else len(silo.train),
+                         val_history=res.history)
+            if kind == "light":  # the merge benchmark starts from these very models
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                save_file(res.state, str(saved))
+                saved.with_suffix(".json").write_text(json.dumps(stats))
+            out.update(stats)
         items = None
         if model == "encoder-zero-shot":  # the untrained encoder's item side = the cached item-text embeddings
             from common.item_cache import item_text_embeddings
@@ -104,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-users", type=int, default=1000, help="users the text encoder fine-tunes on")
     ap.add_argument("--text-epochs", type=int, default=1)
     ap.add_argument("--text-eval-users", type=int, default=1000, help="test users for the text-encoder rows")
+    ap.add_argument("--reuse", action="store_true",
+                    help="light-fine-tuned: evaluate the model saved under <cache>/bench-models instead of training")
     ap.add_argument("--out", type=Path, default=RESULTS / "core.json")
     ap.add_argument("--job", nargs=2, metavar=("DOMAIN", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -120,6 +131,7 @@ def main(argv=None) -> int:
     passthrough = ["--data", str(args.data), "--seed", str(args.seed), "--cache", args.cache,
                    "--light-epochs", str(args.light_epochs), "--light-patience", str(args.light_patience),
                    "--light-val-users", str(args.light_val_users),
+                   *(["--reuse"] if args.reuse else []),
                    "--text-users", str(args.text_users), "--text-epochs", str(args.text_epochs),
                    "--text-eval-users", str(args.text_eval_users)]
     for domain in args.domains:
