@@ -94,7 +94,8 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
 def table(rows: list[dict]) -> str:
     from common.report import markdown_table
 
-    cols = ["domain", "model", "recall@10", "ndcg@10", "seconds", "peak_rss_mb", "train_users", "eval_users"]
+    cols = ["domain", "model", "recall@10", "ndcg@10", "seconds", "train_seconds", "epochs", "peak_rss_mb",
+            "train_users", "eval_users"]
     return markdown_table(rows, cols)
 
 
