@@ -6,7 +6,7 @@ at once (next item at each step); the text backbone on (train[:-1] -> train[-1])
 item table re-encoded without gradient once per epoch (as Recformer-style training does on CPU budgets).
 By default the most recent input item is left out of the training softmax unless it is the target
 (`TrainConfig.mask_current_item`): a text model's nearest neighbour of an item is the item itself, and
-without the mask most of the early gradient only pushes histories away from their own last item.
+without the mask much of the early gradient only pushes histories away from their own last item.
 Evaluation ranks every item of the domain, history items included.
 """
 
