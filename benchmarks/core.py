@@ -28,6 +28,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 MODELS = ["popularity", "light-zero-shot", "light-fine-tuned", "encoder-zero-shot", "encoder-fine-tuned"]
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "amazon"
+#: light fine-tuning in the benchmarks (the merge benchmark reuses or reproduces these models)
+LIGHT_EPOCHS, LIGHT_PATIENCE, LIGHT_VAL_USERS = 10, 5, 5000
 
 
 def run_job(data: Path, domain: str, model: str, args) -> dict:
@@ -67,12 +69,12 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
             else:
                 over.update(epochs=args.light_epochs, patience=args.light_patience, val_max_users=args.light_val_users)
             res = fine_tune(base, silo, dom, TrainConfig.for_backbone(kind, **over))
-            from safetensors.torch import save_file
-
             stats = dict(epochs=res.epochs, steps=res.steps, train_seconds=round(res.seconds, 1),
                          train_users=args.text_users if kind == "text" else len(silo.train),
                          val_history=res.history)
             if kind == "light":  # the merge benchmark starts from these very models
+                from safetensors.torch import save_file
+
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 save_file(res.state, str(saved))
                 saved.with_suffix(".json").write_text(json.dumps(stats))
@@ -107,10 +109,10 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=".cache")
-    ap.add_argument("--light-epochs", type=int, default=10, help="at most; early stopping on validation NDCG@10")
-    ap.add_argument("--light-patience", type=int, default=5, help="epochs without a validation gain before stopping "
+    ap.add_argument("--light-epochs", type=int, default=LIGHT_EPOCHS, help="at most; early stopping on validation NDCG@10")
+    ap.add_argument("--light-patience", type=int, default=LIGHT_PATIENCE, help="epochs without a validation gain before stopping "
                     "(validation NDCG@10 dips for the first epochs before it passes the untrained model's)")
-    ap.add_argument("--light-val-users", type=int, default=5000, help="validation users for early stopping")
+    ap.add_argument("--light-val-users", type=int, default=LIGHT_VAL_USERS, help="validation users for early stopping")
     ap.add_argument("--text-users", type=int, default=1000, help="users the text encoder fine-tunes on")
     ap.add_argument("--text-epochs", type=int, default=1)
     ap.add_argument("--text-eval-users", type=int, default=1000, help="test users for the text-encoder rows")

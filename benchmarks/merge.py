@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.core import DEFAULT_DATA, RESULTS
+from benchmarks.core import DEFAULT_DATA, LIGHT_EPOCHS, LIGHT_PATIENCE, LIGHT_VAL_USERS, RESULTS
 from common.backbones import build_backbone, encode_all_items, shared_state
 from common.config import BackboneConfig, TrainConfig
 from common.data import load_silo
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--domains", nargs="+", default=["Beauty", "Sports", "Toys"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=".cache")
-    ap.add_argument("--light-epochs", type=int, default=10)
+    ap.add_argument("--light-epochs", type=int, default=LIGHT_EPOCHS)
     ap.add_argument("--coef-steps", type=int, default=500)
     ap.add_argument("--teacher-top-k", type=int, default=256)
     ap.add_argument("--joint-epochs", type=int, default=4, help="0 skips joint training")
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         dom = {d: base.domain_inputs(silos[d].catalog) for d in doms_names}
 
     # the core benchmark's settings (its models are reused when present)
-    train_cfg = TrainConfig(epochs=args.light_epochs, patience=5, val_max_users=5000, seed=args.seed, progress=False)
+    train_cfg = TrainConfig(epochs=args.light_epochs, patience=LIGHT_PATIENCE, val_max_users=LIGHT_VAL_USERS,
+                            seed=args.seed, progress=False)
     finetuned = {}
     with stage("fine-tune (or load) per domain"):
         for d in doms_names:
