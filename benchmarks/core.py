@@ -56,28 +56,44 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
         dom = base.domain_inputs(silo.catalog)
         eval_users = None if kind == "light" else args.text_eval_users
         saved = Path(args.cache) / "bench-models" / f"{domain}-light-seed{args.seed}.safetensors"
-        if model == "light-fine-tuned" and args.reuse and saved.exists():
+        side = saved.with_suffix(".json")
+        prior = json.loads(side.read_text()) if model == "light-fine-tuned" and args.reuse and side.exists() else None
+        if prior is not None and "refit_epochs" in prior and saved.exists():
+            # a final model from an earlier run: evaluate it
             from safetensors.torch import load_file
 
             base.load_state_dict(load_file(str(saved)), strict=False)
-            side = saved.with_suffix(".json")
-            out.update(reused_model=str(saved), **(json.loads(side.read_text()) if side.exists() else {}))
+            out.update(reused_model=str(saved), **prior)
         elif model.endswith("fine-tuned"):
             over = {"seed": args.seed, "progress": False}
             if kind == "text":
                 over.update(max_users=args.text_users, epochs=args.text_epochs, val_max_users=args.text_eval_users)
             else:
-                over.update(epochs=args.light_epochs, patience=args.light_patience, val_max_users=args.light_val_users)
-            res = fine_tune(base, silo, dom, TrainConfig.for_backbone(kind, **over))
-            stats = dict(epochs=res.epochs, steps=res.steps, train_seconds=round(res.seconds, 1),
-                         train_users=args.text_users if kind == "text" else len(silo.train),
-                         val_history=res.history)
+                over.update(epochs=args.light_epochs, patience=args.light_patience, val_max_users=args.light_val_users,
+                            refit_on_val=args.light_refit)
+            cfg = TrainConfig.for_backbone(kind, **over)
+            if prior is not None and cfg.refit_on_val and prior.get("val_history"):
+                # an earlier selection run (train only, early stopping) of the same settings chose the epoch
+                # count; `refit` is seeded on its own, so this gives the weights a full run would
+                from common.train import refit
+
+                best = max(prior["val_history"], key=lambda h: (h["val_ndcg@10"], -h["epoch"]))["epoch"]
+                steps, secs = refit(base, silo, dom, cfg, best) if best > 0 else (0, 0.0)
+                stats = {**prior, "best_epoch": best, "refit_epochs": best, "refit_seconds": round(secs, 1),
+                         "selection_reused": True}
+            else:
+                res = fine_tune(base, silo, dom, cfg)
+                stats = dict(epochs=res.epochs, steps=res.steps, train_seconds=round(res.seconds, 1),
+                             best_epoch=res.best_epoch, refit_epochs=res.refit_epochs, val_history=res.history)
+            stats["train_users"] = args.text_users if kind == "text" else len(silo.train)
             if kind == "light":  # the merge benchmark starts from these very models
                 from safetensors.torch import save_file
 
+                from common.backbones import shared_state
+
                 saved.parent.mkdir(parents=True, exist_ok=True)
-                save_file(res.state, str(saved))
-                saved.with_suffix(".json").write_text(json.dumps(stats))
+                save_file(shared_state(base), str(saved))
+                side.write_text(json.dumps(stats))
             out.update(stats)
         items = None
         if model == "encoder-zero-shot":  # the untrained encoder's item side = the cached item-text embeddings
@@ -96,7 +112,7 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
 def table(rows: list[dict]) -> str:
     from common.report import markdown_table
 
-    cols = ["domain", "model", "recall@10", "ndcg@10", "seconds", "train_seconds", "epochs", "peak_rss_mb",
+    cols = ["domain", "model", "recall@10", "ndcg@10", "seconds", "train_seconds", "epochs", "refit_epochs", "peak_rss_mb",
             "train_users", "eval_users"]
     return markdown_table(rows, cols)
 
@@ -116,8 +132,11 @@ def main(argv=None) -> int:
     ap.add_argument("--text-users", type=int, default=1000, help="users the text encoder fine-tunes on")
     ap.add_argument("--text-epochs", type=int, default=1)
     ap.add_argument("--text-eval-users", type=int, default=1000, help="test users for the text-encoder rows")
+    ap.add_argument("--no-light-refit", dest="light_refit", action="store_false",
+                    help="test the best epoch of the train-only run (no final fit on train + validation items)")
     ap.add_argument("--reuse", action="store_true",
-                    help="light-fine-tuned: evaluate the model saved under <cache>/bench-models instead of training")
+                    help="light-fine-tuned: evaluate the final model saved under <cache>/bench-models; when only an "
+                    "earlier selection run's statistics are there, run just the final fit for the epochs it chose")
     ap.add_argument("--out", type=Path, default=RESULTS / "core.json")
     ap.add_argument("--job", nargs=2, metavar=("DOMAIN", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -134,7 +153,7 @@ def main(argv=None) -> int:
     passthrough = ["--data", str(args.data), "--seed", str(args.seed), "--cache", args.cache,
                    "--light-epochs", str(args.light_epochs), "--light-patience", str(args.light_patience),
                    "--light-val-users", str(args.light_val_users),
-                   *(["--reuse"] if args.reuse else []),
+                   *(["--reuse"] if args.reuse else []), *([] if args.light_refit else ["--no-light-refit"]),
                    "--text-users", str(args.text_users), "--text-epochs", str(args.text_epochs),
                    "--text-eval-users", str(args.text_eval_users)]
     for domain in args.domains:

@@ -113,7 +113,8 @@ class SiloWorker:
         base_state = shared_state(base)
         tv = {n: res.state[n] - base_state[n] for n in base_state}
         reply = FinetuneReply(domain=self.domain, base_fingerprint=self._base_fp,
-                              val=AggregateMetrics.from_result(res.val), epochs=res.epochs, seconds=res.seconds)
+                              val=AggregateMetrics.from_result(res.val), epochs=res.epochs,
+                              refit_epochs=res.refit_epochs, seconds=res.seconds)
         return reply, {"task_vector": to_numpy_state(tv)}
 
     def teacher(self, req: TeacherRequest) -> tuple[TeacherReply, Arrays]:

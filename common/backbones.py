@@ -208,8 +208,16 @@ def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def encode_all_items(model: Recommender, dom: DomainInputs, batch_size: int = 1024) -> torch.Tensor:
-    """[N, d] item embeddings of a whole catalog, batched, no grad."""
+    """[N, d] item embeddings of a whole catalog, batched, no grad. Text items go in order of text length
+    (batches of similar length carry little padding); rows come back in item-id order."""
     device = next(model.parameters()).device
-    out = [model(dom, "items", torch.arange(s, min(s + batch_size, dom.num_items), device=device))
-           for s in range(0, dom.num_items, batch_size)]
-    return torch.cat(out)
+    if dom.texts is None:
+        order = torch.arange(dom.num_items)
+    else:
+        order = torch.as_tensor(sorted(range(dom.num_items), key=lambda i: len(dom.texts[i])), dtype=torch.long)
+        batch_size = min(batch_size, 256)
+    out = torch.cat([model(dom, "items", order[s : s + batch_size].to(device))
+                     for s in range(0, dom.num_items, batch_size)])
+    result = torch.empty_like(out)
+    result[order.to(out.device)] = out
+    return result

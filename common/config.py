@@ -45,6 +45,8 @@ class TrainConfig(Strict):
                                     "softmax unless it is the target (evaluation always ranks every item)")
     patience: int = Field(5, ge=1, description="epochs without validation NDCG@10 gain before stopping (on Amazon "
                           "data validation NDCG@10 dips for a few epochs before it passes the untrained model)")
+    refit_on_val: bool = Field(True, description="after early stopping, retrain from the start on train + "
+                               "validation items for the chosen epoch count (the model tested and sent)")
     max_users: PositiveInt | None = Field(None, description="train on a seeded subsample of users")
     max_steps_per_epoch: PositiveInt | None = None
     eval_batch_size: PositiveInt = 256

@@ -108,8 +108,9 @@ class FinetuneReply(Header):
 
     domain: str
     base_fingerprint: str
-    val: AggregateMetrics
-    epochs: int
+    val: AggregateMetrics  # the selection run's best epoch, on validation
+    epochs: int  # epochs of the selection run
+    refit_epochs: int = 0  # epochs of the final fit on train + validation items (0: the best epoch was sent)
     seconds: float
 
 

@@ -8,6 +8,13 @@ By default the most recent input item is left out of the training softmax unless
 (`TrainConfig.mask_current_item`): a text model's nearest neighbour of an item is the item itself, and
 without the mask much of the early gradient only pushes histories away from their own last item.
 Evaluation ranks every item of the domain, history items included.
+
+Final fit (`TrainConfig.refit_on_val`, default on): early stopping on the validation item picks the epoch
+count E; the model is then retrained from its starting weights for E epochs on each user's train sequence
+plus their validation item, and that is the model a silo evaluates on test and sends. Real Amazon data drift
+over time (popularity ranks val items ~30% better than test items), and the validation item is each user's
+most recent interaction before the test one: without it, fine-tuning gains on validation may not reach test
+(docs/benchmarks.md). Test items are never trained on.
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FineTuneResult:
-    """Best weights (by validation NDCG@10) and aggregate numbers only: safe to report, the weights are
-    what the silo sends as a task vector."""
+    """Final weights (the best epoch's, or the refit's) and aggregate numbers only: safe to report, the
+    weights are what the silo sends as a task vector."""
 
     state: dict[str, torch.Tensor]
     val: dict[str, float]
@@ -40,6 +47,8 @@ class FineTuneResult:
     epochs: int = 0
     steps: int = 0
     seconds: float = 0.0
+    best_epoch: int = 0  # the epoch early stopping chose (0: none beat the starting weights)
+    refit_epochs: int = 0  # epochs of the final fit on train + val (0: no refit; `state` is the best epoch's)
 
 
 def _subsample(n: int, k: int | None, seed: int) -> torch.Tensor:
@@ -49,12 +58,16 @@ def _subsample(n: int, k: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)[:k].sort().values
 
 
-def _training_rows(silo: SiloData, causal: bool, max_items: int, max_users: int | None, seed: int):
-    """(inputs, targets) per training example. Causal: one row per user, targets per position."""
+def _training_rows(silo: SiloData, causal: bool, max_items: int, max_users: int | None, seed: int,
+                   with_val: bool = False):
+    """(inputs, targets) per training example. Causal: one row per user, targets per position.
+    with_val: each user's validation item is appended to their train sequence (the final fit)."""
     keep = _subsample(len(silo.train), max_users, seed).tolist()
     rows = []
     for u in keep:
         seq = silo.train[u]
+        if with_val and silo.users[u] in silo.val:
+            seq = [*seq, silo.val[silo.users[u]]]
         if len(seq) < 2:
             continue
         if causal:
@@ -157,27 +170,89 @@ def popularity_metrics(silo: SiloData, split: str, *, ks=DEFAULT_KS, seed: int =
     return acc.result()
 
 
-def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs | list[DomainInputs],
-              cfg: TrainConfig) -> FineTuneResult:
-    """Fine-tune `model` in place on the silo's training sequences, early-stopping on validation NDCG@10.
+def _run_epoch(model: Recommender, rows, doms, cfg: TrainConfig, opt, sched, gen, device, desc: str) -> tuple[float, int]:
+    """One pass over every domain's rows (each batch from one domain). Returns (mean loss, steps)."""
+    model.train()
+    tables = [None] * len(doms)
+    if not model.causal and cfg.negatives == "full":
+        tables = [encode_all_items(model, d).detach() for d in doms]
+        model.train()
+    batches = [(t, b) for t, r in enumerate(rows) for b in _length_buckets(r, cfg.batch_size, gen)]
+    if len(rows) > 1:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+    if cfg.max_steps_per_epoch:
+        batches = batches[: cfg.max_steps_per_epoch]
+    total = 0.0
+    bar = tqdm(batches, disable=None if cfg.progress else True, desc=desc, leave=False)
+    for t, b in bar:
+        loss = _batch_loss(model, doms[t], [rows[t][i] for i in b], cfg, tables[t], device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        value = loss.item()
+        total += value
+        bar.set_postfix(loss=f"{value:.3f}")
+    return total / max(1, len(batches)), len(batches)
 
-    Given lists of silos and their domain inputs, trains one model on the pooled data (each batch from one
-    domain, softmax over that domain's items; validation = mean NDCG@10 over the domains): the non-private
-    joint-training reference. The model ends holding the best weights (also returned as `state`, on CPU)."""
+
+def _optimiser(model: Recommender, cfg: TrainConfig):
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
+    return opt, sched
+
+
+def _as_lists(silo, dom) -> tuple[list[SiloData], list[DomainInputs], str]:
     silos = silo if isinstance(silo, list) else [silo]
     doms = dom if isinstance(dom, list) else [dom]
-    name = "+".join(s.domain for s in silos)
+    return silos, doms, "+".join(s.domain for s in silos)
+
+
+def refit(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs | list[DomainInputs],
+          cfg: TrainConfig, epochs: int) -> tuple[int, float]:
+    """Train `model` in place for exactly `epochs` epochs on each user's train sequence followed by their
+    validation item (no validation, nothing restored): the final fit once early stopping has chosen the
+    epoch count. Seeded on its own, so it gives the same weights whether or not a selection run came first.
+    Returns (steps, seconds)."""
+    silos, doms, name = _as_lists(silo, dom)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device)
+    rows = [_training_rows(s, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed, with_val=True) for s in silos]
+    opt, sched = _optimiser(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = 0
+    for epoch in range(1, epochs + 1):
+        loss, n = _run_epoch(model, rows, doms, cfg, opt, sched, gen, device, f"{name} refit epoch {epoch}/{epochs}")
+        steps += n
+        log.info("%s: refit on train + val, epoch %d/%d loss %.4f", name, epoch, epochs, loss)
+    model.eval()
+    return steps, time.perf_counter() - t0
+
+
+def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs | list[DomainInputs],
+              cfg: TrainConfig) -> FineTuneResult:
+    """Fine-tune `model` in place on the silo's training sequences, early-stopping on validation NDCG@10;
+    then, with `cfg.refit_on_val` and when some epoch beat the start, `refit` from the starting weights on
+    train + validation items for the chosen number of epochs (`val` stays the selection run's metrics).
+
+    Given lists of silos and their domain inputs, trains one model on the pooled data (each batch from one
+    domain, softmax over that domain's items; validation = mean NDCG@10 over the domains): the non-private
+    joint-training reference. The model ends holding the final weights (also returned as `state`, on CPU)."""
+    silos, doms, name = _as_lists(silo, dom)
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    start_state = copy.deepcopy(model.state_dict())
     rows = [_training_rows(s, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed) for s in silos]
     for s, r in zip(silos, rows):
         if not r:
             raise ValueError(f"{s.domain}: no training sequence has two or more items")
     vals = [s.eval_split("val") for s in silos]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
+    opt, sched = _optimiser(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def validate() -> dict[str, float]:
@@ -186,45 +261,31 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
         return results[0] if len(results) == 1 else {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
     best = validate()
-    best_state = copy.deepcopy(model.state_dict())
+    best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
     history = [{"epoch": 0, "val_ndcg@10": best["ndcg@10"], "val_recall@10": best["recall@10"]}]
     log.info("%s: epoch 0 val NDCG@10 %.4f Recall@10 %.4f", name, best["ndcg@10"], best["recall@10"])
     stale, steps, epoch = 0, 0, 0
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        tables = [None] * len(doms)
-        if not model.causal and cfg.negatives == "full":
-            tables = [encode_all_items(model, d).detach() for d in doms]
-            model.train()
-        batches = [(t, b) for t, r in enumerate(rows) for b in _length_buckets(r, cfg.batch_size, gen)]
-        if len(rows) > 1:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-        if cfg.max_steps_per_epoch:
-            batches = batches[: cfg.max_steps_per_epoch]
-        total, te = 0.0, time.perf_counter()
-        bar = tqdm(batches, disable=None if cfg.progress else True, desc=f"{name} epoch {epoch}", leave=False)
-        for t, b in bar:
-            loss = _batch_loss(model, doms[t], [rows[t][i] for i in b], cfg, tables[t], device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            steps += 1
-            value = loss.item()
-            total += value
-            bar.set_postfix(loss=f"{value:.3f}")
+        te = time.perf_counter()
+        loss, n = _run_epoch(model, rows, doms, cfg, opt, sched, gen, device, f"{name} epoch {epoch}")
+        steps += n
         val = validate()
-        history.append({"epoch": epoch, "loss": total / max(1, len(batches)), "val_ndcg@10": val["ndcg@10"],
+        history.append({"epoch": epoch, "loss": loss, "val_ndcg@10": val["ndcg@10"],
                         "val_recall@10": val["recall@10"], "seconds": time.perf_counter() - te})
-        log.info("%s: epoch %d loss %.4f val NDCG@10 %.4f (best %.4f)", name, epoch,
-                 history[-1]["loss"], val["ndcg@10"], best["ndcg@10"])
+        log.info("%s: epoch %d loss %.4f val NDCG@10 %.4f (best %.4f)", name, epoch, loss, val["ndcg@10"], best["ndcg@10"])
         if val["ndcg@10"] > best["ndcg@10"]:
-            best, best_state, stale = val, copy.deepcopy(model.state_dict()), 0
+            best, best_state, best_epoch, stale = val, copy.deepcopy(model.state_dict()), epoch, 0
         else:
             stale += 1
             if stale >= cfg.patience:
                 break
-    model.load_state_dict(best_state)
+    refit_epochs = 0
+    if cfg.refit_on_val and best_epoch > 0:
+        model.load_state_dict(start_state)
+        refit_steps, _ = refit(model, silos, doms, cfg, best_epoch)
+        steps, refit_epochs = steps + refit_steps, best_epoch
+    else:
+        model.load_state_dict(best_state)
     model.eval()
-    return FineTuneResult(shared_state(model), best, history, epoch, steps, time.perf_counter() - t0)
+    return FineTuneResult(shared_state(model), best, history, epoch, steps, time.perf_counter() - t0,
+                          best_epoch=best_epoch, refit_epochs=refit_epochs)

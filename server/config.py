@@ -24,6 +24,7 @@ def pipeline_config(rc: dict) -> tuple[PipelineConfig, Path, dict]:
                               **({"cache_dir": Path(opt("cache-dir")) / "item_embeddings"} if opt("cache-dir") else {}))
     train_over = {k: v for k, v in {"epochs": opt("epochs"), "batch_size": opt("batch-size"), "lr": opt("lr"),
                                      "patience": opt("patience"), "max_users": opt("max-users") or None,
+                                     "refit_on_val": opt("refit-on-val"),
                                      "seed": opt("seed", 0), "progress": False}.items() if v is not None}
     train = TrainConfig.for_backbone(backbone.kind, **train_over)
     coef = CoefficientConfig(**{k: v for k, v in {"steps": opt("coef-steps"), "lr": opt("coef-lr"),
@@ -33,7 +34,7 @@ def pipeline_config(rc: dict) -> tuple[PipelineConfig, Path, dict]:
     cfg = PipelineConfig(
         backbone=backbone, train=train, coefficients=coef,
         baselines=_list(opt("baselines", "weight_average,task_arithmetic,ties,dare_ties")),
-        init_method=opt("init-method", "ties"),
+        init_method=opt("init-method", "task_arithmetic"),
         granularities=_list(opt("granularities", "task,layer")),
         pseudo_users=opt("pseudo-users", "all"), pseudo_users_n=opt("pseudo-users-n") or None,
         teacher_top_k=opt("teacher-top-k", 256) or None,
@@ -42,7 +43,7 @@ def pipeline_config(rc: dict) -> tuple[PipelineConfig, Path, dict]:
         min_silos=opt("min-silos", 2), retries=opt("retries", 1), timeout_s=opt("timeout-s", 3600.0),
         seed=opt("seed", 0),
     )
-    used = {"backbone", "encoder", "epochs", "batch-size", "lr", "patience", "max-users", "seed", "coef-steps",
+    used = {"backbone", "encoder", "epochs", "batch-size", "lr", "patience", "refit-on-val", "max-users", "seed", "coef-steps",
             "coef-lr", "coef-batch-size", "catalog-root", "baselines", "init-method", "granularities",
             "pseudo-users", "pseudo-users-n", "teacher-top-k", "eval-max-users", "min-silos", "retries",
             "timeout-s"} | known_other

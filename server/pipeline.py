@@ -69,7 +69,7 @@ class PipelineConfig(Strict):
     backbone: BackboneConfig = BackboneConfig()
     train: TrainConfig = TrainConfig()
     baselines: list[str] = Field(default_factory=lambda: ["weight_average", "task_arithmetic", "ties", "dare_ties"])
-    init_method: str = "ties"
+    init_method: str = "task_arithmetic"
     granularities: list[Literal["task", "layer"]] = Field(default_factory=lambda: ["task", "layer"])
     coefficients: CoefficientConfig = CoefficientConfig()
     pseudo_users: Literal["all", "random", "kmeans"] = "all"
@@ -277,7 +277,8 @@ class Pipeline:
             save_file(_tensors(o.arrays["task_vector"]), str(tmp))
             tmp.replace(self._tv_path(d))
             self.state["val"][d] = o.header.val.model_dump()
-            self.state["finetune"][d] = {"epochs": o.header.epochs, "seconds": round(o.header.seconds, 2)}
+            self.state["finetune"][d] = {"epochs": o.header.epochs, "refit_epochs": o.header.refit_epochs,
+                                         "seconds": round(o.header.seconds, 2)}
             self._save()
         self._done("finetune", time.perf_counter() - t0)
 

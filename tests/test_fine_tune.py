@@ -1,0 +1,73 @@
+"""Stage-1 fine-tuning: early stopping and the final fit on train + validation items (common.train)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import common.train as train
+from common.backbones import DomainInputs, LightRecommender
+from common.config import BackboneConfig, TrainConfig
+from common.data import load_silo
+from common.demo import make_domain
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    silo = load_silo(make_domain(tmp_path_factory.mktemp("demo"), "garden", seed=0))
+    torch.manual_seed(0)
+    feats = F.normalize(torch.randn(len(silo.catalog), 16), dim=-1)
+    cfg = BackboneConfig(kind="light", dim=16, layers=1, heads=2, max_items=10)
+    torch.manual_seed(1)
+    model = LightRecommender(cfg, feature_dim=16)
+    return silo, DomainInputs(silo.domain, len(silo.catalog), features=feats), model
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": 4, "batch_size": 64, "lr": 5e-3, "patience": 4, "warmup_steps": 2, "progress": False, **kw})
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_rows_with_val_append_each_users_val_item(setup):
+    silo, _, _ = setup
+    plain = train._training_rows(silo, True, 50, None, 0)
+    more = train._training_rows(silo, True, 50, None, 0, with_val=True)
+    u = silo.users[0]
+    assert plain[0] == (silo.train[0][:-1], silo.train[0][1:])
+    assert more[0] == (silo.train[0], silo.train[0][1:] + [silo.val[u]])
+    # targets: the train items after the first, then the val item; never the test item
+    assert [r[1] for r in more] == [seq[1:] + [silo.val[u]] for u, seq in zip(silo.users, silo.train)]
+
+
+def test_fine_tune_refits_from_the_start_for_the_chosen_epochs(setup):
+    silo, dom, base = setup
+    model = copy.deepcopy(base)
+    res = train.fine_tune(model, silo, dom, _cfg())
+    assert res.best_epoch >= 1, "the demo data is learnable: some epoch must beat the untrained model"
+    assert res.refit_epochs == res.best_epoch
+    # the refit alone, from the same start, gives bit-identical weights (the benchmark's --reuse relies on it)
+    again = copy.deepcopy(base)
+    train.refit(again, silo, dom, _cfg(), res.best_epoch)
+    assert _same(res.state, {n: p.detach() for n, p in again.named_parameters()})
+    # and they differ from the selection run's best weights
+    sel = copy.deepcopy(base)
+    best = train.fine_tune(sel, silo, dom, _cfg(refit_on_val=False))
+    assert best.refit_epochs == 0 and best.best_epoch == res.best_epoch and best.val == res.val
+    assert not _same(res.state, best.state)
+    assert train.evaluate_split(sel, silo, dom, "val", seed=0)["ndcg@10"] == pytest.approx(best.val["ndcg@10"])
+
+
+def test_no_refit_when_no_epoch_beats_the_start(setup, monkeypatch):
+    silo, dom, base = setup
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2])
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: {"ndcg@10": next(scores), "recall@10": 0.0})
+    model = copy.deepcopy(base)
+    res = train.fine_tune(model, silo, dom, _cfg())
+    assert res.best_epoch == 0 and res.refit_epochs == 0 and res.epochs == 4
+    assert _same(res.state, {n: p.detach() for n, p in base.named_parameters()})
