@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from benchmarks.core import DEFAULT_DATA, LIGHT_EPOCHS, LIGHT_PATIENCE, LIGHT_VAL_USERS, RESULTS
 from common.backbones import build_backbone, encode_all_items, shared_state
@@ -35,6 +35,7 @@ from common.merging.coefficients import (
     CoefficientConfig,
     CoefficientMerger,
     DomainBatchSource,
+    encode_items,
     learn_coefficients,
     pseudo_user_losses,
 )
@@ -104,6 +105,14 @@ def main(argv=None) -> int:
     ap.add_argument("--domains", nargs="+", default=["Beauty", "Sports", "Toys"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=".cache")
+    ap.add_argument("--backbone", default="light", choices=["light", "text"],
+                    help="text: MiniLM fine-tuned end to end on --text-users users per domain (slow on CPU: every "
+                    "evaluation re-encodes the catalog)")
+    ap.add_argument("--encoder", default="minilm", help="text encoder ('minilm' bundled, or a local folder)")
+    ap.add_argument("--text-users", type=int, default=1000, help="text backbone: users each silo fine-tunes on")
+    ap.add_argument("--text-epochs", type=int, default=1)
+    ap.add_argument("--pseudo-users", type=int, default=None,
+                    help="a seeded random sample of this many items per domain as pseudo-users (default: all)")
     ap.add_argument("--light-epochs", type=int, default=LIGHT_EPOCHS)
     ap.add_argument("--coef-steps", type=int, default=500)
     ap.add_argument("--teacher-top-k", type=int, default=256)
@@ -129,21 +138,30 @@ def main(argv=None) -> int:
 
     with stage("load + item embeddings"):
         silos = {d: load_silo(args.data / d) for d in doms_names}
-        base = build_backbone(BackboneConfig(cache_dir=Path(args.cache) / "item_embeddings"), seed=args.seed)
+        bb = BackboneConfig(kind=args.backbone, encoder=args.encoder, cache_dir=Path(args.cache) / "item_embeddings")
+        base = build_backbone(bb, seed=args.seed)
         base_state = shared_state(base)
         dom = {d: base.domain_inputs(silos[d].catalog) for d in doms_names}
 
-    # the core benchmark's settings (its models are reused when present)
-    train_cfg = TrainConfig(epochs=args.light_epochs, patience=LIGHT_PATIENCE, val_max_users=LIGHT_VAL_USERS,
-                            seed=args.seed, progress=False)
+    if args.backbone == "light":  # the core benchmark's settings (its models are reused when present)
+        train_cfg = TrainConfig(epochs=args.light_epochs, patience=LIGHT_PATIENCE, val_max_users=LIGHT_VAL_USERS,
+                                seed=args.seed, progress=False)
+        tag = "light"
+    else:  # MiniLM end to end on a user subsample (2 CPU cores)
+        train_cfg = TrainConfig.for_backbone("text", max_users=args.text_users, epochs=args.text_epochs,
+                                             val_max_users=args.eval_users, seed=args.seed, progress=False)
+        tag = f"text-{Path(args.encoder).name}-users{args.text_users}"
     finetuned = {}
     with stage("fine-tune (or load) per domain"):
         for d in doms_names:
-            path = Path(args.cache) / "bench-models" / f"{d}-light-seed{args.seed}.safetensors"
+            path = Path(args.cache) / "bench-models" / f"{d}-{tag}-seed{args.seed}.safetensors"
             if path.exists():
                 finetuned[d] = load_file(str(path))
             else:
                 finetuned[d] = fine_tune(copy.deepcopy(base), silos[d], dom[d], train_cfg).state
+                if args.backbone == "text":  # hours on 2 cores: keep them for the next run
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    save_file({n: t.contiguous() for n, t in finetuned[d].items()}, str(path))
     tvs = {d: {n: finetuned[d][n] - base_state[n] for n in base_state} for d in doms_names}
     tv_bytes = sum(t.numel() for t in base_state.values()) * 4
 
@@ -164,7 +182,8 @@ def main(argv=None) -> int:
     teachers, pseudo = {}, {}
     with stage("pseudo-users + teacher top-k (silo side)"):
         for d in doms_names:
-            pseudo[d] = select_pseudo_users(dom[d].num_items, "all", seed=args.seed)
+            pseudo[d] = select_pseudo_users(dom[d].num_items, "random" if args.pseudo_users else "all",
+                                            n=args.pseudo_users, seed=args.seed)
             ft = model_with(finetuned[d])
             with torch.no_grad():
                 items = encode_all_items(ft, dom[d])
@@ -203,8 +222,7 @@ def main(argv=None) -> int:
         total, count = 0.0, 0
         with torch.no_grad():
             for s in held:
-                items = torch.cat([torch.func.functional_call(base, params, (s.dom_inputs, "items", torch.arange(
-                    a, min(a + 4096, s.num_items)))) for a in range(0, s.num_items, 4096)])
+                items = encode_items(base.eval(), params, s, 4096)
                 rows_ = torch.arange(len(s.pseudo_item_ids))
                 for a in range(0, len(rows_), 512):
                     losses = pseudo_user_losses(base.eval(), params, s, rows_[a:a + 512], items, cfg)

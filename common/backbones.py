@@ -206,18 +206,22 @@ def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
-@torch.no_grad()
-def encode_all_items(model: Recommender, dom: DomainInputs, batch_size: int = 1024) -> torch.Tensor:
-    """[N, d] item embeddings of a whole catalog, batched, no grad. Text items go in order of text length
-    (batches of similar length carry little padding); rows come back in item-id order."""
-    device = next(model.parameters()).device
-    if dom.texts is None:
+def items_in_batches(forward, dom: DomainInputs, device, batch_size: int = 1024) -> torch.Tensor:
+    """[N, d] = forward(ids) over every item id of the domain, in batches (keeps the graph if grad is enabled).
+    Text items go in order of text length (batches of similar length carry little padding); rows come back
+    in item-id order."""
+    texts = getattr(dom, "texts", None)
+    if texts is None:
         order = torch.arange(dom.num_items)
     else:
-        order = torch.as_tensor(sorted(range(dom.num_items), key=lambda i: len(dom.texts[i])), dtype=torch.long)
+        order = torch.as_tensor(sorted(range(dom.num_items), key=lambda i: len(texts[i])), dtype=torch.long)
         batch_size = min(batch_size, 256)
-    out = torch.cat([model(dom, "items", order[s : s + batch_size].to(device))
-                     for s in range(0, dom.num_items, batch_size)])
-    result = torch.empty_like(out)
-    result[order.to(out.device)] = out
-    return result
+    out = torch.cat([forward(order[s : s + batch_size].to(device)) for s in range(0, dom.num_items, batch_size)])
+    return out.index_select(0, torch.argsort(order).to(out.device))
+
+
+@torch.no_grad()
+def encode_all_items(model: Recommender, dom: DomainInputs, batch_size: int = 1024) -> torch.Tensor:
+    """[N, d] item embeddings of a whole catalog, batched, no grad."""
+    device = next(model.parameters()).device
+    return items_in_batches(lambda ids: model(dom, "items", ids), dom, device, batch_size)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from common.backbones import items_in_batches
 from common.merging.losses import adamerging_entropy, mergerec_loss
 from common.merging.task_vectors import State, check_compatible
 from common.merging.teacher import TopKLogits
@@ -180,10 +181,8 @@ def encode_items(model: nn.Module, params: Mapping[str, torch.Tensor], source: D
                  batch_size: int = 1024) -> torch.Tensor:
     """[N, d] item embeddings of the domain under ``params`` (keeps the graph if grad is enabled)."""
     device = next(iter(params.values())).device
-    out = [functional_call(model, params, (source.dom_inputs, "items",
-                                           torch.arange(s, min(s + batch_size, source.num_items), device=device)))
-           for s in range(0, source.num_items, batch_size)]
-    return torch.cat(out)
+    return items_in_batches(lambda ids: functional_call(model, params, (source.dom_inputs, "items", ids)),
+                            source.dom_inputs, device, batch_size)
 
 
 def pseudo_user_losses(model: nn.Module, params: Mapping[str, torch.Tensor], source: DomainBatchSource,
