@@ -57,9 +57,11 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
         eval_users = None if kind == "light" else args.text_eval_users
         saved = Path(args.cache) / "bench-models" / f"{domain}-light-seed{args.seed}.safetensors"
         side = saved.with_suffix(".json")
-        prior = json.loads(side.read_text()) if model == "light-fine-tuned" and args.reuse and side.exists() else None
-        if prior is not None and "refit_epochs" in prior and saved.exists():
-            # a final model from an earlier run: evaluate it
+        prior = (json.loads(side.read_text()) if model == "light-fine-tuned" and args.reuse and side.exists()
+                 and saved.exists() else None)
+        saved_is_refit = prior is not None and prior.get("refit_epochs", 0) > 0
+        if prior is not None and saved_is_refit == args.light_refit:
+            # the model an earlier run of the same protocol saved: evaluate it
             from safetensors.torch import load_file
 
             base.load_state_dict(load_file(str(saved)), strict=False)
@@ -72,7 +74,7 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
                 over.update(epochs=args.light_epochs, patience=args.light_patience, val_max_users=args.light_val_users,
                             refit_on_val=args.light_refit)
             cfg = TrainConfig.for_backbone(kind, **over)
-            if prior is not None and cfg.refit_on_val and prior.get("val_history"):
+            if prior is not None and not saved_is_refit and cfg.refit_on_val and prior.get("val_history"):
                 # an earlier selection run (train only, early stopping) of the same settings chose the epoch
                 # count; `refit` is seeded on its own, so this gives the weights a full run would
                 from common.train import refit
