@@ -78,9 +78,9 @@ def test_text_signal_beats_popularity(demo_dirs):
 
 
 def test_fast_and_checks_arguments(tmp_path):
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: a loaded CI machine must not fail this
     make_domain(tmp_path, "books", n_items=300, n_users=600, seed=3)
-    assert time.perf_counter() - t0 < 1.5
+    assert time.process_time() - t0 < 1.5
     small = make_demo(tmp_path / "small", n_domains=5, n_items=12, n_users=10, seed=2)
     assert [d.name for d in small] == list(DOMAINS)
     assert all(load_silo(d).num_users == 10 for d in small)
