@@ -77,9 +77,9 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
             if prior is not None and not saved_is_refit and cfg.refit_on_val and prior.get("val_history"):
                 # an earlier selection run (train only, early stopping) of the same settings chose the epoch
                 # count; `refit` is seeded on its own, so this gives the weights a full run would
-                from common.train import refit
+                from common.train import chosen_epoch, refit
 
-                best = max(prior["val_history"], key=lambda h: (h["val_ndcg@10"], -h["epoch"]))["epoch"]
+                best = chosen_epoch(prior["val_history"])
                 steps, secs = refit(base, silo, dom, cfg, best) if best > 0 else (0, 0.0)
                 stats = {**prior, "best_epoch": best, "refit_epochs": best, "refit_seconds": round(secs, 1),
                          "selection_reused": True}

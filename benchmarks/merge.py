@@ -46,6 +46,11 @@ from common.train import evaluate_split, fine_tune, refit
 
 log = logging.getLogger("benchmarks.merge")
 TRAINING_FREE = ["weight_average", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs"]
+#: the row labels of the training-free merges (task arithmetic at the reference's lambda 0.3)
+FREE_LABELS = {name: "task_arithmetic@0.3" if name == "task_arithmetic" else name for name in TRAINING_FREE}
+#: what `--methods` can pick ("finetuned" = every fine-tuned model on every domain)
+METHODS = ["pretrained", "finetuned", *FREE_LABELS.values(), "task_arithmetic@picked", "adamerging",
+           "mergerec-task", "mergerec-layer"]
 LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 #: MergeRec options measured against the default (dropout on, item embeddings frozen at init, last W)
 ABLATIONS = [("dropout off", {"dropout": False}), ("items refreshed every 50 steps", {"item_refresh_every": 50}),
@@ -78,7 +83,7 @@ class Stages:
 def compare(summary: list[dict]) -> list[dict]:
     """In-domain and the mean over the unseen-domain scenarios: the best training-free merge (task arithmetic
     at the picked lambda included) against MergeRec task- and layer-wise, by average test Recall@10."""
-    free = set(TRAINING_FREE) - {"task_arithmetic"} | {"task_arithmetic@0.3", "task_arithmetic@picked"}
+    free = set(FREE_LABELS.values()) | {"task_arithmetic@picked"}
     out = []
     for label, keep in (("in-domain", lambda s: s == "in-domain"), ("unseen (mean of 3)", lambda s: s.startswith("unseen-"))):
         scen = [r for r in summary if keep(r["scenario"])]
@@ -88,12 +93,13 @@ def compare(summary: list[dict]) -> list[dict]:
         n = max((len(v) for v in by_method.values()), default=0)
         mean = {m: sum(v) / len(v) for m, v in by_method.items() if len(v) == n}
         tf = {m: v for m, v in mean.items() if m in free}
-        if not tf or "mergerec-task" not in mean or "mergerec-layer" not in mean:
+        ours = {g: mean[f"mergerec-{g}"] for g in ("task", "layer") if f"mergerec-{g}" in mean}
+        if not tf or not ours:  # a `--methods` run without one side
             continue
         best = max(tf, key=tf.get)
         row = {"case": label, "best training-free": best, "its R@10": tf[best],
-               "MergeRec task": mean["mergerec-task"], "MergeRec layer": mean["mergerec-layer"]}
-        row["best MergeRec - best training-free"] = max(row["MergeRec task"], row["MergeRec layer"]) - tf[best]
+               **{f"MergeRec {g}": v for g, v in ours.items()}}
+        row["best MergeRec - best training-free"] = max(ours.values()) - tf[best]
         out.append(row)
     return out
 
@@ -127,8 +133,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-unseen", dest="unseen", action="store_false", help="in-domain scenario only")
     ap.add_argument("--eval-users", type=int, default=None,
                     help="test on a seeded subsample of this many users per domain (default: all)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, metavar="METHOD",
+                    help="measure only these (default: all of " + ", ".join(METHODS) + "); the ablations run only "
+                    "with mergerec-layer, and joint training is --joint-epochs")
     ap.add_argument("--out", type=Path, default=RESULTS / "merge.json")
     args = ap.parse_args(argv)
+    wanted = set(args.methods)
+    learned_wanted = wanted & {"task_arithmetic@picked", "adamerging", "mergerec-task", "mergerec-layer"}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not args.data.is_dir():
         ap.error(f"data folder not found: {args.data}")
@@ -181,7 +192,7 @@ def main(argv=None) -> int:
 
     teachers, pseudo = {}, {}
     with stage("pseudo-users + teacher top-k (silo side)"):
-        for d in doms_names:
+        for d in doms_names if learned_wanted else []:  # only what learns from pseudo-users needs them
             pseudo[d] = select_pseudo_users(dom[d].num_items, "random" if args.pseudo_users else "all",
                                             n=args.pseudo_users, seed=args.seed)
             ft = model_with(finetuned[d])
@@ -189,7 +200,7 @@ def main(argv=None) -> int:
                 items = encode_all_items(ft, dom[d])
                 teachers[d] = teacher_topk(lambda ids, m=ft, dd=dom[d]: m(dd, "histories", ids.view(-1, 1)),
                                            items, pseudo[d], args.teacher_top_k)
-    logit_bytes = {d: int(teachers[d].indices.numel() * 8) for d in doms_names}
+    logit_bytes = {d: int(teachers[d].indices.numel() * 8) for d in teachers}
 
     rows: list[dict] = []
 
@@ -235,22 +246,26 @@ def main(argv=None) -> int:
     def run_scenario(scenario: str, merged: list[str], eval_domains: list[str]):
         vecs = [tvs[d] for d in merged]
         with stage(f"{scenario}: training-free merges"):
-            for name in TRAINING_FREE:
-                plan = mm.process(vecs, name, seed=args.seed)
-                record(scenario, name if name != "task_arithmetic" else "task_arithmetic@0.3",
-                       mm.merge(base_state, plan.vectors, plan.weights), eval_domains)
-            _, held = sources(merged, args.holdout)
-            plan = mm.process(vecs, "task_arithmetic", seed=args.seed)
-            losses = {lam: heldout_loss(mm.merge(base_state, plan.vectors, [lam] * len(vecs)), held) for lam in LAMBDAS}
-            best = min(losses, key=losses.get)
-            record(scenario, "task_arithmetic@picked", mm.merge(base_state, plan.vectors, [best] * len(vecs)),
-                   eval_domains, {"lambda": best})
-            coef_log[f"{scenario}/task_arithmetic_lambda"] = {"picked": best, "heldout_loss": losses}
-        train_src, _ = sources(merged)
-        learned = [("adamerging", "layer", "adamerging", "task_arithmetic", {}),
-                   ("mergerec-task", "task", "mergerec", args.mergerec_init, {}),
-                   ("mergerec-layer", "layer", "mergerec", args.mergerec_init, {})]
-        if args.ablations and scenario == "in-domain":  # the options issue 3 asks to measure
+            for name, label in FREE_LABELS.items():
+                if label in wanted:
+                    plan = mm.process(vecs, name, seed=args.seed)
+                    record(scenario, label, mm.merge(base_state, plan.vectors, plan.weights), eval_domains)
+        if "task_arithmetic@picked" in wanted:
+            with stage(f"{scenario}: task arithmetic, lambda picked on held-out pseudo-users"):
+                _, held = sources(merged, args.holdout)
+                plan = mm.process(vecs, "task_arithmetic", seed=args.seed)
+                losses = {lam: heldout_loss(mm.merge(base_state, plan.vectors, [lam] * len(vecs)), held)
+                          for lam in LAMBDAS}
+                best = min(losses, key=losses.get)
+                record(scenario, "task_arithmetic@picked", mm.merge(base_state, plan.vectors, [best] * len(vecs)),
+                       eval_domains, {"lambda": best})
+                coef_log[f"{scenario}/task_arithmetic_lambda"] = {"picked": best, "heldout_loss": losses}
+        train_src = sources(merged)[0] if learned_wanted else []
+        learned = [(label, gran, loss, init, {}) for label, gran, loss, init in (
+            ("adamerging", "layer", "adamerging", "task_arithmetic"),
+            ("mergerec-task", "task", "mergerec", args.mergerec_init),
+            ("mergerec-layer", "layer", "mergerec", args.mergerec_init)) if label in wanted]
+        if args.ablations and scenario == "in-domain" and "mergerec-layer" in wanted:  # options issue 3 measures
             learned += [(f"mergerec-layer {name}", "layer", "mergerec", args.mergerec_init, over)
                         for name, over in ABLATIONS]
             other = "ties" if args.mergerec_init == "task_arithmetic" else "task_arithmetic"
@@ -281,7 +296,7 @@ def main(argv=None) -> int:
                 row["avg R@10"] = sum(r["recall@10"] for r in rs) / len(rs)
                 row["avg N@10"] = sum(r["ndcg@10"] for r in rs) / len(rs)
                 summary.append(row)
-        sent = {d: {"task_vector_bytes": tv_bytes, "teacher_logit_bytes": logit_bytes[d]} for d in doms_names}
+        sent = {d: {"task_vector_bytes": tv_bytes, "teacher_logit_bytes": logit_bytes.get(d, 0)} for d in doms_names}
         report = {"command": "python -m benchmarks.merge " + " ".join(argv or sys.argv[1:]), "rows": rows,
                   "summary": summary, "stages": stage.rows, "coefficients": coef_log, "bytes_sent_per_silo": sent,
                   "mergerec_vs_training_free": compare(summary),
@@ -305,16 +320,18 @@ def main(argv=None) -> int:
         return md
 
     with stage("zero-shot + fine-tuned matrix"):
-        record("in-domain", "pretrained", base_state, doms_names)
-        for src in doms_names:
+        if "pretrained" in wanted:
+            record("in-domain", "pretrained", base_state, doms_names)
+        for src in doms_names if "finetuned" in wanted else []:
             record("in-domain", f"finetuned-{src}", finetuned[src], doms_names)
     run_scenario("in-domain", doms_names, doms_names)
     save(False)
     for held_out in doms_names if args.unseen else []:
         merged = [d for d in doms_names if d != held_out]
         scenario = f"unseen-{held_out}"
-        record(scenario, "pretrained", base_state, [held_out])
-        for src in merged:
+        if "pretrained" in wanted:
+            record(scenario, "pretrained", base_state, [held_out])
+        for src in merged if "finetuned" in wanted else []:
             record(scenario, f"finetuned-{src}", finetuned[src], [held_out])
         run_scenario(scenario, merged, [held_out])
         save(False)

@@ -209,6 +209,20 @@ def _as_lists(silo, dom) -> tuple[list[SiloData], list[DomainInputs], str]:
     return silos, doms, "+".join(s.domain for s in silos)
 
 
+def chosen_epoch(history: list[dict]) -> int:
+    """The epoch early stopping keeps: the earliest with the highest validation NDCG@10 (0 = the starting
+    weights). `history` rows are {"epoch": int, "val_ndcg@10": float, ...}, as `FineTuneResult.history`."""
+    return max(history, key=lambda h: (h["val_ndcg@10"], -h["epoch"]))["epoch"]
+
+
+def _start(model: Recommender, cfg: TrainConfig) -> torch.device:
+    """Seed, then move `model` to the configured device (the first lines of every training run)."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    return device
+
+
 def refit(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs | list[DomainInputs],
           cfg: TrainConfig, epochs: int) -> tuple[int, float]:
     """Train `model` in place for exactly `epochs` epochs on each user's train sequence followed by their
@@ -217,9 +231,7 @@ def refit(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs
     Returns (steps, seconds)."""
     silos, doms, name = _as_lists(silo, dom)
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model.to(device)
+    device = _start(model, cfg)
     rows = [_training_rows(s, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed, with_val=True) for s in silos]
     opt, sched = _optimiser(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -243,9 +255,7 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
     joint-training reference. The model ends holding the final weights (also returned as `state`, on CPU)."""
     silos, doms, name = _as_lists(silo, dom)
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model.to(device)
+    device = _start(model, cfg)
     start_state = copy.deepcopy(model.state_dict())
     rows = [_training_rows(s, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed) for s in silos]
     for s, r in zip(silos, rows):

@@ -51,6 +51,7 @@ def test_fine_tune_refits_from_the_start_for_the_chosen_epochs(setup):
     res = train.fine_tune(model, silo, dom, _cfg())
     assert res.best_epoch >= 1, "the demo data is learnable: some epoch must beat the untrained model"
     assert res.refit_epochs == res.best_epoch
+    assert train.chosen_epoch(res.history) == res.best_epoch  # the rule the benchmark's --reuse applies
     # the refit alone, from the same start, gives bit-identical weights (the benchmark's --reuse relies on it)
     again = copy.deepcopy(base)
     train.refit(again, silo, dom, _cfg(), res.best_epoch)
@@ -71,3 +72,10 @@ def test_no_refit_when_no_epoch_beats_the_start(setup, monkeypatch):
     res = train.fine_tune(model, silo, dom, _cfg())
     assert res.best_epoch == 0 and res.refit_epochs == 0 and res.epochs == 4
     assert _same(res.state, {n: p.detach() for n, p in base.named_parameters()})
+
+
+def test_chosen_epoch_is_the_earliest_best():
+    rows = lambda *v: [{"epoch": e, "val_ndcg@10": x} for e, x in enumerate(v)]  # noqa: E731
+    assert train.chosen_epoch(rows(0.1, 0.3, 0.2, 0.3)) == 1  # a tie later does not move it
+    assert train.chosen_epoch(rows(0.4, 0.3, 0.2)) == 0  # nothing beat the start
+    assert train.chosen_epoch(rows(0.1, 0.2, 0.25)) == 2
