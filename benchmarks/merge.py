@@ -116,7 +116,8 @@ def main(argv=None) -> int:
                     "evaluation re-encodes the catalog)")
     ap.add_argument("--encoder", default="minilm", help="text encoder ('minilm' bundled, or a local folder)")
     ap.add_argument("--text-users", type=int, default=1000, help="text backbone: users each silo fine-tunes on")
-    ap.add_argument("--text-epochs", type=int, default=1)
+    ap.add_argument("--text-epochs", type=int, default=1,
+                    help="text backbone: epochs on train + val items (a fixed final fit, no early-stopping run)")
     ap.add_argument("--pseudo-users", type=int, default=None,
                     help="a seeded random sample of this many items per domain as pseudo-users (default: all)")
     ap.add_argument("--light-epochs", type=int, default=LIGHT_EPOCHS)
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     else:  # MiniLM end to end on a user subsample (2 CPU cores)
         train_cfg = TrainConfig.for_backbone("text", max_users=args.text_users, epochs=args.text_epochs,
                                              val_max_users=args.eval_users, seed=args.seed, progress=False)
-        tag = f"text-{Path(args.encoder).name}-users{args.text_users}"
+        tag = f"text-{Path(args.encoder).name}-users{args.text_users}-fit{args.text_epochs}"
     finetuned = {}
     with stage("fine-tune (or load) per domain"):
         for d in doms_names:
@@ -169,9 +170,14 @@ def main(argv=None) -> int:
             if path.exists():
                 finetuned[d] = load_file(str(path))
             else:
-                finetuned[d] = fine_tune(copy.deepcopy(base), silos[d], dom[d], train_cfg).state
-                if args.backbone == "text":  # hours on 2 cores: keep them for the next run
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                if args.backbone == "light":
+                    finetuned[d] = fine_tune(copy.deepcopy(base), silos[d], dom[d], train_cfg).state
+                else:  # the final fit alone, --text-epochs on train + val items: a selection run on a user
+                    # subsample would be noise, and may keep the start (a zero task vector) on 2 cores
+                    model = copy.deepcopy(base)
+                    refit(model, silos[d], dom[d], train_cfg, args.text_epochs)
+                    finetuned[d] = shared_state(model)
+                    path.parent.mkdir(parents=True, exist_ok=True)  # slow on 2 cores: keep it for the next run
                     save_file({n: t.contiguous() for n, t in finetuned[d].items()}, str(path))
     tvs = {d: {n: finetuned[d][n] - base_state[n] for n in base_state} for d in doms_names}
     tv_bytes = sum(t.numel() for t in base_state.values()) * 4

@@ -38,7 +38,8 @@ class TrainConfig(Strict):
     batch_size: PositiveInt = 128
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(100, ge=0, description="linear lr warm-up, capped at one epoch's steps (a small "
+                              "silo or user subsample still reaches the configured lr)")
     tau: float = Field(0.05, gt=0)
     negatives: Literal["full", "inbatch"] = "full"
     mask_current_item: bool = Field(True, description="leave the most recent input item out of the training "

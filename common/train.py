@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -197,9 +198,19 @@ def _run_epoch(model: Recommender, rows, doms, cfg: TrainConfig, opt, sched, gen
     return total / max(1, len(batches)), len(batches)
 
 
-def _optimiser(model: Recommender, cfg: TrainConfig):
+def warmup_steps(cfg: TrainConfig, rows: list[list]) -> int:
+    """Linear warm-up length: `cfg.warmup_steps`, but never longer than one epoch (the batches of every
+    domain's `rows`). A small silo, or a user subsample, must still train at the configured lr."""
+    per_epoch = sum(math.ceil(len(r) / cfg.batch_size) for r in rows)
+    if cfg.max_steps_per_epoch:
+        per_epoch = min(per_epoch, cfg.max_steps_per_epoch)
+    return min(cfg.warmup_steps, per_epoch)
+
+
+def _optimiser(model: Recommender, cfg: TrainConfig, rows: list[list]):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
+    warm = max(1, warmup_steps(cfg, rows))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
     return opt, sched
 
 
@@ -233,7 +244,7 @@ def refit(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs
     t0 = time.perf_counter()
     device = _start(model, cfg)
     rows = [_training_rows(s, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed, with_val=True) for s in silos]
-    opt, sched = _optimiser(model, cfg)
+    opt, sched = _optimiser(model, cfg, rows)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = 0
     for epoch in range(1, epochs + 1):
@@ -262,7 +273,7 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
         if not r:
             raise ValueError(f"{s.domain}: no training sequence has two or more items")
     vals = [s.eval_split("val") for s in silos]
-    opt, sched = _optimiser(model, cfg)
+    opt, sched = _optimiser(model, cfg, rows)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def validate() -> dict[str, float]:

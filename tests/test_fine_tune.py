@@ -79,3 +79,20 @@ def test_chosen_epoch_is_the_earliest_best():
     assert train.chosen_epoch(rows(0.1, 0.3, 0.2, 0.3)) == 1  # a tie later does not move it
     assert train.chosen_epoch(rows(0.4, 0.3, 0.2)) == 0  # nothing beat the start
     assert train.chosen_epoch(rows(0.1, 0.2, 0.25)) == 2
+
+
+def test_warmup_never_outlasts_one_epoch(setup):
+    silo, _, base = setup
+    rows = train._training_rows(silo, True, 50, None, 0)  # 600 demo users
+    assert train.warmup_steps(_cfg(batch_size=64, warmup_steps=100), [rows]) == 10  # ceil(600 / 64)
+    assert train.warmup_steps(_cfg(batch_size=64, warmup_steps=4), [rows]) == 4
+    assert train.warmup_steps(_cfg(batch_size=64, warmup_steps=100), [rows, rows[:64]]) == 11  # pooled domains
+    assert train.warmup_steps(_cfg(batch_size=64, warmup_steps=100, max_steps_per_epoch=3), [rows]) == 3
+    # the lr the optimiser reaches: full lr from the end of the first epoch on
+    opt, sched = train._optimiser(copy.deepcopy(base), _cfg(batch_size=64, warmup_steps=100, lr=1e-3), [rows])
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9:] == pytest.approx([1e-3] * 3)
