@@ -9,7 +9,10 @@ fine-tuned models, weight averaging, task arithmetic (lambda 0.3 and lambda pick
 TIES, DARE (TIES and linear), breadcrumbs, AdaMerging, MergeRec task-wise and layer-wise (starting from task
 arithmetic at W = 0.2 by default, `--mergerec-init ties` for TIES at W = 1.0), and joint training on pooled
 data (non-private reference). Unseen domains: merge two, test on the third, for all three choices.
-Writes benchmarks/results/merge.json and merge.md.
+Writes benchmarks/results/merge.json and merge.md (`--out`).
+
+`--methods` measures a subset (each row of a text-backbone run re-encodes whole catalogs). `--backbone text`
+fine-tunes MiniLM end to end on `--text-users` users per domain, a fixed `--text-epochs` on train + val items.
 """
 
 from __future__ import annotations
