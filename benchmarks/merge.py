@@ -43,6 +43,7 @@ from common.merging.coefficients import (
     pseudo_user_losses,
 )
 from common.merging.pseudo_users import select_pseudo_users
+from common.merging.task_vectors import fingerprint
 from common.merging.teacher import teacher_topk
 from common.report import markdown_table
 from common.train import evaluate_split, fine_tune, refit
@@ -58,6 +59,13 @@ LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 #: MergeRec options measured against the default (dropout on, item embeddings frozen at init, last W)
 ABLATIONS = [("dropout off", {"dropout": False}), ("items refreshed every 50 steps", {"item_refresh_every": 50}),
              ("W picked on 10% held-out pseudo-users", {"holdout_fraction": 0.1})]
+
+
+def fingerprint_config(cfg: TrainConfig) -> str:
+    """Short hash of the training settings that change the fine-tuned weights (cache key)."""
+    import hashlib
+
+    return hashlib.sha256(cfg.model_dump_json(exclude={"progress", "device"}).encode()).hexdigest()[:10]
 
 
 class Stages:
@@ -107,6 +115,34 @@ def compare(summary: list[dict]) -> list[dict]:
     return out
 
 
+def targets(summary: list[dict]) -> list[dict]:
+    """The product's test per scenario and MergeRec granularity: MergeRec against the base it started from on
+    every evaluated domain, against the mean of the in-domain fine-tuned models (each on its own domain), and
+    against the best training-free merge (average test Recall@10)."""
+    out = []
+    free = set(FREE_LABELS.values()) | {"task_arithmetic@picked"}
+    for scenario in dict.fromkeys(r["scenario"] for r in summary):
+        rows = {r["method"]: r for r in summary if r["scenario"] == scenario}
+        base = rows.get("pretrained")
+        domains = [k[:-5] for k in (base or {}) if k.endswith(" R@10") and k != "avg R@10"]
+        own = [rows[f"finetuned-{d}"][f"{d} R@10"] for d in domains if f"finetuned-{d}" in rows]
+        tf = {m: r["avg R@10"] for m, r in rows.items() if m in free}
+        for gran in ("task", "layer"):
+            ours = rows.get(f"mergerec-{gran}")
+            if ours is None or base is None:
+                continue
+            row = {"scenario": scenario, "method": f"mergerec-{gran}", "avg R@10": ours["avg R@10"],
+                   "domains >= base": f"{sum(ours[f'{d} R@10'] >= base[f'{d} R@10'] for d in domains)}/{len(domains)}"}
+            if scenario == "in-domain" and len(own) == len(domains):
+                row["/ mean own fine-tuned"] = round(ours["avg R@10"] / (sum(own) / len(own)), 3)
+            if tf:
+                best = max(tf, key=tf.get)
+                row["/ best training-free"] = round(ours["avg R@10"] / tf[best], 3) if tf[best] else None
+                row["best training-free"] = best
+            out.append(row)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.merge", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,7 +159,15 @@ def main(argv=None) -> int:
                     help="text backbone: epochs on train + val items (a fixed final fit, no early-stopping run)")
     ap.add_argument("--pseudo-users", type=int, default=None,
                     help="a seeded random sample of this many items per domain as pseudo-users (default: all)")
+    ap.add_argument("--base", default="init",
+                    help="light backbone's base: 'init' (seeded text-similarity init), 'bundled' (pretrained on "
+                    "public domains, common/assets), or a base file from `python -m common.pretrain`")
     ap.add_argument("--light-epochs", type=int, default=LIGHT_EPOCHS)
+    ap.add_argument("--light-lr", type=float, default=TrainConfig().lr)
+    ap.add_argument("--light-patience", type=int, default=LIGHT_PATIENCE)
+    ap.add_argument("--light-val-users", type=int, default=LIGHT_VAL_USERS)
+    ap.add_argument("--l2sp", type=float, default=0.0, help="fine-tuning pull toward the base (TrainConfig.l2sp)")
+    ap.add_argument("--freeze", nargs="*", default=[], help="parameter prefixes kept at the base (TrainConfig.freeze)")
     ap.add_argument("--coef-steps", type=int, default=500)
     ap.add_argument("--teacher-top-k", type=int, default=256)
     ap.add_argument("--joint-epochs", type=int, default=8,
@@ -153,28 +197,44 @@ def main(argv=None) -> int:
 
     with stage("load + item embeddings"):
         silos = {d: load_silo(args.data / d) for d in doms_names}
-        bb = BackboneConfig(kind=args.backbone, encoder=args.encoder, cache_dir=Path(args.cache) / "item_embeddings")
+        bb = BackboneConfig(kind=args.backbone, encoder=args.encoder, cache_dir=Path(args.cache) / "item_embeddings",
+                            base=args.base)
         base = build_backbone(bb, seed=args.seed)
         base_state = shared_state(base)
+        base_fp = fingerprint(base_state)
         dom = {d: base.domain_inputs(silos[d].catalog) for d in doms_names}
 
     if args.backbone == "light":  # the core benchmark's settings (its models are reused when present)
-        train_cfg = TrainConfig(epochs=args.light_epochs, patience=LIGHT_PATIENCE, val_max_users=LIGHT_VAL_USERS,
+        train_cfg = TrainConfig(epochs=args.light_epochs, patience=args.light_patience, lr=args.light_lr,
+                                val_max_users=args.light_val_users, l2sp=args.l2sp, freeze=args.freeze,
                                 seed=args.seed, progress=False)
-        tag = "light"
+        default = TrainConfig(epochs=LIGHT_EPOCHS, patience=LIGHT_PATIENCE, val_max_users=LIGHT_VAL_USERS,
+                              seed=args.seed, progress=False)
+        # the core benchmark's models are reused only for its exact settings; anything else gets its own cache
+        same = args.base == "init" and train_cfg == default
+        tag = "light" if same else f"light-{base_fp[:12]}-{fingerprint_config(train_cfg)}"
     else:  # MiniLM end to end on a user subsample (2 CPU cores)
         train_cfg = TrainConfig.for_backbone("text", max_users=args.text_users, epochs=args.text_epochs,
                                              val_max_users=args.eval_users, seed=args.seed, progress=False)
         tag = f"text-{Path(args.encoder).name}-users{args.text_users}-fit{args.text_epochs}"
-    finetuned = {}
+    finetuned, ft_stats = {}, {}
     with stage("fine-tune (or load) per domain"):
         for d in doms_names:
             path = Path(args.cache) / "bench-models" / f"{d}-{tag}-seed{args.seed}.safetensors"
+            side = path.with_suffix(".json")
             if path.exists():
                 finetuned[d] = load_file(str(path))
+                ft_stats[d] = json.loads(side.read_text()) if side.exists() else {"reused": str(path)}
             else:
                 if args.backbone == "light":
-                    finetuned[d] = fine_tune(copy.deepcopy(base), silos[d], dom[d], train_cfg).state
+                    res = fine_tune(copy.deepcopy(base), silos[d], dom[d], train_cfg)
+                    finetuned[d] = res.state
+                    ft_stats[d] = {"epochs": res.epochs, "best_epoch": res.best_epoch, "refit_epochs": res.refit_epochs,
+                                   "seconds": round(res.seconds, 1), "val_history": res.history}
+                    if tag != "light":  # the core benchmark owns the "light" models; keep ours for the next run
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        save_file({n: t.contiguous() for n, t in res.state.items()}, str(path))
+                        side.write_text(json.dumps(ft_stats[d]))
                 else:  # the final fit alone, --text-epochs on train + val items: a selection run on a user
                     # subsample would be noise, and may keep the start (a zero task vector) on 2 cores
                     model = copy.deepcopy(base)
@@ -307,8 +367,9 @@ def main(argv=None) -> int:
                 summary.append(row)
         sent = {d: {"task_vector_bytes": tv_bytes, "teacher_logit_bytes": logit_bytes.get(d, 0)} for d in doms_names}
         report = {"command": "python -m benchmarks.merge " + " ".join(argv or sys.argv[1:]), "rows": rows,
-                  "summary": summary, "stages": stage.rows, "coefficients": coef_log, "bytes_sent_per_silo": sent,
-                  "mergerec_vs_training_free": compare(summary),
+                  "summary": summary, "stages": stage.rows, "base": {"spec": args.base, "fingerprint": base_fp},
+                  "fine_tuning": {"config": train_cfg.model_dump(mode="json"), "per_domain": ft_stats}, "coefficients": coef_log, "bytes_sent_per_silo": sent,
+                  "mergerec_vs_training_free": compare(summary), "targets": targets(summary),
                   "bytes_note": "every method needs the task vector; only MergeRec also needs the teacher logits",
                   "config": vars(args) | {"data": str(args.data), "out": str(args.out)}, "complete": done}
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -322,6 +383,10 @@ def main(argv=None) -> int:
         if verdict:
             md.append("### MergeRec vs the best training-free merge (average test Recall@10)\n\n"
                       + markdown_table(verdict, list(verdict[0])))
+        goal = targets(summary)
+        if goal:
+            md.append("### MergeRec against the base, the fine-tuned models and the training-free merges\n\n"
+                      + markdown_table(goal, list(dict.fromkeys(k for r in goal for k in r))))
         md.append("### stages\n\n" + markdown_table(stage.rows, ["stage", "seconds", "peak_rss_mb"]))
         md.append("### bytes a silo sends\n\n" + markdown_table(
             [{"domain": d, **v} for d, v in sent.items()], ["domain", "task_vector_bytes", "teacher_logit_bytes"]))

@@ -2,7 +2,8 @@
 
 Where the silo's data is:
 - deployment: `flower-supernode --node-config 'domain="beauty" data-path="/data/beauty"'`
-  (optional `state-path`: where the silo keeps its fine-tuned model; default .cache/silo-state/<domain>)
+  (optional `state-path`: where the silo keeps its fine-tuned model; default .cache/silo-state/<domain>;
+  optional `base-path`: this node's copy of the base checkpoint when it is not at the run config's path)
 - simulation: node_config has only partition-id; run_config `domains` (comma list) maps partition i to
   domains[i] and `data-root` holds one folder per domain.
 """
@@ -67,7 +68,8 @@ def worker_for(node_config: dict, run_config: dict) -> SiloWorker:
     key = (domain, str(data), str(state))
     if key not in _workers:
         cache = run_config.get("cache-dir")
-        _workers[key] = SiloWorker(domain, data, state, Path(str(cache)) if cache else None)
+        base = node_config.get("base-path")  # this node's copy of the base checkpoint, if not at the config's path
+        _workers[key] = SiloWorker(domain, data, state, Path(str(cache)) if cache else None, base=base)
     return _workers[key]
 
 

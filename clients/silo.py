@@ -47,8 +47,11 @@ def to_numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 class SiloWorker:
     def __init__(self, domain: str, data_path: str | Path, state_dir: str | Path | None = None,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, base: str | Path | None = None):
+        """base: this silo's own copy of the base checkpoint, when it lives at another path on the node than
+        the server's config names (node-config `base-path`); its fingerprint must still match the server's."""
         self.domain = domain
+        self.base_override = str(base) if base else None
         self.data_path = Path(data_path)
         self.state_dir = Path(state_dir) if state_dir else Path(".cache") / "silo-state" / domain
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -68,6 +71,8 @@ class SiloWorker:
         backbone = spec.backbone
         if self.cache_dir is not None:
             backbone = backbone.model_copy(update={"cache_dir": self.cache_dir / "item_embeddings"})
+        if self.base_override is not None and backbone.base != "init":
+            backbone = backbone.model_copy(update={"base": self.base_override})
         key = (backbone.model_dump_json(), spec.seed)
         if key != self._base_key:
             self._base = build_backbone(backbone, seed=spec.seed)

@@ -192,13 +192,35 @@ def build_backbone(cfg: BackboneConfig, *, seed: int = 0) -> Recommender:
     """The shared pretrained model every silo starts from. Deterministic given (cfg, seed)."""
     torch.manual_seed(seed)
     if cfg.kind == "text":
+        if cfg.base != "init":
+            raise ValueError("base: the text backbone starts from its encoder's own weights; use base='init'")
         return TextRecommender(cfg)
     from transformers import AutoConfig
 
     from common.encoder import resolve_model_path
 
     hidden = AutoConfig.from_pretrained(resolve_model_path(cfg.encoder)).hidden_size
-    return LightRecommender(cfg, hidden)
+    model = LightRecommender(cfg, hidden)
+    if cfg.base != "init":
+        load_base_weights(model, cfg)
+    return model
+
+
+def load_base_weights(model: Recommender, cfg: BackboneConfig) -> None:
+    """Replace `model`'s weights by the base checkpoint `cfg.base` (every parameter, exactly; a missing,
+    extra or mis-shaped tensor is a BaseFileError naming the file)."""
+    from common.base_model import BaseFileError, check_architecture, load_base
+    from common.merging.task_vectors import BaseMismatchError, check_compatible
+
+    state, card = load_base(cfg.base)
+    check_architecture(card, cfg, cfg.base)
+    try:
+        check_compatible(state, shared_state(model), f"base checkpoint {cfg.base}")
+    except BaseMismatchError as exc:
+        raise BaseFileError(str(exc)) from exc
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(state[name].to(p.dtype))
 
 
 def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:

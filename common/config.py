@@ -29,6 +29,9 @@ class BackboneConfig(Strict):
     item_max_tokens: PositiveInt = 128
     seq_max_tokens: PositiveInt = 128
     cache_dir: Path = Field(Path(".cache/item_embeddings"), description="frozen item-text embedding cache")
+    base: str = Field("init", description="light backbone's starting weights: 'init' (seeded text-similarity "
+                      "initialisation), 'bundled' (the checkpoint pretrained on public domains, shipped in "
+                      "common/assets), or a base file written by `python -m common.pretrain`")
 
 
 class TrainConfig(Strict):
@@ -48,6 +51,10 @@ class TrainConfig(Strict):
                           "data validation NDCG@10 dips for a few epochs before it passes the untrained model)")
     refit_on_val: bool = Field(True, description="after early stopping, retrain from the start on train + "
                                "validation items for the chosen epoch count (the model tested and sent)")
+    l2sp: float = Field(0.0, ge=0, description="L2-SP: weight of sum((theta - theta_start)^2) added to the loss, a "
+                        "pull toward the shared base that keeps task vectors small and mergeable (0 = off)")
+    freeze: list[str] = Field(default_factory=list, description="parameter-name prefixes kept at the base's "
+                              "values (e.g. 'adaptor', 'position'): their task-vector entries stay zero")
     max_users: PositiveInt | None = Field(None, description="train on a seeded subsample of users")
     max_steps_per_epoch: PositiveInt | None = None
     eval_batch_size: PositiveInt = 256

@@ -171,8 +171,22 @@ def popularity_metrics(silo: SiloData, split: str, *, ks=DEFAULT_KS, seed: int =
     return acc.result()
 
 
-def _run_epoch(model: Recommender, rows, doms, cfg: TrainConfig, opt, sched, gen, device, desc: str) -> tuple[float, int]:
-    """One pass over every domain's rows (each batch from one domain). Returns (mean loss, steps)."""
+def _anchor(model: Recommender, cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """The starting weights L2-SP pulls toward (None when `cfg.l2sp` is 0)."""
+    if not cfg.l2sp:
+        return None
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def l2sp_penalty(model: Recommender, anchor: dict[str, torch.Tensor]) -> torch.Tensor:
+    """sum over trained parameters of ||theta - theta_start||^2 (the L2-SP regulariser, before its weight)."""
+    return sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in anchor)
+
+
+def _run_epoch(model: Recommender, rows, doms, cfg: TrainConfig, opt, sched, gen, device, desc: str,
+               anchor: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
+    """One pass over every domain's rows (each batch from one domain). Returns (mean loss, steps); the mean
+    loss is the recommendation loss alone (without the L2-SP term)."""
     model.train()
     tables = [None] * len(doms)
     if not model.causal and cfg.negatives == "full":
@@ -188,7 +202,7 @@ def _run_epoch(model: Recommender, rows, doms, cfg: TrainConfig, opt, sched, gen
     for t, b in bar:
         loss = _batch_loss(model, doms[t], [rows[t][i] for i in b], cfg, tables[t], device)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + cfg.l2sp * l2sp_penalty(model, anchor) if anchor is not None else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
         sched.step()
@@ -208,7 +222,15 @@ def warmup_steps(cfg: TrainConfig, rows: list[list]) -> int:
 
 
 def _optimiser(model: Recommender, cfg: TrainConfig, rows: list[list]):
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW over every parameter not frozen by `cfg.freeze` (frozen ones get requires_grad False)."""
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in cfg.freeze:
+        if not any(n.startswith(prefix) for n in names):
+            raise ValueError(f"freeze: no parameter name starts with {prefix!r}")
+    for n, p in model.named_parameters():
+        p.requires_grad_(not any(n.startswith(prefix) for prefix in cfg.freeze))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     warm = max(1, warmup_steps(cfg, rows))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
     return opt, sched
@@ -245,12 +267,16 @@ def refit(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs
     device = _start(model, cfg)
     rows = [_training_rows(s, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed, with_val=True) for s in silos]
     opt, sched = _optimiser(model, cfg, rows)
+    anchor = _anchor(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = 0
     for epoch in range(1, epochs + 1):
-        loss, n = _run_epoch(model, rows, doms, cfg, opt, sched, gen, device, f"{name} refit epoch {epoch}/{epochs}")
+        loss, n = _run_epoch(model, rows, doms, cfg, opt, sched, gen, device, f"{name} refit epoch {epoch}/{epochs}",
+                             anchor)
         steps += n
         log.info("%s: refit on train + val, epoch %d/%d loss %.4f", name, epoch, epochs, loss)
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()
     return steps, time.perf_counter() - t0
 
@@ -274,6 +300,7 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
             raise ValueError(f"{s.domain}: no training sequence has two or more items")
     vals = [s.eval_split("val") for s in silos]
     opt, sched = _optimiser(model, cfg, rows)
+    anchor = _anchor(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def validate() -> dict[str, float]:
@@ -288,7 +315,7 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
     stale, steps, epoch = 0, 0, 0
     for epoch in range(1, cfg.epochs + 1):
         te = time.perf_counter()
-        loss, n = _run_epoch(model, rows, doms, cfg, opt, sched, gen, device, f"{name} epoch {epoch}")
+        loss, n = _run_epoch(model, rows, doms, cfg, opt, sched, gen, device, f"{name} epoch {epoch}", anchor)
         steps += n
         val = validate()
         history.append({"epoch": epoch, "loss": loss, "val_ndcg@10": val["ndcg@10"],
@@ -308,5 +335,7 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
     else:
         model.load_state_dict(best_state)
     model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
     return FineTuneResult(shared_state(model), best, history, epoch, steps, time.perf_counter() - t0,
                           best_epoch=best_epoch, refit_epochs=refit_epochs)

@@ -20,11 +20,12 @@ def pipeline_config(rc: dict) -> tuple[PipelineConfig, Path, dict]:
     rc = dict(rc)
     known_other = {"run-dir", "domains", "data-root", "silo-state-root", "cache-dir", "min-nodes", "node-wait-s", "record-messages"}
     opt = lambda k, d=None: rc.get(k, d)  # noqa: E731
-    backbone = BackboneConfig(kind=opt("backbone", "light"), encoder=opt("encoder", "minilm"),
+    backbone = BackboneConfig(kind=opt("backbone", "light"), encoder=opt("encoder", "minilm"), base=opt("base", "init"),
                               **({"cache_dir": Path(opt("cache-dir")) / "item_embeddings"} if opt("cache-dir") else {}))
     train_over = {k: v for k, v in {"epochs": opt("epochs"), "batch_size": opt("batch-size"), "lr": opt("lr"),
                                      "patience": opt("patience"), "max_users": opt("max-users") or None,
-                                     "refit_on_val": opt("refit-on-val"),
+                                     "refit_on_val": opt("refit-on-val"), "l2sp": opt("l2sp"),
+                                     "freeze": _list(opt("freeze")) if opt("freeze") is not None else None,
                                      "seed": opt("seed", 0), "progress": False}.items() if v is not None}
     train = TrainConfig.for_backbone(backbone.kind, **train_over)
     coef = CoefficientConfig(**{k: v for k, v in {"steps": opt("coef-steps"), "lr": opt("coef-lr"),
@@ -43,7 +44,7 @@ def pipeline_config(rc: dict) -> tuple[PipelineConfig, Path, dict]:
         min_silos=opt("min-silos", 2), retries=opt("retries", 1), timeout_s=opt("timeout-s", 3600.0),
         seed=opt("seed", 0),
     )
-    used = {"backbone", "encoder", "epochs", "batch-size", "lr", "patience", "refit-on-val", "max-users", "seed", "coef-steps",
+    used = {"backbone", "encoder", "base", "epochs", "batch-size", "lr", "patience", "refit-on-val", "l2sp", "freeze", "max-users", "seed", "coef-steps",
             "coef-lr", "coef-batch-size", "catalog-root", "baselines", "init-method", "granularities",
             "pseudo-users", "pseudo-users-n", "teacher-top-k", "eval-max-users", "min-silos", "retries",
             "timeout-s"} | known_other

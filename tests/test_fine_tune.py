@@ -96,3 +96,37 @@ def test_warmup_never_outlasts_one_epoch(setup):
         opt.step()
         sched.step()
     assert lrs[0] == pytest.approx(1e-4) and lrs[9:] == pytest.approx([1e-3] * 3)
+
+
+def test_frozen_parameters_stay_at_the_base_and_the_rest_trains(setup):
+    silo, dom, base = setup
+    model = copy.deepcopy(base)
+    train.refit(model, silo, dom, _cfg(freeze=["adaptor", "position"]), epochs=2)  # trains unconditionally
+    state = dict(model.named_parameters())
+    start = dict(base.named_parameters())
+    for n, t in state.items():
+        if n.startswith(("adaptor", "position")):
+            assert torch.equal(t, start[n]), n
+    assert any(not torch.equal(t, start[n]) for n, t in state.items() if n.startswith("blocks"))
+    assert all(p.requires_grad for p in model.parameters())  # the model is left trainable again
+    with pytest.raises(ValueError, match="no parameter name starts with 'adapter'"):
+        train.fine_tune(copy.deepcopy(base), silo, dom, _cfg(epochs=1, freeze=["adapter"]))
+
+
+def test_l2sp_penalty_by_hand_and_it_shrinks_the_task_vector(setup):
+    silo, dom, base = setup
+    model = copy.deepcopy(base)
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.adaptor.bias.add_(torch.tensor([3.0] + [0.0] * 15))
+        model.adaptor.weight[0, 0] -= 2.0
+    assert float(train.l2sp_penalty(model, anchor)) == pytest.approx(9.0 + 4.0)
+
+    def tv_norm(cfg):
+        m = copy.deepcopy(base)
+        train.refit(m, silo, dom, cfg, epochs=2)
+        st = dict(m.named_parameters())
+        return sum(float(((st[n].detach() - p.detach()) ** 2).sum()) for n, p in base.named_parameters()) ** 0.5
+
+    free, pulled = tv_norm(_cfg()), tv_norm(_cfg(l2sp=10.0))
+    assert pulled < 0.8 * free
