@@ -62,6 +62,7 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)  # a base is public: readable like any other file of the project
     os.replace(tmp, path)
 
 
