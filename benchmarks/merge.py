@@ -219,7 +219,7 @@ def main(argv=None) -> int:
         tag = f"text-{Path(args.encoder).name}-users{args.text_users}-fit{args.text_epochs}"
     finetuned, ft_stats = {}, {}
     with stage("fine-tune (or load) per domain"):
-        for d in doms_names:
+        for d in doms_names if wanted - {"pretrained"} else []:  # zero-shot alone needs no fine-tuning
             path = Path(args.cache) / "bench-models" / f"{d}-{tag}-seed{args.seed}.safetensors"
             side = path.with_suffix(".json")
             if path.exists():
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
                     finetuned[d] = shared_state(model)
                     path.parent.mkdir(parents=True, exist_ok=True)  # slow on 2 cores: keep it for the next run
                     save_file({n: t.contiguous() for n, t in finetuned[d].items()}, str(path))
-    tvs = {d: {n: finetuned[d][n] - base_state[n] for n in base_state} for d in doms_names}
+    tvs = {d: {n: finetuned[d][n] - base_state[n] for n in base_state} for d in finetuned}
     tv_bytes = sum(t.numel() for t in base_state.values()) * 4
 
     def model_with(state):

@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-users", type=int, default=None, help="validate on a seeded subsample of users per domain")
     ap.add_argument("--no-refit", dest="refit", action="store_false",
                     help="keep the best epoch's weights instead of refitting on train + validation items")
+    ap.add_argument("--freeze", nargs="*", default=[],
+                    help="parameter prefixes kept at the initialisation, e.g. 'adaptor' (keeps the text-similarity "
+                    "projection of item texts, so that the base still transfers to unseen catalogs)")
+    ap.add_argument("--l2sp", type=float, default=0.0, help="pull toward the initialisation (TrainConfig.l2sp)")
     ap.add_argument("--dim", type=int, default=BackboneConfig().dim)
     ap.add_argument("--layers", type=int, default=BackboneConfig().layers)
     ap.add_argument("--cache", type=Path, default=Path(".cache"), help="item-embedding cache folder")
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"no domain folders under {args.data}")
     backbone = BackboneConfig(dim=args.dim, layers=args.layers, cache_dir=args.cache / "item_embeddings")
     train = TrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
-                        val_max_users=args.val_users, refit_on_val=args.refit, seed=args.seed, progress=False)
+                        val_max_users=args.val_users, refit_on_val=args.refit, freeze=args.freeze, l2sp=args.l2sp,
+                        seed=args.seed, progress=False)
     command = "python -m common.pretrain " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     state, card = pretrain(args.data, domains, backbone, train, command)
     ckpt, bundle = save_base(state, card, args.out)
