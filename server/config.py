@@ -17,7 +17,7 @@ _USED = {"backbone", "encoder", "epochs", "batch-size", "lr", "patience", "refit
          "max-task-vector-ratio",
          # server options, not part of PipelineConfig
          "run-dir", "domains", "data-root", "silo-state-root", "cache-dir", "min-nodes", "node-wait-s",
-         "record-messages"}
+         "record-messages", "expect-domains"}
 
 
 def _list(v) -> list[str]:
@@ -93,5 +93,6 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
         max_task_vector_ratio=opt("max-task-vector-ratio", 10.0), seed=opt("seed", 0),
     )
     server = {"min_nodes": int(opt("min-nodes", 1)), "node_wait_s": float(opt("node-wait-s", 120)),
-              "record_messages": str(opt("record-messages", "") or "")}
+              "record_messages": str(opt("record-messages", "") or ""),
+              "expect_domains": _list(opt("expect-domains", "") or "")}
     return cfg, Path(str(opt("run-dir", "runs/latest"))), server

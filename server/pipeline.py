@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Literal
@@ -111,8 +112,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class Pipeline:
-    def __init__(self, transport: Transport, cfg: PipelineConfig, run_dir: str | Path):
+    def __init__(self, transport: Transport, cfg: PipelineConfig, run_dir: str | Path,
+                 expected: list[str] | None = None):
         self.t = transport
+        self.expected = list(expected or [])  # domains that must take part: each one missing is reported
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,8 +167,10 @@ class Pipeline:
                                 f"{domain} at {stage}: {reason}; min-silos is {self.cfg.min_silos}")
 
     def _note_drop(self, silo: str, stage: str, reason: str) -> None:
-        """Record a silo that is not part of the run (a failed handshake: its domain may be unknown, then
-        `silo` is the transport's handle, and the silo's error text names its domain)."""
+        """Record a silo that is not part of the run (a failed handshake: the transport's handle may be a node
+        id; a silo's own error reply names its domain, "silo <domain>: ...", and that name is used)."""
+        named = re.search(r"silo ([A-Za-z0-9_.-]{1,64}): ", reason)
+        silo = named.group(1) if named else silo
         if not any(d["domain"] == silo and d["stage"] == stage for d in self.state["dropped"]):
             self.state["dropped"].append({"domain": silo, "stage": stage, "reason": reason})
 
@@ -247,6 +252,9 @@ class Pipeline:
             found[r.domain] = r
             self.handles[r.domain] = h
             self._count(o, r.domain)
+        for d in self.expected:
+            if d not in found and not any(x["domain"] == d for x in self.state["dropped"]):
+                self._note_drop(d, "handshake", "expected silo did not answer the handshake")
         for domain, r in found.items():
             self.catalogs[domain] = self._catalog(domain, r)
         if resumed:

@@ -15,6 +15,7 @@ from common.config import BackboneConfig, TrainConfig
 from common.demo import make_demo
 from common.merging.coefficients import CoefficientConfig
 from server.pipeline import Pipeline, PipelineConfig
+from server.simulate import exit_status
 from server.transport import InProcessTransport, MessageRecorder
 
 from helpers import make_tiny_encoder
@@ -62,7 +63,8 @@ def broken_run(tmp_path_factory):
     top.addHandler(handler)
     top.setLevel(logging.DEBUG)
     try:
-        report = Pipeline(InProcessTransport(endpoints, MessageRecorder(root / "messages")), cfg, root / "run").run()
+        report = Pipeline(InProcessTransport(endpoints, MessageRecorder(root / "messages")), cfg, root / "run",
+                          expected=[d.name for d in dirs] + ["ghost"]).run()
     finally:
         top.removeHandler(handler)
         top.setLevel(level)
@@ -76,9 +78,24 @@ def test_broken_silo_is_named_in_the_report(broken_run):
         {"domain": dirs[1].name, "stage": "handshake",
          "reason": f"silo error 101: silo {dirs[1].name}: data error in val.json (see the silo's log)"},
         {"domain": dirs[2].name, "stage": "handshake",
-         "reason": f"silo error 101: silo {dirs[2].name}: data error in umap.json (see the silo's log)"}]
+         "reason": f"silo error 101: silo {dirs[2].name}: data error in umap.json (see the silo's log)"},
+        {"domain": "ghost", "stage": "handshake", "reason": "expected silo did not answer the handshake"}]
     on_disk = json.loads((root / "run" / "report.json").read_text())
     assert on_disk["dropped"] == report["dropped"]
+    assert exit_status(report, [d.name for d in dirs]) == 3
+    assert exit_status({"active": ["a", "b"], "dropped": []}, ["a", "b"]) == 0
+
+
+def test_failed_handshake_named_by_domain_not_node_id(broken_run, tmp_path):
+    """Through Flower a handle is a node id; the silo's own error text names its domain."""
+    root, dirs, intact, report, records = broken_run
+    from server.pipeline import Pipeline as P
+
+    p = P.__new__(P)
+    p.state = {"dropped": []}
+    P._note_drop(p, "4711", "handshake", "Flower error 101: silo kitchen: data error in val.json (see the silo's log)")
+    P._note_drop(p, "4712", "handshake", "no reply within 60s")
+    assert [d["domain"] for d in p.state["dropped"]] == ["kitchen", "4712"]
 
 
 def test_full_error_text_stays_in_the_silo_log(broken_run):
