@@ -167,10 +167,7 @@ class Pipeline:
                                 f"{domain} at {stage}: {reason}; min-silos is {self.cfg.min_silos}")
 
     def _note_drop(self, silo: str, stage: str, reason: str) -> None:
-        """Record a silo that is not part of the run (a failed handshake: the transport's handle may be a node
-        id; a silo's own error reply names its domain, "silo <domain>: ...", and that name is used)."""
-        named = re.search(r"silo ([A-Za-z0-9_.-]{1,64}): ", reason)
-        silo = named.group(1) if named else silo
+        """Record a silo that is not part of the run without passing the handshake."""
         if not any(d["domain"] == silo and d["stage"] == stage for d in self.state["dropped"]):
             self.state["dropped"].append({"domain": silo, "stage": stage, "reason": reason})
 
@@ -238,7 +235,7 @@ class Pipeline:
         for h, o in outcomes.items():
             if o.error:
                 log.warning("handshake: silo %s failed: %s", h, o.error)
-                self._note_drop(h, "handshake", o.error)
+                self._note_drop(silo_name(h, o.error), "handshake", o.error)
                 continue
             r: HandshakeReply = o.header
             if r.base_fingerprint != self.base_fp:
@@ -255,8 +252,12 @@ class Pipeline:
         for d in self.expected:
             if d not in found and not any(x["domain"] == d for x in self.state["dropped"]):
                 self._note_drop(d, "handshake", "expected silo did not answer the handshake")
-        for domain, r in found.items():
-            self.catalogs[domain] = self._catalog(domain, r)
+        for domain, r in list(found.items()):
+            try:  # a catalog that does not match its fingerprint or size is that silo's failure
+                self.catalogs[domain] = self._catalog(domain, r)
+            except (PipelineError, ValueError) as exc:
+                self._note_drop(domain, "handshake", f"invalid reply: {exc}")
+                del found[domain]
         if resumed:
             missing = [d for d in self.active() if d not in found]
             for d in missing:
@@ -285,6 +286,8 @@ class Pipeline:
             if cat.fingerprint() != r.catalog_fingerprint:
                 raise PipelineError(f"the server's catalog of {domain} differs from the silo's "
                                     f"({cat.fingerprint()[:12]} != {r.catalog_fingerprint[:12]})")
+            if len(cat) != r.num_items:
+                raise PipelineError(f"silo {domain} reports {r.num_items} items, the server's catalog has {len(cat)}")
             return cat
         if r.catalog is None:
             raise PipelineError(f"silo {domain} sent no catalog and the server has none (set catalog-root)")
@@ -480,6 +483,13 @@ class Pipeline:
                 log.info("stage %s (silos: %s)", stage, ", ".join(self.active()))
                 result = getattr(self, stage)()
             return result
+
+
+def silo_name(handle: str, error: str) -> str:
+    """A failed silo's name for the report: through Flower a handle is a node id, but a silo's own error reply
+    names its domain ("silo <domain>: ...", clients/client_app.py)."""
+    named = re.match(r"^(?:Flower|silo) error \d+: silo ([A-Za-z0-9_.-]{1,64}): ", error)
+    return named.group(1) if named else handle
 
 
 def results_table(report: dict, k: int = 10) -> str:

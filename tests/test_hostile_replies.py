@@ -130,6 +130,11 @@ def _too_big_k(named):
         named[n] = np.concatenate([named[n], np.full((named[n].shape[0], 40), fill, named[n].dtype)], axis=1)
 
 
+HANDSHAKE = {
+    "catalog fingerprint mismatch": _set("catalog_fingerprint", "0" * 64),
+    "num_items differs from the catalog": _set("num_items", 7),
+    "extra array group": _add("arrays.extra", ArrayRecord({"x": Array(np.zeros(3, np.float32))})),
+}
 FINETUNE = {
     "task vector NaN": _arrays("task_vector", lambda t: _first(t, lambda a: np.where(a == a, np.nan, a))),
     "task vector Inf": _arrays("task_vector", lambda t: _first(t, lambda a: np.full_like(a, np.inf))),
@@ -165,7 +170,8 @@ EVALUATE = {
     "wrong domain": _set("domain", "garden"),
     "extra metric record": _add("m", MetricRecord({"x": 1.0})),
 }
-CASES = ([("finetune", "train.finetune", k, v) for k, v in FINETUNE.items()]
+CASES = ([("handshake", "query.handshake", k, v) for k, v in HANDSHAKE.items()]
+         + [("finetune", "train.finetune", k, v) for k, v in FINETUNE.items()]
          + [("teacher", "query.teacher", k, v) for k, v in TEACHER.items()]
          + [("evaluate", "evaluate.merged", k, v) for k, v in EVALUATE.items()])
 

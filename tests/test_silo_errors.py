@@ -86,16 +86,12 @@ def test_broken_silo_is_named_in_the_report(broken_run):
     assert exit_status({"active": ["a", "b"], "dropped": []}, ["a", "b"]) == 0
 
 
-def test_failed_handshake_named_by_domain_not_node_id(broken_run, tmp_path):
+def test_failed_handshake_named_by_domain_not_node_id():
     """Through Flower a handle is a node id; the silo's own error text names its domain."""
-    root, dirs, intact, report, records = broken_run
-    from server.pipeline import Pipeline as P
+    from server.pipeline import silo_name
 
-    p = P.__new__(P)
-    p.state = {"dropped": []}
-    P._note_drop(p, "4711", "handshake", "Flower error 101: silo kitchen: data error in val.json (see the silo's log)")
-    P._note_drop(p, "4712", "handshake", "no reply within 60s")
-    assert [d["domain"] for d in p.state["dropped"]] == ["kitchen", "4712"]
+    assert silo_name("4711", "Flower error 101: silo kitchen: data error in val.json (see the silo's log)") == "kitchen"
+    assert silo_name("4712", "no reply within 60s") == "4712"
 
 
 def test_full_error_text_stays_in_the_silo_log(broken_run):
