@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Literal
@@ -55,7 +54,7 @@ from common.messages import (
 from common.report import markdown_table
 from server.transport import Outcome, Transport
 from server import checkpoint
-from server.validation import check_config, check_evaluate, check_finetune, check_teacher, state_norm
+from server.validation import check_config, check_evaluate, check_finetune, check_teacher, silo_name, state_norm
 
 log = logging.getLogger(__name__)
 
@@ -483,13 +482,6 @@ class Pipeline:
                 log.info("stage %s (silos: %s)", stage, ", ".join(self.active()))
                 result = getattr(self, stage)()
             return result
-
-
-def silo_name(handle: str, error: str) -> str:
-    """A failed silo's name for the report: through Flower a handle is a node id, but a silo's own error reply
-    names its domain ("silo <domain>: ...", clients/client_app.py)."""
-    named = re.match(r"^(?:Flower|silo) error \d+: silo ([A-Za-z0-9_.-]{1,64}): ", error)
-    return named.group(1) if named else handle
 
 
 def results_table(report: dict, k: int = 10) -> str:

@@ -9,6 +9,7 @@ values): a reply may hold anything, and these texts go to the server's log and r
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -127,3 +128,10 @@ def check_config(cfg) -> None:
                          f"use one of {sorted({*DEFAULT_INIT, 'weight_average'})}")
     if len(set(cfg.granularities)) != len(cfg.granularities):
         raise ValueError("granularities: a granularity is listed twice")
+
+
+def silo_name(handle: str, error: str) -> str:
+    """A failed silo's name for the report: through Flower a handle is a node id, but a silo's own error reply
+    names its domain ("silo <domain>: ...", clients/client_app.py)."""
+    named = re.match(r"^(?:Flower|silo) error \d+: silo ([A-Za-z0-9_.-]{1,64}): ", error)
+    return named.group(1) if named else handle

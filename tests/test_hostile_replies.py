@@ -36,7 +36,7 @@ def _cfg(enc, root) -> PipelineConfig:
                           retries=1, timeout_s=60)
 
 
-def _transport(world, corrupt=None, stage_type=None) -> InProcessTransport:
+def _transport(world, corrupt=None, stage_type=None, observer=None) -> InProcessTransport:
     root, enc, dirs = world
     endpoints = {}
     for d in dirs:
@@ -44,7 +44,7 @@ def _transport(world, corrupt=None, stage_type=None) -> InProcessTransport:
         if corrupt is not None and d.name == BAD:
             fn = (lambda fn: lambda mt, c: corrupt(fn(mt, c)) if mt == stage_type else fn(mt, c))(fn)
         endpoints[d.name] = fn
-    return InProcessTransport(endpoints)
+    return InProcessTransport(endpoints, observer)
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +187,7 @@ def _start(world, tmp_path, stage):
         ck["completed"].remove("finetune")
         ck["val"].pop(BAD)
         ck["finetune"].pop(BAD)
+        ck["files"].pop(f"task_vectors/{BAD}.safetensors")
         (run / "checkpoint.json").write_text(json.dumps(ck))
     return run
 
@@ -202,5 +203,7 @@ def test_hostile_reply_drops_only_that_silo(world, tmp_path, stage, message_type
     assert sorted(report["metrics"]) == ["garden", "outdoor"] and "mergerec-task" in report["metrics"]["garden"]
     on_disk = json.loads((run / "report.json").read_text())
     assert on_disk["dropped"] == report["dropped"] and on_disk["active"] == report["active"]
-    again = Pipeline(_transport(world), _cfg(enc, root), run).run()  # resume: honest silos, stored files re-checked
+    sent = []
+    again = Pipeline(_transport(world, observer=lambda dr, silo, mt, c: sent.append(mt)), _cfg(enc, root), run).run()
     assert again["dropped"] == report["dropped"] and again["metrics"] == report["metrics"]
+    assert set(sent) == {"query.handshake"}  # resume: stored files re-checked and reused, nothing redone

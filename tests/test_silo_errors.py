@@ -88,7 +88,7 @@ def test_broken_silo_is_named_in_the_report(broken_run):
 
 def test_failed_handshake_named_by_domain_not_node_id():
     """Through Flower a handle is a node id; the silo's own error text names its domain."""
-    from server.pipeline import silo_name
+    from server.validation import silo_name
 
     assert silo_name("4711", "Flower error 101: silo kitchen: data error in val.json (see the silo's log)") == "kitchen"
     assert silo_name("4712", "no reply within 60s") == "4712"
