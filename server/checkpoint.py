@@ -88,6 +88,9 @@ def load(path: Path, cfg) -> dict:
         st["stage_configs"] = fps
         return st
     old = st["stage_configs"]
+    if not old:  # written before stages had their own fingerprints: any change may affect any stage
+        raise CheckpointError(f"run directory {path.parent} belongs to a run with another configuration "
+                              f"({st['config']} != {cfg.fingerprint()}): use a new run directory")
     changed = [s for s in _OWN if old.get(s) != fps[s]]
     if "finetune" in changed:
         raise CheckpointError(f"run directory {path.parent} belongs to a run with another configuration "

@@ -120,6 +120,16 @@ def test_config_change_reuses_unaffected_stages(world, tmp_path):
         Pipeline(_transport(world), _cfg(world, train=TrainConfig(epochs=2, progress=False)), run)
 
 
+def test_checkpoint_without_stage_fingerprints_refuses_a_changed_config(world, tmp_path):
+    run = _copy(world, tmp_path)
+    ck = json.loads((run / "checkpoint.json").read_text())
+    ck.pop("stage_configs")
+    (run / "checkpoint.json").write_text(json.dumps(ck))
+    with pytest.raises(PipelineError, match="another configuration"):
+        Pipeline(_transport(world), _cfg(world, eval_max_users=10), run)
+    Pipeline(_transport(world), _cfg(world), run)  # the same configuration still resumes
+
+
 def test_damaged_checkpoint_is_a_clear_error(world, tmp_path):
     run = _copy(world, tmp_path)
     text = (run / "checkpoint.json").read_text()
