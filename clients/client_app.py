@@ -17,6 +17,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from clients.silo import SiloWorker
+from common.data import DOMAIN_FILES, DataError
 from common.messages import (
     EVALUATE,
     FINETUNE,
@@ -26,6 +27,7 @@ from common.messages import (
     EvaluateRequest,
     FinetuneRequest,
     HandshakeRequest,
+    SiloReplyError,
     TeacherRequest,
     decode,
     encode,
@@ -33,7 +35,9 @@ from common.messages import (
 
 log = logging.getLogger(__name__)
 app = ClientApp()
-CONTRACT_ERROR_CODE = 100
+CONTRACT_ERROR_CODE = 100  # the request broke its contract (the text names what; no user data in it)
+DATA_ERROR_CODE = 101  # the silo's own data is broken (fixed text naming the file; details in the silo's log)
+INTERNAL_ERROR_CODE = 102  # anything else (fixed text naming the exception type; details in the silo's log)
 
 _ROUTES = {
     HANDSHAKE: (HandshakeRequest, "handshake"),
@@ -88,13 +92,45 @@ def handle(worker: SiloWorker, message_type: str, content):
     return encode(reply, out_arrays)
 
 
-def _serve(msg: Message, context: Context) -> Message:
+def _data_file(exc: DataError) -> str:
+    """The data file a DataError is about (its message starts with the path), or a generic phrase."""
+    head = str(exc).split(": ", 1)[0]
+    name = Path(head).name
+    return name if name in DOMAIN_FILES else "the silo's data"
+
+
+def safe_handle(get_worker, message_type: str, content):
+    """`handle`, with every failure turned into a SiloReplyError whose text holds no user data: DataError
+    messages quote user keys and sequences, so their full text goes to this silo's log only."""
+    domain = "?"
     try:
-        worker = worker_for(dict(context.node_config), dict(context.run_config))
-        return Message(content=handle(worker, msg.metadata.message_type, msg.content), reply_to=msg)
+        worker = get_worker()
+        domain = worker.domain
+        return handle(worker, message_type, content)
+    except DataError as exc:
+        log.error("silo %s: data error on %s: %s", domain, message_type, exc)
+        raise SiloReplyError(DATA_ERROR_CODE, f"silo {domain}: data error in {_data_file(exc)} "
+                                              "(see the silo's log)") from None
     except ContractError as exc:
-        log.error("rejected %s: %s", msg.metadata.message_type, exc)
-        return Message(error=Error(code=CONTRACT_ERROR_CODE, reason=f"contract: {exc}"), reply_to=msg)
+        log.error("silo %s: rejected %s: %s", domain, message_type, exc)
+        raise SiloReplyError(CONTRACT_ERROR_CODE, f"silo {domain}: contract: {exc}") from None
+    except Exception as exc:
+        log.exception("silo %s: %s failed", domain, message_type)
+        raise SiloReplyError(INTERNAL_ERROR_CODE, f"silo {domain}: internal error ({type(exc).__name__}) in "
+                                                  f"{message_type} (see the silo's log)") from None
+
+
+def in_process_endpoint(worker: SiloWorker):
+    """The callable an InProcessTransport calls for this silo: the same error handling as the ClientApp."""
+    return lambda message_type, content: safe_handle(lambda: worker, message_type, content)
+
+
+def _serve(msg: Message, context: Context) -> Message:
+    get = lambda: worker_for(dict(context.node_config), dict(context.run_config))  # noqa: E731
+    try:
+        return Message(content=safe_handle(get, msg.metadata.message_type, msg.content), reply_to=msg)
+    except SiloReplyError as exc:
+        return Message(error=Error(code=exc.code, reason=exc.reason), reply_to=msg)
 
 
 # one handler serves every message type; Flower needs each registered under its own action name

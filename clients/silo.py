@@ -31,6 +31,7 @@ from common.messages import (
     FinetuneReply,
     FinetuneRequest,
     HandshakeReply,
+    MIN_USERS_FOR_METRICS,
     HandshakeRequest,
     TeacherReply,
     TeacherRequest,
@@ -63,7 +64,7 @@ class SiloWorker:
     @property
     def silo(self) -> SiloData:
         if self._silo is None:
-            self._silo = load_silo(self.data_path, self.domain)
+            self._silo = load_silo(self.data_path, self.domain, min_users=MIN_USERS_FOR_METRICS)
         return self._silo
 
     def _base_model(self, spec: BaseSpec) -> Recommender:

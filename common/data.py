@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ SPLIT_FILES = {"train": "train.json", "val": "val.json", "test": "test.json"}
 DOMAIN_FILES = (META_FILE, SMAP_FILE, UMAP_FILE, *SPLIT_FILES.values())
 
 _PRIVACY_MESSAGE = "SiloData holds user data and must never leave its silo"
+#: larger files are refused before they are read (override: MERGEREC_MAX_JSON_BYTES)
+MAX_JSON_BYTES = int(os.environ.get("MERGEREC_MAX_JSON_BYTES", str(512 << 20)))
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -143,6 +148,9 @@ def _no_duplicate_keys(name: str):
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"{path}: missing file")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise DataError(f"{path}: {size} bytes, more than the limit of {MAX_JSON_BYTES} (MERGEREC_MAX_JSON_BYTES)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -153,6 +161,8 @@ def _read_json(path: Path) -> Any:
         data = json.loads(text, object_pairs_hook=_no_duplicate_keys(str(path)))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply (this format is at most 3 levels deep)") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: the top level must be a JSON object, got {type(data).__name__}")
     return data
@@ -261,6 +271,10 @@ def load_catalog(path: str | os.PathLike, domain: str | None = None) -> CatalogV
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"{meta_path}: no metadata for item {missing[0]!r} of {SMAP_FILE}{more}")
     meta = _validate(MetaFile, {k: raw_meta[k] for k in keys}, str(meta_path)).root
+    untitled = sum(1 for k in keys if not meta[k].title.strip())
+    if untitled:
+        log.warning("%s: %d of %d items have an empty title (their text is brand and category only)",
+                    meta_path, untitled, n)
     return CatalogView(domain=_domain_name(path, domain), item_keys=tuple(keys), items=tuple(meta[k] for k in keys))
 
 
@@ -377,8 +391,9 @@ def _sequences(path: Path, user_ids: set[int], num_items: int, exactly_one: bool
     return out
 
 
-def load_silo(path: str | os.PathLike, domain: str | None = None) -> SiloData:
-    """Read all six files of a domain folder and check them against each other."""
+def load_silo(path: str | os.PathLike, domain: str | None = None, min_users: int = 1) -> SiloData:
+    """Read all six files of a domain folder and check them against each other. Fewer than `min_users` users
+    (or validation / test users) is an error: a silo serves at least MIN_USERS_FOR_METRICS (5)."""
     path = Path(path)
     for name in DOMAIN_FILES:
         if not (path / name).is_file():
@@ -400,6 +415,11 @@ def load_silo(path: str | os.PathLike, domain: str | None = None) -> SiloData:
     if len(train) != len(umap):
         key, uid = next((k, u) for k, u in umap.items() if u not in train)
         raise DataError(f"{path / UMAP_FILE}: user {key!r} (id {uid}) has no sequence in {SPLIT_FILES['train']}")
+    for file, count in ((UMAP_FILE, len(umap)), (SPLIT_FILES["val"], len(targets["val"])),
+                        (SPLIT_FILES["test"], len(targets["test"]))):
+        if count < max(min_users, 1):
+            raise DataError(f"{path / file}: {count} users, a domain needs at least {max(min_users, 1)} "
+                            "(aggregate metrics leave a silo only over at least that many users)")
     users = sorted(train)
     return SiloData(domain=name, catalog=catalog, users=users, train=[train[u] for u in users],
                     val=targets["val"], test=targets["test"])

@@ -17,7 +17,7 @@ import re
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.config import BackboneConfig, TrainConfig
 
@@ -35,8 +35,21 @@ class ContractError(ValueError):
     """A message that does not satisfy its contract (the reply/handler names what is wrong)."""
 
 
+class SiloReplyError(Exception):
+    """A silo's error reply: a code and a fixed text that holds no user data (clients/client_app.py)."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
 class Header(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    def array_groups(self) -> set[str]:
+        """The exact set of array groups a message with this header carries (decode enforces it)."""
+        return set()
 
 
 class AggregateMetrics(Header):
@@ -109,9 +122,12 @@ class FinetuneReply(Header):
     domain: str
     base_fingerprint: str
     val: AggregateMetrics  # the selection run's best epoch, on validation
-    epochs: int  # epochs of the selection run
-    refit_epochs: int = 0  # epochs of the final fit on train + validation items (0: the best epoch was sent)
-    seconds: float
+    epochs: int = Field(ge=0)  # epochs of the selection run
+    refit_epochs: int = Field(0, ge=0)  # epochs of the final fit on train + validation items (0: best epoch sent)
+    seconds: float = Field(ge=0)
+
+    def array_groups(self) -> set[str]:
+        return {"task_vector"}
 
 
 class TeacherRequest(Header):
@@ -133,8 +149,11 @@ class TeacherReply(Header):
     the request's pseudo_item_ids."""
 
     domain: str
-    num_items: int
-    k: int
+    num_items: int = Field(gt=0)
+    k: int = Field(gt=0)
+
+    def array_groups(self) -> set[str]:
+        return {"teacher"}
 
 
 class EvaluateRequest(Header):
@@ -143,8 +162,11 @@ class EvaluateRequest(Header):
     base: BaseSpec
     split: Literal["val", "test"] = "test"
     models: list[str] = Field(min_length=1)
-    max_users: int | None = None
+    max_users: int | None = Field(None, ge=1)
     seed: int = 0
+
+    def array_groups(self) -> set[str]:
+        return set(self.models)
 
 
 class EvaluateReply(Header):
@@ -172,18 +194,42 @@ def decode(content, header_type: type[Header]) -> tuple[Header, Arrays]:
         cfg = content.config_records["header"]
     except KeyError:
         raise ContractError("message has no 'header' config record") from None
+    # Error texts name only what the receiver knows (field names, counts), never a value the sender chose:
+    # a reply's text could hold anything, and error texts end up in the server's log and report.
+    extra = len(set(content.config_records) - {"header"}) + len(content.metric_records)
+    if extra:
+        raise ContractError(f"{extra} unexpected config/metric record(s): a message is one header + array groups")
+    if set(cfg) != {"type", "json"}:
+        raise ContractError("the header record must hold exactly the entries type and json")
     if cfg.get("type") != header_type.__name__:
-        raise ContractError(f"expected a {header_type.__name__} message, got {cfg.get('type')!r}")
+        raise ContractError(f"expected a {header_type.__name__} message, got another type")
     try:
         header = header_type.model_validate_json(cfg["json"])
-    except Exception as exc:  # pydantic.ValidationError or bad JSON
-        raise ContractError(f"invalid {header_type.__name__}: {exc}") from None
+    except ValidationError as exc:
+        raise ContractError(f"invalid {header_type.__name__}: {_problems(exc, header_type)}") from None
+    except Exception:  # not JSON at all
+        raise ContractError(f"invalid {header_type.__name__}: the header is not valid JSON") from None
     arrays: Arrays = {}
     for key, record in content.array_records.items():
         if not key.startswith("arrays."):
-            raise ContractError(f"unexpected array record {key!r}")
+            raise ContractError("an array record is not named arrays.<group>")
         arrays[key[len("arrays."):]] = {n: a.numpy() for n, a in record.items()}
+    want = header.array_groups()
+    if set(arrays) != want:
+        raise ContractError(f"{header_type.__name__}: array groups missing {sorted(want - set(arrays))[:3]}, "
+                            f"{len(set(arrays) - want)} unexpected")
     return header, arrays
+
+
+def _problems(exc: ValidationError, header_type: type[Header]) -> str:
+    """pydantic errors as '<top-level field>: <error type>' (no input values, no sender-chosen keys)."""
+    parts = []
+    for err in exc.errors(include_url=False)[:3]:
+        loc = err.get("loc") or ("",)
+        field = loc[0] if loc[0] in header_type.model_fields else "an unexpected field"
+        parts.append(f"{field}: {err['type']}")
+    more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+    return "; ".join(parts) + more
 
 
 def check_state_arrays(named: dict[str, np.ndarray], reference: dict[str, tuple[int, ...]], what: str) -> None:
@@ -191,7 +237,7 @@ def check_state_arrays(named: dict[str, np.ndarray], reference: dict[str, tuple[
     missing = sorted(set(reference) - set(named))
     extra = sorted(set(named) - set(reference))
     if missing or extra:
-        raise ContractError(f"{what}: missing parameters {missing[:5]}, unexpected {extra[:5]}")
+        raise ContractError(f"{what}: missing parameters {missing[:5]}, {len(extra)} unexpected")
     for n, a in named.items():
         if a.dtype != np.float32 or tuple(a.shape) != tuple(reference[n]):
             raise ContractError(f"{what}: parameter {n} is {a.dtype}{list(a.shape)}, expected float32{list(reference[n])}")
@@ -201,7 +247,7 @@ def check_state_arrays(named: dict[str, np.ndarray], reference: dict[str, tuple[
 
 def check_teacher_arrays(named: dict[str, np.ndarray], rows: int, num_items: int, k: int) -> None:
     if set(named) != {"indices", "values"}:
-        raise ContractError(f"teacher arrays must be exactly indices/values, got {sorted(named)}")
+        raise ContractError(f"teacher arrays must be exactly indices/values, got {len(named)} other array(s)")
     idx, val = named["indices"], named["values"]
     if idx.shape != (rows, k) or val.shape != (rows, k):
         raise ContractError(f"teacher arrays must be [{rows}, {k}], got {idx.shape} and {val.shape}")

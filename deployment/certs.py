@@ -13,7 +13,7 @@ Writes into OUT:
 
 --keys-only writes only <domain>.key / <domain>.pub (on a silo's own host, so that its private key never
 leaves it; `ssh-keygen -t ecdsa -b 384 -N "" -f <domain>.key` makes the same format). Private keys are chmod 600. Running it again keeps every file that exists (so adding a domain only creates
-that domain's key pair); --force regenerates everything (rotation: re-register the new node keys and
+that domain's key pair; a kept private key that group or others could read is chmod 600 with a warning); --force regenerates everything (rotation: re-register the new node keys and
 restart SuperLink and SuperNodes, see docs/deployment.md). A server certificate whose names differ from
 --hosts, or one the CA did not sign, is an error without --force.
 """
@@ -25,6 +25,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class Material:
     server_key: Path
     node_keys: dict[str, tuple[Path, Path]]  # domain -> (private, public)
     written: list[Path] = field(default_factory=list)
+    fixed: list[Path] = field(default_factory=list)  # kept private keys that others could read: now chmod 600
 
 
 def paths(out: Path, domains: list[str]) -> Material:
@@ -81,6 +83,16 @@ def _write(path: Path, data: bytes, private: bool) -> None:
         f.write(data)
     os.chmod(tmp, 0o600 if private else 0o644)
     os.replace(tmp, path)
+
+
+def _owner_only(path: Path, m: Material) -> None:
+    """A kept private key readable by group or others is made owner-only (chmod 600), with a warning."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(path, 0o600)
+        m.fixed.append(path)
+        print(f"warning: private key {path} had mode {mode:o} (readable by others): changed to 600; if others "
+              "may have read it, regenerate with --force", file=sys.stderr)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -199,6 +211,7 @@ def make_certs(out: Path, domains: list[str], hosts: list[str] | tuple[str, ...]
         m.written += [m.ca_key, m.ca_cert]
         new_ca = True
     else:
+        _owner_only(m.ca_key, m)
         ca_cert = x509.load_pem_x509_certificate(m.ca_cert.read_bytes())
         ca_key = serialization.load_pem_private_key(m.ca_key.read_bytes(), None)
         if ca_cert.public_key().public_numbers() != ca_key.public_key().public_numbers():
@@ -208,6 +221,7 @@ def make_certs(out: Path, domains: list[str], hosts: list[str] | tuple[str, ...]
     # SuperLink server certificate
     have_server = m.server_cert.exists() and m.server_key.exists()
     if have_server and not force and not new_ca:
+        _owner_only(m.server_key, m)
         cert = x509.load_pem_x509_certificate(m.server_cert.read_bytes())
         if not signed_by(cert, ca_cert):
             raise CertError(f"{m.server_cert} is not signed by {m.ca_cert} (regenerate with --force)")
@@ -236,6 +250,7 @@ def _node_keys(m: Material, force: bool) -> None:
             _write(pub_path, pub, private=False)
             m.written += [priv_path, pub_path]
         else:
+            _owner_only(priv_path, m)
             pk = load_node_private_key(priv_path)
             if pk.public_key().public_numbers() != load_node_public_key(pub_path).public_numbers():
                 raise CertError(f"{priv_path} and {pub_path} are not one key pair (regenerate with --force)")
@@ -263,11 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     managed = set() if a.keys_only else {m.ca_cert, m.ca_key, m.server_cert, m.server_key}
-    kept = sorted(managed | {p for pair in m.node_keys.values() for p in pair} - set(m.written))
+    kept = sorted((managed | {p for pair in m.node_keys.values() for p in pair}) - set(m.written))
     for path in m.written:
         print(f"wrote {path}")
     for path in kept:
-        print(f"kept  {path}")
+        print(f"kept  {path}" + ("  (mode fixed to 600)" if path in m.fixed else ""))
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from common.backbones import Recommender, build_backbone, shared_state
@@ -50,15 +50,15 @@ from common.messages import (
     HandshakeRequest,
     TeacherReply,
     TeacherRequest,
-    check_state_arrays,
-    check_teacher_arrays,
 )
 from common.report import markdown_table
 from server.transport import Outcome, Transport
+from server import checkpoint
+from server.validation import check_config, check_evaluate, check_finetune, check_teacher, silo_name, state_norm
 
 log = logging.getLogger(__name__)
 
-STAGES = ["handshake", "finetune", "merge_init", "pseudo_users", "teacher", "coefficients", "evaluate", "artifacts"]
+STAGES = checkpoint.STAGES
 
 
 class PipelineError(RuntimeError):
@@ -70,22 +70,29 @@ class PipelineConfig(Strict):
     train: TrainConfig = TrainConfig()
     baselines: list[str] = Field(default_factory=lambda: ["weight_average", "task_arithmetic", "ties", "dare_ties"])
     init_method: str = "task_arithmetic"
-    granularities: list[Literal["task", "layer"]] = Field(default_factory=lambda: ["task", "layer"])
+    granularities: list[Literal["task", "layer"]] = Field(default_factory=lambda: ["task", "layer"], min_length=1)
     coefficients: CoefficientConfig = CoefficientConfig()
     pseudo_users: Literal["all", "random", "kmeans"] = "all"
-    pseudo_users_n: int | None = None
-    teacher_top_k: int | None = 256
+    pseudo_users_n: int | None = Field(None, ge=1)
+    teacher_top_k: int | None = Field(256, ge=1)
     evaluate_finetuned: bool = True
-    eval_max_users: int | None = None
+    eval_max_users: int | None = Field(None, ge=1)
     catalog_root: Path | None = Field(None, description="server's own catalog view: <root>/<domain>/{meta_data,smap}.json")
     min_silos: int = Field(2, ge=1)
     retries: int = Field(1, ge=0)
     timeout_s: float = Field(3600.0, gt=0)
+    max_task_vector_ratio: float = Field(10.0, gt=0, description="a task vector whose L2 norm exceeds this "
+                                         "many times the base model's norm is refused")
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _known_names(self):
+        check_config(self)
+        return self
+
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (not timeouts/retries/min_silos)."""
-        d = self.model_dump(mode="json", exclude={"min_silos", "retries", "timeout_s"})
+        """Hash of everything that changes results (not timeouts/retries/min_silos/the task-vector bound)."""
+        d = self.model_dump(mode="json", exclude={"min_silos", "retries", "timeout_s", "max_task_vector_ratio"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -104,8 +111,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class Pipeline:
-    def __init__(self, transport: Transport, cfg: PipelineConfig, run_dir: str | Path):
+    def __init__(self, transport: Transport, cfg: PipelineConfig, run_dir: str | Path,
+                 expected: list[str] | None = None):
         self.t = transport
+        self.expected = list(expected or [])  # domains that must take part: each one missing is reported
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -115,21 +124,24 @@ class Pipeline:
         self.base = build_backbone(cfg.backbone, seed=cfg.seed)
         self.base_state = shared_state(self.base)
         self.base_fp = fingerprint(self.base_state)
+        self.base_norm = state_norm(self.base_state)
         self.shapes = {n: tuple(t.shape) for n, t in self.base_state.items()}
         self.spec = BaseSpec(backbone=cfg.backbone, seed=cfg.seed, fingerprint=self.base_fp)
         self.catalogs: dict[str, CatalogView] = {}
 
     # ---------------------------------------------------------------- checkpoint & bookkeeping
     def _load_checkpoint(self) -> dict:
-        if self.ckpt_path.exists():
-            st = json.loads(self.ckpt_path.read_text())
-            if st.get("config") != self.cfg.fingerprint():
-                raise PipelineError(f"run directory {self.run_dir} belongs to a run with another configuration "
-                                    f"({st.get('config')} != {self.cfg.fingerprint()}): use a new run directory")
-            log.info("resuming %s after stage(s): %s", self.run_dir, ", ".join(st["completed"]) or "none")
-            return st
-        return {"config": self.cfg.fingerprint(), "completed": [], "domains": [], "dropped": [], "timings": {},
-                "bytes": {}, "val": {}, "finetune": {}}
+        try:
+            st = checkpoint.load(self.ckpt_path, self.cfg)
+        except checkpoint.CheckpointError as exc:
+            raise PipelineError(str(exc)) from None
+        if st["completed"]:
+            log.info("resuming %s after stage(s): %s", self.run_dir, ", ".join(st["completed"]))
+        return st
+
+    def _record(self, path: Path) -> None:
+        """Remember the SHA-256 of a file a later stage or a resume reads back (checked on resume)."""
+        checkpoint.record(self.state, self.run_dir, path)
 
     def _save(self) -> None:
         _atomic_write(self.ckpt_path, json.dumps(self.state, indent=1))
@@ -153,37 +165,55 @@ class Pipeline:
             raise PipelineError(f"only {len(left)} silo(s) left ({', '.join(left) or 'none'}) after dropping "
                                 f"{domain} at {stage}: {reason}; min-silos is {self.cfg.min_silos}")
 
+    def _note_drop(self, silo: str, stage: str, reason: str) -> None:
+        """Record a silo that is not part of the run without passing the handshake."""
+        if not any(d["domain"] == silo and d["stage"] == stage for d in self.state["dropped"]):
+            self.state["dropped"].append({"domain": silo, "stage": stage, "reason": reason})
+
     def _count(self, o: Outcome, domain: str) -> None:
         b = self.state["bytes"].setdefault(domain, {"sent_to_silo": 0, "received_from_silo": 0})
         b["sent_to_silo"] += o.bytes_down
         b["received_from_silo"] += o.bytes_up
 
-    def _ask(self, stage: str, message_type: str, requests: dict, reply_type, validate=None) -> dict:
-        """requests: domain -> (header, arrays). Retries failures, drops silos that keep failing."""
-        results, todo = {}, dict(requests)
+    def _ask(self, stage: str, message_type: str, requests: dict, reply_type, validate=None, store=None) -> dict:
+        """requests: domain -> (header, arrays). Each reply is validated completely (`validate` raises
+        ValueError) and stored (`store`) as soon as it arrives, so a crash loses only unfinished silos.
+        Failures (error replies, invalid replies) are retried, then the silo is dropped."""
+        results, todo, failed = {}, dict(requests), {}
+
+        def on_reply(h: str, o: Outcome, attempt: int, handles: dict) -> None:
+            d = handles.get(h)
+            if d is None or d in results or d in failed:
+                return
+            self._count(o, d)
+            err = o.error
+            if err is None and validate is not None:
+                try:
+                    validate(d, o)
+                except Exception as exc:  # a reply that breaks a check is the silo's failure, never a crash
+                    err = f"invalid reply: {exc}" if isinstance(exc, ValueError) else \
+                        f"invalid reply: {type(exc).__name__} while checking it"
+            if err is None:
+                results[d] = o
+                if store is not None:
+                    store(d, o)
+            else:
+                log.warning("%s: silo %s failed (attempt %d): %s", stage, d, attempt + 1, err)
+                failed[d] = err
+
         for attempt in range(self.cfg.retries + 1):
             if not todo:
                 break
+            failed.clear()
             handles = {self.handles[d]: d for d in todo if d in self.handles}
             outcomes = self.t.call(message_type, {h: todo[d] for h, d in handles.items()}, reply_type,
-                                   self.cfg.timeout_s)
-            failed = {}
-            for h, d in handles.items():
-                o = outcomes[h]
-                self._count(o, d)
-                err = o.error
-                if err is None and validate is not None:
-                    try:
-                        validate(d, o)
-                    except ValueError as exc:
-                        err = f"invalid reply: {exc}"
-                if err is None:
-                    results[d] = o
-                else:
-                    log.warning("%s: silo %s failed (attempt %d): %s", stage, d, attempt + 1, err)
-                    failed[d] = err
+                                   self.cfg.timeout_s, on_reply=lambda h, o: on_reply(h, o, attempt, handles))
+            for h, o in outcomes.items():  # transports that do not report replies one by one
+                on_reply(h, o, attempt, handles)
             for d in set(todo) - set(handles.values()):
                 failed[d] = "silo not connected"
+            for d in set(todo) - set(results) - set(failed):
+                failed[d] = "no reply"
             todo = {d: todo[d] for d in failed}
             if todo and attempt < self.cfg.retries:
                 self._rehandshake(set(todo))
@@ -204,22 +234,29 @@ class Pipeline:
         for h, o in outcomes.items():
             if o.error:
                 log.warning("handshake: silo %s failed: %s", h, o.error)
+                self._note_drop(silo_name(h, o.error), "handshake", o.error)
                 continue
             r: HandshakeReply = o.header
             if r.base_fingerprint != self.base_fp:
                 msg = (f"silo {r.domain} uses base model {r.base_fingerprint[:16]} but the server's base is "
                        f"{self.base_fp[:16]}: refused")
                 log.error(msg)
-                if r.domain not in {d["domain"] for d in self.state["dropped"]}:
-                    self.state["dropped"].append({"domain": r.domain, "stage": "handshake", "reason": msg})
+                self._note_drop(r.domain, "handshake", msg)
                 continue
             if r.domain in found:
                 raise PipelineError(f"two silos report domain {r.domain!r}: domain names must be unique")
             found[r.domain] = r
             self.handles[r.domain] = h
             self._count(o, r.domain)
-        for domain, r in found.items():
-            self.catalogs[domain] = self._catalog(domain, r)
+        for d in self.expected:
+            if d not in found and not any(x["domain"] == d for x in self.state["dropped"]):
+                self._note_drop(d, "handshake", "expected silo did not answer the handshake")
+        for domain, r in list(found.items()):
+            try:  # a catalog that does not match its fingerprint or size is that silo's failure
+                self.catalogs[domain] = self._catalog(domain, r)
+            except (PipelineError, ValueError) as exc:
+                self._note_drop(domain, "handshake", f"invalid reply: {exc}")
+                del found[domain]
         if resumed:
             missing = [d for d in self.active() if d not in found]
             for d in missing:
@@ -248,6 +285,8 @@ class Pipeline:
             if cat.fingerprint() != r.catalog_fingerprint:
                 raise PipelineError(f"the server's catalog of {domain} differs from the silo's "
                                     f"({cat.fingerprint()[:12]} != {r.catalog_fingerprint[:12]})")
+            if len(cat) != r.num_items:
+                raise PipelineError(f"silo {domain} reports {r.num_items} items, the server's catalog has {len(cat)}")
             return cat
         if r.catalog is None:
             raise PipelineError(f"silo {domain} sent no catalog and the server has none (set catalog-root)")
@@ -268,18 +307,21 @@ class Pipeline:
         req = FinetuneRequest(base=self.spec, train=self.cfg.train)
 
         def validate(domain, o):
-            check_state_arrays(o.arrays.get("task_vector", {}), self.shapes, f"task vector of {domain}")
+            check_finetune(o.header, o.arrays, domain=domain, base_fp=self.base_fp, shapes=self.shapes,
+                           base_norm=self.base_norm, max_ratio=self.cfg.max_task_vector_ratio)
 
-        results = self._ask("finetune", FINETUNE, {d: (req, {}) for d in todo}, FinetuneReply, validate)
-        self._tv_path("x").parent.mkdir(parents=True, exist_ok=True)
-        for d, o in results.items():
+        def store(d, o):  # as soon as the reply is validated: a crash later loses only unfinished silos
+            self._tv_path(d).parent.mkdir(parents=True, exist_ok=True)
             tmp = self._tv_path(d).with_suffix(".tmp")
             save_file(_tensors(o.arrays["task_vector"]), str(tmp))
             tmp.replace(self._tv_path(d))
+            self._record(self._tv_path(d))
             self.state["val"][d] = o.header.val.model_dump()
             self.state["finetune"][d] = {"epochs": o.header.epochs, "refit_epochs": o.header.refit_epochs,
                                          "seconds": round(o.header.seconds, 2)}
             self._save()
+
+        self._ask("finetune", FINETUNE, {d: (req, {}) for d in todo}, FinetuneReply, validate, store)
         self._done("finetune", time.perf_counter() - t0)
 
     def task_vectors(self, domains: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -313,6 +355,7 @@ class Pipeline:
                                       item_embeddings=feats, seed=self.cfg.seed)
             chosen[d] = ids.tolist()
         _atomic_write(self.run_dir / "pseudo_users.json", json.dumps(chosen))
+        self._record(self.run_dir / "pseudo_users.json")
         self._done("pseudo_users", time.perf_counter() - t0)
 
     def _teacher_path(self, domain: str) -> Path:
@@ -325,13 +368,18 @@ class Pipeline:
         reqs = {d: (TeacherRequest(base=self.spec, pseudo_item_ids=chosen[d], top_k=self.cfg.teacher_top_k), {}) for d in todo}
 
         def validate(domain, o):
-            r: TeacherReply = o.header
-            check_teacher_arrays(o.arrays.get("teacher", {}), len(chosen[domain]), len(self.catalogs[domain]), r.k)
+            check_teacher(o.header, o.arrays, domain=domain, rows=len(chosen[domain]),
+                          num_items=len(self.catalogs[domain]), top_k=self.cfg.teacher_top_k)
 
-        results = self._ask("teacher", TEACHER, reqs, TeacherReply, validate)
-        self._teacher_path("x").parent.mkdir(parents=True, exist_ok=True)
-        for d, o in results.items():
-            np.savez(self._teacher_path(d), **o.arrays["teacher"])
+        def store(d, o):
+            self._teacher_path(d).parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._teacher_path(d).with_suffix(".tmp.npz")
+            np.savez(tmp, **o.arrays["teacher"])
+            tmp.replace(self._teacher_path(d))
+            self._record(self._teacher_path(d))
+            self._save()
+
+        self._ask("teacher", TEACHER, reqs, TeacherReply, validate, store)
         self._done("teacher", time.perf_counter() - t0)
 
     def coefficients(self) -> None:
@@ -354,6 +402,7 @@ class Pipeline:
             learned[gran] = {"domains": domains, "groups": list(res.groups), "W": res.W.tolist(),
                              "final_loss": res.history[-1]["loss"] if res.history else None}
         _atomic_write(self.run_dir / "coefficients.json", json.dumps(learned, indent=1))
+        self._record(self.run_dir / "coefficients.json")
         self._done("coefficients", time.perf_counter() - t0)
 
     def mergerec_states(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -380,9 +429,13 @@ class Pipeline:
         models = self.candidate_models()
         arrays = {name: _numpy(s) for name, s in models.items()}
         req = EvaluateRequest(base=self.spec, split="test", models=list(models), max_users=self.cfg.eval_max_users, seed=self.cfg.seed)
-        results = self._ask("evaluate", EVALUATE, {d: (req, arrays) for d in self.active()}, EvaluateReply)
+        def validate(domain, o):
+            check_evaluate(o.header, o.arrays, domain=domain, models=req.models)
+
+        results = self._ask("evaluate", EVALUATE, {d: (req, arrays) for d in self.active()}, EvaluateReply, validate)
         metrics = {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}
         _atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
+        self._record(self.run_dir / "metrics.json")
         self._done("evaluate", time.perf_counter() - t0)
 
     def artifacts(self) -> dict:
@@ -422,6 +475,7 @@ class Pipeline:
                 raise PipelineError(f"run directory {self.run_dir} is in use by another running pipeline: "
                                     "wait for it, stop it (flwr stop), or use another run-dir") from None
             self.handshake()
+            checkpoint.verify_run(self)
             for stage in STAGES[1:]:
                 if stage in self.state["completed"] and stage != "artifacts":
                     continue

@@ -32,6 +32,6 @@ def main(grid: Grid, context: Context) -> None:
     cfg, run_dir, server = pipeline_config(dict(context.run_config))
     wait_for_nodes(grid, server["min_nodes"], server["node_wait_s"])
     recorder = MessageRecorder(server["record_messages"]) if server["record_messages"] else None
-    report = Pipeline(FlowerTransport(grid, observer=recorder), cfg, run_dir).run()
+    report = Pipeline(FlowerTransport(grid, observer=recorder), cfg, run_dir, expected=server["expect_domains"]).run()
     print(results_table(report))
     print(f"report: {run_dir.resolve() / 'report.json'}")

@@ -89,7 +89,7 @@ def run_simulation(domains: list[str], data_root: Path, run_dir: Path, run_confi
     try:
         wait_healthy(http_port, link)
         rc = " ".join([f"run-dir='{run_dir}'", f"data-root='{data_root}'", f"domains='{','.join(domains)}'",
-                       f"min-nodes={len(domains)}", run_config]).strip()
+                       f"expect-domains='{','.join(domains)}'", f"min-nodes={len(domains)}", run_config]).strip()
         cmd = ["flwr", "run", str(ROOT), "sim", "--stream", "--run-config", rc, "--federation-config",
                f"num-supernodes={len(domains)} client-resources-num-cpus={cpus_per_silo}"]
         report = run_dir / "report.json"
@@ -107,6 +107,16 @@ def run_simulation(domains: list[str], data_root: Path, run_dir: Path, run_confi
     finally:
         stop(link)
         link_log.close()
+
+
+EXIT_COMPLETE, EXIT_FAILED, EXIT_DEGRADED = 0, 1, 3
+
+
+def exit_status(report: dict, expected: list[str]) -> int:
+    """0: completed with every expected silo; 3: completed, some silo dropped or missing (report.json names
+    them); 1 (main): the run failed."""
+    missing = set(expected) - set(report.get("active", []))
+    return EXIT_DEGRADED if report.get("dropped") or missing else EXIT_COMPLETE
 
 
 def main(argv=None) -> int:
@@ -133,7 +143,11 @@ def main(argv=None) -> int:
         ap.error(f"need at least two domain folders under {data_root}, found {domains}")
     run_dir = (args.run_dir or ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     print(f"federated run over {', '.join(domains)} -> {run_dir} (logs: flwr-run.log, superlink.log)")
-    report = run_simulation(domains, data_root, run_dir, args.run_config, args.cpus_per_silo)
+    try:
+        report = run_simulation(domains, data_root, run_dir, args.run_config, args.cpus_per_silo)
+    except RuntimeError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     rows = []
     for domain, per_model in sorted(report["metrics"].items()):
         for model, m in per_model.items():
@@ -143,7 +157,7 @@ def main(argv=None) -> int:
         print("dropped silos:", json.dumps(report["dropped"]))
     print(f"stage timings (s): {json.dumps(report['timings'])}")
     print(f"report: {run_dir / 'report.json'}")
-    return 0
+    return exit_status(report, domains)
 
 
 if __name__ == "__main__":

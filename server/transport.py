@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from common.messages import Arrays, ContractError, Header, decode, encode
+from common.messages import Arrays, ContractError, Header, SiloReplyError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ class Transport(Protocol):
         """Opaque silo handles currently reachable (node ids as strings, or domain names)."""
 
     def call(self, message_type: str, requests: dict[str, tuple[Header, Arrays]], reply_type: type[Header],
-             timeout: float) -> dict[str, Outcome]:
-        """Send one request per silo, wait up to `timeout` seconds, return an outcome per silo."""
+             timeout: float, on_reply=None) -> dict[str, Outcome]:
+        """Send one request per silo, wait up to `timeout` seconds, return an outcome per silo; `on_reply(silo,
+        outcome)` is called for each outcome as soon as it is known."""
 
 
 def record_bytes(content) -> int:
@@ -65,8 +66,15 @@ class InProcessTransport:
     def silos(self) -> list[str]:
         return list(self.endpoints)
 
-    def call(self, message_type, requests, reply_type, timeout):
+    def call(self, message_type, requests, reply_type, timeout, on_reply=None):
         out = {}
+        for silo, o in self._call(message_type, requests, reply_type):
+            out[silo] = o
+            if on_reply is not None:
+                on_reply(silo, o)
+        return out
+
+    def _call(self, message_type, requests, reply_type):
         for silo, (header, arrays) in requests.items():
             content = encode(header, arrays)
             sent = record_bytes(content)
@@ -74,13 +82,21 @@ class InProcessTransport:
                 self.observer("down", silo, message_type, content)
             try:
                 reply = self.endpoints[silo](message_type, content)
+            except SiloReplyError as exc:  # the silo's own error reply (clients.client_app.safe_handle)
+                o = Outcome(silo, error=f"silo error {exc.code}: {exc.reason}", bytes_down=sent)
+                if self.observer:
+                    self.observer("error", silo, message_type, o.error)
+                yield silo, o
+                continue
             except Exception as exc:  # a crashing silo is an error outcome, like Flower's error reply
-                out[silo] = Outcome(silo, error=f"{type(exc).__name__}: {exc}", bytes_down=sent)
+                o = Outcome(silo, error=f"{type(exc).__name__}: {exc}", bytes_down=sent)
+                if self.observer:
+                    self.observer("error", silo, message_type, o.error)
+                yield silo, o
                 continue
             if self.observer:
                 self.observer("up", silo, message_type, reply)
-            out[silo] = _decode_reply(silo, reply, reply_type, sent)
-        return out
+            yield silo, _decode_reply(silo, reply, reply_type, sent)
 
 
 class FlowerTransport:
@@ -94,7 +110,7 @@ class FlowerTransport:
     def silos(self) -> list[str]:
         return [str(n) for n in self.grid.get_node_ids()]
 
-    def call(self, message_type, requests, reply_type, timeout):
+    def call(self, message_type, requests, reply_type, timeout, on_reply=None):
         from flwr.app import Message
 
         msgs, by_id, sent = [], {}, {}
@@ -121,21 +137,28 @@ class FlowerTransport:
                 if reply.has_error():
                     err = reply.error
                     out[silo] = Outcome(silo, error=f"Flower error {err.code}: {err.reason}", bytes_down=sent[silo])
-                    continue
-                if self.observer:
-                    self.observer("up", silo, message_type, reply.content)
-                out[silo] = _decode_reply(silo, reply.content, reply_type, sent[silo])
+                    if self.observer:
+                        self.observer("error", silo, message_type, out[silo].error)
+                else:
+                    if self.observer:
+                        self.observer("up", silo, message_type, reply.content)
+                    out[silo] = _decode_reply(silo, reply.content, reply_type, sent[silo])
+                if on_reply is not None:
+                    on_reply(silo, out[silo])
             if pending:
                 time.sleep(0.5)
         for mid in pending:
             silo = by_id[mid]
             out[silo] = Outcome(silo, error=f"no reply within {timeout:.0f}s", bytes_down=sent[silo])
+            if on_reply is not None:
+                on_reply(silo, out[silo])
         return out
 
 
 class MessageRecorder:
     """Observer that writes every message (both directions) to a folder: `NNNNN-<dir>-<type>-<silo>.json`
-    (the header record) and `.npz` (every array). For audits and the end-to-end privacy test."""
+    (every config and metric record, bytes as base64, or the text of an error reply) and `.npz` (every
+    array of every array record). For audits and the privacy tests (tests/privacy.py)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -149,7 +172,24 @@ class MessageRecorder:
 
         stem = f"{self.count:05d}-{direction}-{message_type}-{silo}"
         self.count += 1
-        header = {k: dict(v) for k, v in content.config_records.items()}
-        (self.folder / f"{stem}.json").write_text(json.dumps(header))
+        if isinstance(content, str):  # direction "error": the error text a silo's reply carried
+            (self.folder / f"{stem}.json").write_text(json.dumps({"error": content}))
+            return
+        records = {"config": {k: _plain(dict(v)) for k, v in content.config_records.items()},
+                   "metric": {k: _plain(dict(v)) for k, v in content.metric_records.items()}}
+        (self.folder / f"{stem}.json").write_text(json.dumps(records))
         arrays = {f"{g}/{n}": a.numpy() for g, rec in content.array_records.items() for n, a in rec.items()}
         np.savez(self.folder / f"{stem}.npz", **arrays)
+
+
+def _plain(value):
+    """Record values -> JSON (bytes as {"__bytes__": base64})."""
+    import base64
+
+    if isinstance(value, bytes):
+        return {"__bytes__": base64.b64encode(value).decode()}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

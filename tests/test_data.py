@@ -306,3 +306,37 @@ def test_silo_constructor_checks_alignment(domain):
     cat = load_catalog(domain)
     with pytest.raises(DataError, match="2 users but 1 train"):
         SiloData("x", cat, [0, 1], [[0]], {}, {})
+
+
+# --------------------------------------------------------------------------------------------------------
+# guards: nesting depth, file size, too few users, empty titles
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_deeply_nested_json_names_the_file(tmp_path):
+    folder = _write(tmp_path / "Shop", val='{"0": ' + "[" * 200000 + "]" * 200000 + "}")
+    assert "val.json: JSON nested too deeply" in _error(folder)
+
+
+def test_oversized_file_is_refused_before_reading(tmp_path, monkeypatch):
+    import common.data as data
+
+    folder = _write(tmp_path / "Shop")
+    monkeypatch.setattr(data, "MAX_JSON_BYTES", 64)
+    assert "meta_data.json" in (msg := _error(folder)) and "more than the limit of 64" in msg
+
+
+def test_too_few_users_is_refused_at_load(domain, tmp_path):
+    msg = _error(domain, lambda f: load_silo(f, min_users=5))
+    assert "umap.json: 3 users, a domain needs at least 5" in msg
+    empty = _write(tmp_path / "Empty", umap={}, train={}, val={}, test={})
+    assert "umap.json: 0 users" in _error(empty)
+
+
+def test_empty_titles_are_counted_in_a_warning(tmp_path, caplog):
+    meta = {**META, "K1": {"title": "", "brand": "Acme"}, "K3": {"brand": "Sky"}}
+    folder = _write(tmp_path / "Shop", meta_data=meta)
+    with caplog.at_level("WARNING", logger="common.data"):
+        load_catalog(folder)
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "2 of 4 items have an empty title (their text is brand and category only)"]

@@ -167,6 +167,28 @@ def test_cli(tmp_path, capsys):
     assert certs.main(["--out", str(tmp_path / "s"), "--domains", "x", "--hosts", "10.0.0.1"]) == 1
 
 
+def test_cli_reports_written_and_kept_files_exactly(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert certs.main(["--out", str(out), "--domains", "x", "--hosts", "127.0.0.1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(ln.split()[0] for ln in lines) == ["wrote"] * 6
+    assert certs.main(["--out", str(out), "--domains", "x,y", "--hosts", "127.0.0.1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(Path(ln.split()[1]).name for ln in lines if ln.startswith("wrote")) == ["y.key", "y.pub"]
+    assert sorted(Path(ln.split()[1]).name for ln in lines if ln.startswith("kept")) == [
+        "ca.crt", "ca.key", "server.key", "server.pem", "x.key", "x.pub"]
+
+
+@pytest.mark.parametrize("name", ["ca.key", "server.key", "a.key"])
+def test_kept_private_key_readable_by_others_is_fixed_with_a_warning(tmp_path, capsys, name):
+    certs.make_certs(tmp_path, ["a"], ["127.0.0.1"])
+    os.chmod(tmp_path / name, 0o644)
+    m = certs.make_certs(tmp_path, ["a"], ["127.0.0.1"])
+    assert m.fixed == [tmp_path / name] and m.written == []
+    assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    assert f"private key {tmp_path / name} had mode 644" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- local stack
 
 

@@ -130,6 +130,7 @@ def test_supernode_killed_during_finetuning_is_dropped(world, tmp_path):
     assert [d["domain"] for d in report["dropped"]] == ["kitchen"]
     assert report["dropped"][0]["stage"] == "finetune"
     assert "kitchen" not in report["metrics"] and set(report["metrics"]) == {"garden", "outdoor"}
+    assert assert_no_user_data(recorded_messages(tmp_path / "messages"), [root / "data" / d for d in DOMAINS]) >= 12
 
 
 def test_serverapp_stopped_after_finetuning_resumes_without_finetuning_again(world, tmp_path):
@@ -154,3 +155,21 @@ def test_serverapp_stopped_after_finetuning_resumes_without_finetuning_again(wor
     report = json.loads((run_dir / "report.json").read_text())
     assert sorted(report["active"]) == DOMAINS
     assert "mergerec-layer" in report["metrics"]["garden"]
+    assert assert_no_user_data(recorded_messages(msgs), [root / "data" / d for d in DOMAINS]) >= 24
+
+
+def test_simulation_run_leaks_nothing(world, tmp_path):
+    """`python -m server.simulate`'s path (simulation SuperLink, Ray): every recorded message passes the
+    privacy check, and every expected silo took part."""
+    from deployment.local import format_run_config
+    from server.simulate import exit_status, run_simulation
+
+    root, enc = world
+    rc = {"encoder": str(enc), "cache-dir": str(root / "cache"), "silo-state-root": str(tmp_path / "state"),
+          "epochs": 2, "coef-steps": 10, "teacher-top-k": 16, "baselines": "task_arithmetic",
+          "granularities": "task", "record-messages": str(tmp_path / "messages"), "timeout-s": 300.0}
+    report = run_simulation(DOMAINS, root / "data", tmp_path / "run", format_run_config(rc), timeout=900)
+    assert sorted(report["active"]) == DOMAINS and report["dropped"] == []
+    assert exit_status(report, DOMAINS) == 0
+    n = assert_no_user_data(recorded_messages(tmp_path / "messages"), [root / "data" / d for d in DOMAINS])
+    assert n >= 24

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.client_app import handle
+from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
 from common.config import BackboneConfig, TrainConfig
 from common.demo import make_demo
@@ -40,7 +40,7 @@ def _transport(dirs, root, observer=None, broken: dict | None = None):
     endpoints = {}
     for d in dirs:
         w = SiloWorker(d.name, d, state_dir=root / "state" / d.name, cache_dir=root / "cache")
-        fn = (lambda w: (lambda mt, c: handle(w, mt, c)))(w)
+        fn = in_process_endpoint(w)
         if broken and d.name in broken:
             fn = broken[d.name](fn)
         endpoints[d.name] = fn

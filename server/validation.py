@@ -1,0 +1,137 @@
+"""Server-side checks of every silo reply, run before anything of it is stored (and again on stored files
+when a run resumes). Each check raises ContractError; the pipeline treats that as the silo's failure
+(retry, then drop, with the reason in report.json).
+
+Error texts name only what the server already knows (its own parameter names, counts, the request's
+values): a reply may hold anything, and these texts go to the server's log and report.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from common.messages import (
+    AggregateMetrics,
+    ContractError,
+    EvaluateReply,
+    FinetuneReply,
+    TeacherReply,
+    check_state_arrays,
+    check_teacher_arrays,
+)
+from common.metrics import DEFAULT_KS
+
+METRIC_KEYS = frozenset(f"{m}@{k}" for m in ("recall", "ndcg") for k in DEFAULT_KS)
+
+
+def state_norm(named) -> float:
+    """L2 norm over every parameter, in float64 (a float32 sum of squares overflows for huge entries)."""
+    total = 0.0
+    for a in named.values():
+        x = np.asarray(a, dtype=np.float64).reshape(-1)
+        total += float(np.dot(x, x))
+    return math.sqrt(total)
+
+
+def check_task_vector(named, shapes: dict, base_norm: float, max_ratio: float, what: str) -> None:
+    """Names, shapes, float32, finite (check_state_arrays) and ||tau|| <= max_ratio * ||theta_base||."""
+    check_state_arrays(named, shapes, what)
+    norm = state_norm(named)
+    if not math.isfinite(norm) or norm > max_ratio * base_norm:
+        raise ContractError(f"{what}: norm {norm:.3g} exceeds {max_ratio:g} x the base model's norm "
+                            f"{base_norm:.3g} (max-task-vector-ratio)")
+
+
+def _same(got: str, want: str, field: str) -> None:
+    if got != want:
+        raise ContractError(f"{field} differs from the handshake's (expected {want[:16]})")
+
+
+def check_finetune(reply: FinetuneReply, arrays, *, domain: str, base_fp: str, shapes: dict, base_norm: float,
+                   max_ratio: float) -> None:
+    _same(reply.domain, domain, "domain")
+    _same(reply.base_fingerprint, base_fp, "base fingerprint")
+    for name in ("seconds", "epochs", "refit_epochs"):
+        v = getattr(reply, name)
+        if not math.isfinite(v) or v < 0:
+            raise ContractError(f"{name} must be finite and >= 0")
+    check_metrics(reply.val, "validation metrics")
+    check_task_vector(arrays["task_vector"], shapes, base_norm, max_ratio, f"task vector of {domain}")
+
+
+def check_metrics(m: AggregateMetrics, what: str) -> None:
+    if set(m.values) != METRIC_KEYS:
+        raise ContractError(f"{what}: metric names must be exactly {sorted(METRIC_KEYS)}")
+    if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in m.values.values()):
+        raise ContractError(f"{what}: metric values must be finite and in [0, 1]")
+
+
+def expected_k(top_k: int | None, num_items: int) -> int:
+    return num_items if top_k is None or top_k >= num_items else top_k
+
+
+def check_teacher(reply: TeacherReply, arrays, *, domain: str, rows: int, num_items: int,
+                  top_k: int | None) -> None:
+    _same(reply.domain, domain, "domain")
+    if reply.num_items != num_items:
+        raise ContractError(f"num_items differs from the catalog's {num_items}")
+    k = expected_k(top_k, num_items)
+    if reply.k != k:
+        raise ContractError(f"k must be {k} (top-k asked {top_k}, catalog of {num_items} items)")
+    check_teacher_top(arrays["teacher"], rows, num_items, k)
+
+
+def check_teacher_top(named, rows: int, num_items: int, k: int) -> None:
+    """Shapes, dtypes, index range; finite values sorted descending per row; no repeated index in a row."""
+    if k > num_items:
+        raise ContractError(f"k {k} exceeds the catalog's {num_items} items")
+    check_teacher_arrays(named, rows, num_items, k)
+    idx, val = named["indices"], named["values"]
+    if not np.isfinite(val).all():
+        raise ContractError("teacher values must be finite")
+    if k > 1 and (np.diff(val, axis=1) > 0).any():
+        raise ContractError("teacher values must be sorted descending in every row")
+    if k > 1 and (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
+        raise ContractError("teacher indices repeat within a row")
+
+
+def check_evaluate(reply: EvaluateReply, arrays, *, domain: str, models: list[str]) -> None:
+    _same(reply.domain, domain, "domain")
+    missing = sorted(set(models) - set(reply.metrics))
+    unasked = len(set(reply.metrics) - set(models))
+    if missing or unasked:
+        raise ContractError(f"metrics must cover exactly the models asked for: missing {missing[:3]}, "
+                            f"{unasked} not asked for")
+    for name in models:
+        check_metrics(reply.metrics[name], f"metrics of {name}")
+
+
+def check_config(cfg) -> None:
+    """Names the pydantic types cannot check: merge methods against the registry, the init method's
+    coefficient default, duplicates. Messages start with the run-config key (server/config.py)."""
+    from common.merging import methods as merge_methods
+    from common.merging.coefficients import DEFAULT_INIT
+
+    known = merge_methods.method_names()
+    bad = [b for b in cfg.baselines if b not in known]
+    if bad:
+        raise ValueError(f"baselines: unknown merge method(s) {bad}; known: {known}")
+    if len(set(cfg.baselines)) != len(cfg.baselines):
+        raise ValueError("baselines: a method is listed twice")
+    if cfg.init_method not in known:
+        raise ValueError(f"init-method: unknown merge method {cfg.init_method!r}; known: {known}")
+    if cfg.coefficients.init is None and cfg.init_method not in {*DEFAULT_INIT, "weight_average"}:
+        raise ValueError(f"init-method: {cfg.init_method!r} has no default coefficient init; "
+                         f"use one of {sorted({*DEFAULT_INIT, 'weight_average'})}")
+    if len(set(cfg.granularities)) != len(cfg.granularities):
+        raise ValueError("granularities: a granularity is listed twice")
+
+
+def silo_name(handle: str, error: str) -> str:
+    """A failed silo's name for the report: through Flower a handle is a node id, but a silo's own error reply
+    names its domain ("silo <domain>: ...", clients/client_app.py)."""
+    named = re.match(r"^(?:Flower|silo) error \d+: silo ([A-Za-z0-9_.-]{1,64}): ", error)
+    return named.group(1) if named else handle

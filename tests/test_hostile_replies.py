@@ -1,0 +1,209 @@
+"""Hostile replies through the real message path (in-process transport, real silos, one silo's reply corrupted
+after it is encoded). Each must drop only that silo, with the stage and reason in report.json, while the run
+finishes with the other two; a resume afterwards works.
+
+Fine-tuning is shared: a module fixture fine-tunes the 3 silos once (and one more runs through the
+coefficients); each case copies the run directory of the stage before the one under test."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from clients.client_app import in_process_endpoint
+from clients.silo import SiloWorker
+from common.config import BackboneConfig, TrainConfig
+from common.demo import make_demo
+from common.merging.coefficients import CoefficientConfig
+from server.pipeline import Pipeline, PipelineConfig
+from server.transport import InProcessTransport
+
+from helpers import make_tiny_encoder
+
+BAD = "kitchen"  # the hostile silo; garden and outdoor are honest
+
+
+def _cfg(enc, root) -> PipelineConfig:
+    bb = BackboneConfig(kind="light", encoder=str(enc), layers=1, heads=2, cache_dir=root / "cache")
+    return PipelineConfig(backbone=bb, train=TrainConfig(epochs=1, batch_size=32, progress=False, warmup_steps=2),
+                          coefficients=CoefficientConfig(steps=3, batch_size=8), baselines=["task_arithmetic"],
+                          granularities=["task"], evaluate_finetuned=False, teacher_top_k=8, min_silos=2,
+                          retries=1, timeout_s=60)
+
+
+def _transport(world, corrupt=None, stage_type=None, observer=None) -> InProcessTransport:
+    root, enc, dirs = world
+    endpoints = {}
+    for d in dirs:
+        fn = in_process_endpoint(SiloWorker(d.name, d, state_dir=root / "state" / d.name, cache_dir=root / "cache"))
+        if corrupt is not None and d.name == BAD:
+            fn = (lambda fn: lambda mt, c: corrupt(fn(mt, c)) if mt == stage_type else fn(mt, c))(fn)
+        endpoints[d.name] = fn
+    return InProcessTransport(endpoints, observer)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    enc = make_tiny_encoder(root / "enc")
+    dirs = make_demo(root / "data", n_domains=3, n_items=40, n_users=30, seed=2)
+    w = (root, enc, dirs)
+    p = Pipeline(_transport(w), _cfg(enc, root), root / "after-finetune")
+    p.handshake()
+    p.finetune()
+    shutil.copytree(root / "after-finetune", root / "after-coefficients")
+    p = Pipeline(_transport(w), _cfg(enc, root), root / "after-coefficients")
+    p.handshake()
+    for stage in ("merge_init", "pseudo_users", "teacher", "coefficients"):
+        getattr(p, stage)()
+    return w
+
+
+# ------------------------------------------------------------------------------------------ corruptions
+def _copy(c) -> RecordDict:
+    out = RecordDict()
+    for k, v in c.items():
+        out[k] = v
+    return out
+
+
+def _header(update):
+    def corrupt(c):
+        h = json.loads(c.config_records["header"]["json"])
+        update(h)
+        out = _copy(c)
+        out["header"] = ConfigRecord({"type": c.config_records["header"]["type"], "json": json.dumps(h)})
+        return out
+    return corrupt
+
+
+def _arrays(group, update):
+    def corrupt(c):
+        named = {n: a.numpy().copy() for n, a in c.array_records[f"arrays.{group}"].items()}
+        update(named)
+        out = _copy(c)
+        out[f"arrays.{group}"] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in named.items()})
+        return out
+    return corrupt
+
+
+def _add(name, record):
+    def corrupt(c):
+        out = _copy(c)
+        out[name] = record
+        return out
+    return corrupt
+
+
+def _first(named, fn):
+    n = sorted(named)[0]
+    named[n] = fn(named[n])
+
+
+def _set(key, value):
+    return _header(lambda h: h.__setitem__(key, value))
+
+
+def _nan_metric(h):
+    h["metrics"][next(iter(h["metrics"]))]["values"]["ndcg@10"] = math.nan
+
+
+def _extra_metric(h):
+    h["metrics"][next(iter(h["metrics"]))]["values"]["recall@7"] = 0.1
+
+
+def _unasked_model(h):
+    h["metrics"]["never-asked"] = next(iter(h["metrics"].values()))
+
+
+def _missing_model(h):
+    h["metrics"].pop(next(iter(h["metrics"])))
+
+
+def _too_big_k(named):
+    for n, fill in (("indices", 0), ("values", -1.0)):
+        named[n] = np.concatenate([named[n], np.full((named[n].shape[0], 40), fill, named[n].dtype)], axis=1)
+
+
+HANDSHAKE = {
+    "catalog fingerprint mismatch": _set("catalog_fingerprint", "0" * 64),
+    "num_items differs from the catalog": _set("num_items", 7),
+    "extra array group": _add("arrays.extra", ArrayRecord({"x": Array(np.zeros(3, np.float32))})),
+}
+FINETUNE = {
+    "task vector NaN": _arrays("task_vector", lambda t: _first(t, lambda a: np.where(a == a, np.nan, a))),
+    "task vector Inf": _arrays("task_vector", lambda t: _first(t, lambda a: np.full_like(a, np.inf))),
+    "task vector huge finite": _arrays("task_vector", lambda t: _first(t, lambda a: np.full_like(a, 3e38))),
+    "task vector wrong shape": _arrays("task_vector", lambda t: _first(t, lambda a: a.reshape(-1)[:-1].copy())),
+    "task vector float64": _arrays("task_vector", lambda t: _first(t, lambda a: a.astype(np.float64))),
+    "task vector extra array": _arrays("task_vector", lambda t: t.__setitem__("extra", np.zeros(3, np.float32))),
+    "extra array group": _add("arrays.extra", ArrayRecord({"x": Array(np.zeros(3, np.float32))})),
+    "extra config record": _add("note", ConfigRecord({"x": "y"})),
+    "extra metric record": _add("m", MetricRecord({"x": 1.0})),
+    "wrong base fingerprint": _set("base_fingerprint", "0" * 64),
+    "wrong domain (blames another silo)": _set("domain", "garden"),
+    "seconds NaN": _set("seconds", math.nan),
+    "seconds Inf": _set("seconds", math.inf),
+    "extra header field": _set("note", "x"),
+}
+TEACHER = {
+    "values NaN": _arrays("teacher", lambda t: t["values"].__setitem__((0, 0), np.nan)),
+    "values Inf": _arrays("teacher", lambda t: t["values"].__setitem__((0, 0), np.inf)),
+    "values unsorted": _arrays("teacher", lambda t: t.__setitem__("values", t["values"][:, ::-1].copy())),
+    "duplicate indices": _arrays("teacher", lambda t: t["indices"].__setitem__((0, 1), t["indices"][0, 0])),
+    "k > items": lambda c: _set("k", 48)(_arrays("teacher", _too_big_k)(c)),
+    "wrong shape": _arrays("teacher", lambda t: t.update(indices=t["indices"][1:], values=t["values"][1:])),
+    "wrong num_items": _set("num_items", 41),
+    "wrong domain": _set("domain", "outdoor"),
+    "extra array group": _add("arrays.extra", ArrayRecord({"x": Array(np.zeros(3, np.float32))})),
+}
+EVALUATE = {
+    "unasked model": _header(_unasked_model),
+    "missing model": _header(_missing_model),
+    "extra metric key": _header(_extra_metric),
+    "NaN metric": _header(_nan_metric),
+    "wrong domain": _set("domain", "garden"),
+    "extra metric record": _add("m", MetricRecord({"x": 1.0})),
+}
+CASES = ([("handshake", "query.handshake", k, v) for k, v in HANDSHAKE.items()]
+         + [("finetune", "train.finetune", k, v) for k, v in FINETUNE.items()]
+         + [("teacher", "query.teacher", k, v) for k, v in TEACHER.items()]
+         + [("evaluate", "evaluate.merged", k, v) for k, v in EVALUATE.items()])
+
+
+def _start(world, tmp_path, stage):
+    """A copy of the shared run directory, ready for `stage` (for fine-tuning: the bad silo's result removed)."""
+    root = world[0]
+    run = tmp_path / "run"
+    shutil.copytree(root / ("after-coefficients" if stage == "evaluate" else "after-finetune"), run)
+    if stage == "finetune":
+        (run / "task_vectors" / f"{BAD}.safetensors").unlink()
+        ck = json.loads((run / "checkpoint.json").read_text())
+        ck["completed"].remove("finetune")
+        ck["val"].pop(BAD)
+        ck["finetune"].pop(BAD)
+        ck["files"].pop(f"task_vectors/{BAD}.safetensors")
+        (run / "checkpoint.json").write_text(json.dumps(ck))
+    return run
+
+
+@pytest.mark.parametrize("stage,message_type,name,corrupt", CASES, ids=[f"{c[0]}: {c[2]}" for c in CASES])
+def test_hostile_reply_drops_only_that_silo(world, tmp_path, stage, message_type, name, corrupt):
+    root, enc, dirs = world
+    run = _start(world, tmp_path, stage)
+    report = Pipeline(_transport(world, corrupt, message_type), _cfg(enc, root), run).run()
+    assert [(d["domain"], d["stage"]) for d in report["dropped"]] == [(BAD, stage)], report["dropped"]
+    assert report["dropped"][0]["reason"].startswith(("invalid reply", "malformed reply"))
+    assert sorted(report["active"]) == ["garden", "outdoor"]
+    assert sorted(report["metrics"]) == ["garden", "outdoor"] and "mergerec-task" in report["metrics"]["garden"]
+    on_disk = json.loads((run / "report.json").read_text())
+    assert on_disk["dropped"] == report["dropped"] and on_disk["active"] == report["active"]
+    sent = []
+    again = Pipeline(_transport(world, observer=lambda dr, silo, mt, c: sent.append(mt)), _cfg(enc, root), run).run()
+    assert again["dropped"] == report["dropped"] and again["metrics"] == report["metrics"]
+    assert set(sent) == {"query.handshake"}  # resume: stored files re-checked and reused, nothing redone

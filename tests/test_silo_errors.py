@@ -1,0 +1,114 @@
+"""A silo whose data is broken: it is named in report.json with its stage and reason, and no user key or
+user sequence reaches any server-side log, error text, recorded message, checkpoint or report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from clients.client_app import in_process_endpoint
+from clients.silo import SiloWorker
+from common.config import BackboneConfig, TrainConfig
+from common.demo import make_demo
+from common.merging.coefficients import CoefficientConfig
+from server.pipeline import Pipeline, PipelineConfig
+from server.simulate import exit_status
+from server.transport import InProcessTransport, MessageRecorder
+
+from helpers import make_tiny_encoder
+from privacy import find_leaks, recorded_messages
+
+
+def _break_val(folder) -> None:
+    """One user's validation entry holds their whole train sequence: load_silo's DataError quotes it."""
+    val = json.loads((folder / "val.json").read_text())
+    train = json.loads((folder / "train.json").read_text())
+    user = next(u for u, s in train.items() if len(s) >= 3)
+    val[user] = train[user]
+    (folder / "val.json").write_text(json.dumps(val))
+
+
+def _break_umap(folder) -> None:
+    """A user key with no sequence: load_silo's DataError quotes the user key."""
+    umap = json.loads((folder / "umap.json").read_text())
+    umap["ZZZ-U99999"] = len(umap)
+    (folder / "umap.json").write_text(json.dumps(umap))
+
+
+@pytest.fixture(scope="module")
+def broken_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("broken")
+    enc = make_tiny_encoder(root / "enc")
+    dirs = make_demo(root / "data", n_domains=4, n_items=50, n_users=40, seed=4)
+    intact = [root / "intact" / d.name for d in dirs[1:3]]
+    for d, copy in zip(dirs[1:3], intact):
+        shutil.copytree(d, copy)
+    _break_val(dirs[1])
+    _break_umap(dirs[2])
+
+    bb = BackboneConfig(kind="light", encoder=str(enc), layers=1, heads=2, cache_dir=root / "cache")
+    cfg = PipelineConfig(backbone=bb, train=TrainConfig(epochs=1, batch_size=32, progress=False, warmup_steps=2),
+                         coefficients=CoefficientConfig(steps=2, batch_size=8), baselines=["task_arithmetic"],
+                         granularities=["task"], teacher_top_k=8, min_silos=2, retries=1, timeout_s=60)
+    endpoints = {d.name: in_process_endpoint(SiloWorker(d.name, d, state_dir=root / "state" / d.name,
+                                                        cache_dir=root / "cache")) for d in dirs}
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    top = logging.getLogger()
+    level = top.level
+    top.addHandler(handler)
+    top.setLevel(logging.DEBUG)
+    try:
+        report = Pipeline(InProcessTransport(endpoints, MessageRecorder(root / "messages")), cfg, root / "run",
+                          expected=[d.name for d in dirs] + ["ghost"]).run()
+    finally:
+        top.removeHandler(handler)
+        top.setLevel(level)
+    return root, dirs, intact, report, records
+
+
+def test_broken_silo_is_named_in_the_report(broken_run):
+    root, dirs, intact, report, records = broken_run
+    assert sorted(report["active"]) == sorted([dirs[0].name, dirs[3].name])
+    assert report["dropped"] == [
+        {"domain": dirs[1].name, "stage": "handshake",
+         "reason": f"silo error 101: silo {dirs[1].name}: data error in val.json (see the silo's log)"},
+        {"domain": dirs[2].name, "stage": "handshake",
+         "reason": f"silo error 101: silo {dirs[2].name}: data error in umap.json (see the silo's log)"},
+        {"domain": "ghost", "stage": "handshake", "reason": "expected silo did not answer the handshake"}]
+    on_disk = json.loads((root / "run" / "report.json").read_text())
+    assert on_disk["dropped"] == report["dropped"]
+    assert exit_status(report, [d.name for d in dirs]) == 3
+    assert exit_status({"active": ["a", "b"], "dropped": []}, ["a", "b"]) == 0
+
+
+def test_failed_handshake_named_by_domain_not_node_id():
+    """Through Flower a handle is a node id; the silo's own error text names its domain."""
+    from server.validation import silo_name
+
+    assert silo_name("4711", "Flower error 101: silo kitchen: data error in val.json (see the silo's log)") == "kitchen"
+    assert silo_name("4712", "no reply within 60s") == "4712"
+
+
+def test_full_error_text_stays_in_the_silo_log(broken_run):
+    root, dirs, intact, report, records = broken_run
+    silo_side = [r.getMessage() for r in records if r.name.startswith("clients")]
+    assert any("must have exactly one item" in m for m in silo_side)
+    assert any("ZZZ-U99999" in m for m in silo_side)
+
+
+def test_no_user_data_on_the_server_side(broken_run):
+    root, dirs, intact, report, records = broken_run
+    server_log = "\n".join(r.getMessage() for r in records if not r.name.startswith("clients"))
+    texts = [("server log", server_log, {})]
+    for name in ("report.json", "checkpoint.json"):
+        texts.append((name, (root / "run" / name).read_text(), {}))
+    texts += list(recorded_messages(root / "messages"))
+    assert any(m[0].split("-")[1] == "error" for m in texts[3:]), "the error reply was not recorded"
+    n, findings = find_leaks(texts, [dirs[0], *intact, dirs[3]])
+    assert not findings, findings[:5]
+    assert not [label for label, text, _ in texts if "ZZZ-U99999" in text]  # the broken silo's extra user key
