@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     coef_log = {}
 
     def run_scenario(scenario: str, merged: list[str], eval_domains: list[str]):
-        vecs = [tvs[d] for d in merged]
+        vecs = [tvs[d] for d in merged if d in tvs]  # none when only zero-shot rows are wanted
         with stage(f"{scenario}: training-free merges"):
             for name, label in FREE_LABELS.items():
                 if label in wanted:
