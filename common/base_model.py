@@ -66,11 +66,20 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _canonical(raw: bytes) -> bytes:
+    """The same safetensors file with its JSON header written with sorted keys: safetensors emits the metadata
+    dict in hash order, so two saves of equal tensors could differ in bytes. Data bytes and offsets are kept."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
+
+
 def save_base(state: dict[str, torch.Tensor], card: BaseCard, out_dir: Path) -> tuple[Path, Path]:
     """Write ``out_dir/base.safetensors`` (card in its metadata), ``out_dir/card.json`` and the one-file bundle
     ``out_dir/base.json``. Returns (checkpoint, bundle)."""
-    raw = st_save({n: t.detach().cpu().contiguous() for n, t in sorted(state.items())},
-                  metadata={"format": FORMAT, "fingerprint": card.fingerprint})
+    raw = _canonical(st_save({n: t.detach().cpu().contiguous() for n, t in sorted(state.items())},
+                             metadata={"format": FORMAT, "fingerprint": card.fingerprint}))
     ckpt, bundle = out_dir / "base.safetensors", out_dir / "base.json"
     _atomic_bytes(ckpt, raw)
     _atomic_bytes(out_dir / "card.json", card.model_dump_json(indent=1).encode())
