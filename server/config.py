@@ -21,6 +21,11 @@ _USED = {"backbone", "encoder", "base", "epochs", "batch-size", "lr", "patience"
          "record-messages", "expect-domains"}
 
 
+def _timeout(v):
+    """run-config timeout-s: "auto" (sized from the data, server/limits.py) or seconds."""
+    return None if isinstance(v, str) and v.strip().lower() == "auto" else v
+
+
 def _list(v) -> list[str]:
     return [x.strip() for x in str(v).split(",") if x.strip()]
 
@@ -91,7 +96,7 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
         teacher_top_k=opt("teacher-top-k", 256) or None,
         eval_max_users=opt("eval-max-users") or None,
         catalog_root=Path(catalog_root) if catalog_root else None,
-        min_silos=opt("min-silos", 2), retries=opt("retries", 1), timeout_s=opt("timeout-s", 3600.0),
+        min_silos=opt("min-silos", 2), retries=opt("retries", 1), timeout_s=_timeout(opt("timeout-s", "auto")),
         max_task_vector_ratio=opt("max-task-vector-ratio", 10.0), seed=opt("seed", 0),
     )
     server = {"min_nodes": int(opt("min-nodes", 1)), "node_wait_s": float(opt("node-wait-s", 120)),
