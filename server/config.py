@@ -12,7 +12,7 @@ from server.pipeline import PipelineConfig
 
 _LISTS = {"baselines", "granularities"}
 _USED = {"backbone", "encoder", "base", "epochs", "batch-size", "lr", "patience", "refit-on-val", "l2sp", "freeze",
-         "max-users", "seed",
+         "max-users", "val-max-users", "seed",
          "coef-steps", "coef-lr", "coef-batch-size", "catalog-root", "baselines", "init-method", "granularities",
          "pseudo-users", "pseudo-users-n", "teacher-top-k", "eval-max-users", "min-silos", "retries", "timeout-s",
          "max-task-vector-ratio",
@@ -79,6 +79,7 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
                               **({"cache_dir": Path(opt("cache-dir")) / "item_embeddings"} if opt("cache-dir") else {}))
     train_over = {k: v for k, v in {"epochs": opt("epochs"), "batch_size": opt("batch-size"), "lr": opt("lr"),
                                      "patience": opt("patience"), "max_users": opt("max-users") or None,
+                                     "val_max_users": opt("val-max-users", 0) or None,
                                      "refit_on_val": opt("refit-on-val"), "l2sp": opt("l2sp"),
                                      "freeze": _list(opt("freeze")) if opt("freeze") is not None else None,
                                      "seed": opt("seed", 0), "progress": False}.items() if v is not None}

@@ -38,3 +38,11 @@ def test_derived_limits_cover_measured_real_silos():
     assert stage_timeout("evaluate", None, max_items=18357, models=10) > stage_timeout(
         "evaluate", None, max_items=18357, models=1)
     assert stage_timeout("teacher", None, max_items=18357) >= 1800
+
+
+def test_default_validates_on_a_seeded_user_subsample():
+    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    cfg, _, _ = pipeline_config(defaults)
+    assert cfg.train.val_max_users == 2000
+    cfg0, _, _ = pipeline_config({**defaults, "val-max-users": 0})
+    assert cfg0.train.val_max_users is None and cfg0.fingerprint() != cfg.fingerprint()
