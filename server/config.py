@@ -94,7 +94,7 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
         init_method=opt("init-method", "task_arithmetic"),
         granularities=_list(opt("granularities", "task,layer")),
         pseudo_users=opt("pseudo-users", "all"), pseudo_users_n=opt("pseudo-users-n") or None,
-        teacher_top_k=opt("teacher-top-k", 256) or None,
+        teacher_top_k=opt("teacher-top-k", 64) or None,
         eval_max_users=opt("eval-max-users") or None,
         catalog_root=Path(catalog_root) if catalog_root else None,
         min_silos=opt("min-silos", 2), retries=opt("retries", 1), timeout_s=_timeout(opt("timeout-s", "auto")),

@@ -75,7 +75,7 @@ class PipelineConfig(Strict):
     coefficients: CoefficientConfig = CoefficientConfig()
     pseudo_users: Literal["all", "random", "kmeans"] = "all"
     pseudo_users_n: int | None = Field(None, ge=1)
-    teacher_top_k: int | None = Field(256, ge=1)
+    teacher_top_k: int | None = Field(64, ge=1)
     evaluate_finetuned: bool = True
     eval_max_users: int | None = Field(None, ge=1)
     catalog_root: Path | None = Field(None, description="server's own catalog view: <root>/<domain>/{meta_data,smap}.json")
