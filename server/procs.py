@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -124,7 +125,12 @@ class ProcessSet:
                 os.kill(pid, sig)
 
     def stop(self, grace: float = 10.0) -> list[int]:
-        """SIGTERM everything, SIGKILL what is left after `grace` s; returns pids that survived (none)."""
+        """SIGTERM everything, SIGKILL what is left after `grace` s; returns pids that survived (none). A second
+        Ctrl-C or SIGTERM while stopping does not interrupt the teardown."""
+        with _signals_ignored():
+            return self._stop(grace)
+
+    def _stop(self, grace: float) -> list[int]:
         self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + grace
         while self.leftovers() and time.monotonic() < deadline:
@@ -140,6 +146,19 @@ class ProcessSet:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=5)
         return self.leftovers()
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class Terminated(SystemExit):
