@@ -1,7 +1,7 @@
 """Early stopping on a seeded validation subsample: wall time and test quality against validating on every user.
 
     python -m benchmarks.val_subsample [--data-root DIR] [--domain Toys] [--val-users 0,2000]
-                                       [--max-users 6000] [--epochs 8] [--cache-dir DIR]
+                                       [--max-users 6000] [--epochs 8] [--base init] [--cache-dir DIR]
 
 Fine-tunes the light backbone (same code as a silo: common.train.fine_tune, early stopping, then the final fit
 on train + validation items) once per validation setting (0 = every validation user), from the same seed,
@@ -27,7 +27,7 @@ def run_one(domain: str, data_root: Path, cache_dir: Path, val_users: int, args)
     from common.train import evaluate_split, fine_tune
 
     silo = load_silo(data_root / domain, domain)
-    model = build_backbone(BackboneConfig(cache_dir=cache_dir), seed=0)
+    model = build_backbone(BackboneConfig(cache_dir=cache_dir, base=args.base), seed=0)
     dom = model.domain_inputs(silo.catalog)
     cfg = TrainConfig(epochs=args.epochs, patience=args.patience, max_users=args.max_users or None,
                       val_max_users=val_users or None, progress=False)
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-users", type=int, default=6000, help="training users (0 = all)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--patience", type=int, default=5)
+    ap.add_argument("--base", default="init", help="light base: init | bundled | a base file")
     ap.add_argument("--cache-dir", type=Path, default=Path(".cache/item_embeddings"))
     ap.add_argument("--out", type=Path, default=RESULTS / "val-subsample.json")
     args = ap.parse_args(argv)
