@@ -21,13 +21,14 @@ import itertools
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, RootModel, StrictInt, StrictStr, ValidationError
+
+from common.files import atomic_write
 
 META_FILE = "meta_data.json"
 SMAP_FILE = "smap.json"
@@ -431,16 +432,7 @@ def load_silo(path: str | os.PathLike, domain: str | None = None, min_users: int
 
 
 def _write_json_atomic(path: Path, data: Any, indent: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=indent, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(data, indent=indent, ensure_ascii=False))
 
 
 def write_domain(path: str | os.PathLike, catalog: CatalogView, user_keys: list[str], train: list[list[int]],

@@ -98,3 +98,32 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
               "record_messages": str(opt("record-messages", "") or ""),
               "expect_domains": _list(opt("expect-domains", "") or "")}
     return cfg, Path(str(opt("run-dir", "runs/latest"))), server
+
+
+def app_defaults() -> dict:
+    """The `[tool.flwr.app.config]` table of the project's pyproject.toml: what `flwr run .` starts from (empty
+    when the project is installed without its pyproject.toml)."""
+    import tomllib
+
+    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not path.is_file():
+        return {}
+    return tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def parse_overrides(text: str) -> dict:
+    """`--run-config` syntax, as Flower reads it: space-separated key=value with TOML values
+    ('epochs=2 backbone="text"'). A malformed entry is a ConfigError naming it."""
+    import shlex
+    import tomllib
+
+    out = {}
+    for item in shlex.split(text or "", posix=False):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"bad run-config entry {item!r}: expected key=value")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"bad run-config value for {key}: {value!r} is not a TOML value") from None
+    return out

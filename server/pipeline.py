@@ -23,9 +23,10 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from common.backbones import Recommender, build_backbone, shared_state
+from common.backbones import build_backbone, shared_state
 from common.config import BackboneConfig, Strict, TrainConfig
 from common.data import CatalogView, ItemMeta, load_catalog
+from common.files import atomic_path, atomic_write
 from common.merging import methods as merge_methods
 from common.merging.coefficients import (
     CoefficientConfig,
@@ -34,7 +35,7 @@ from common.merging.coefficients import (
     merge_with_coefficients,
 )
 from common.merging.pseudo_users import select_pseudo_users
-from common.merging.task_vectors import fingerprint
+from common.merging.task_vectors import add_vector, fingerprint, state_from_numpy, state_to_numpy
 from common.merging.teacher import TopKLogits
 from common.messages import (
     EVALUATE,
@@ -96,20 +97,6 @@ class PipelineConfig(Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _tensors(named: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {n: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in named.items()}
-
-
-def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {n: t.detach().cpu().float().numpy() for n, t in state.items()}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 class Pipeline:
     def __init__(self, transport: Transport, cfg: PipelineConfig, run_dir: str | Path,
                  expected: list[str] | None = None):
@@ -144,7 +131,7 @@ class Pipeline:
         checkpoint.record(self.state, self.run_dir, path)
 
     def _save(self) -> None:
-        _atomic_write(self.ckpt_path, json.dumps(self.state, indent=1))
+        atomic_write(self.ckpt_path, json.dumps(self.state, indent=1))
 
     def _done(self, stage: str, seconds: float) -> None:
         self.state["completed"].append(stage)
@@ -311,10 +298,8 @@ class Pipeline:
                            base_norm=self.base_norm, max_ratio=self.cfg.max_task_vector_ratio)
 
         def store(d, o):  # as soon as the reply is validated: a crash later loses only unfinished silos
-            self._tv_path(d).parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._tv_path(d).with_suffix(".tmp")
-            save_file(_tensors(o.arrays["task_vector"]), str(tmp))
-            tmp.replace(self._tv_path(d))
+            with atomic_path(self._tv_path(d)) as tmp:
+                save_file(state_from_numpy(o.arrays["task_vector"]), str(tmp))
             self._record(self._tv_path(d))
             self.state["val"][d] = o.header.val.model_dump()
             self.state["finetune"][d] = {"epochs": o.header.epochs, "refit_epochs": o.header.refit_epochs,
@@ -327,12 +312,14 @@ class Pipeline:
     def task_vectors(self, domains: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         return {d: load_file(str(self._tv_path(d))) for d in (self.active() if domains is None else domains)}
 
-    def merged_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Training-free merges of the active silos' task vectors (cheap: recomputed on resume)."""
-        tvs = self.task_vectors()
+    def merged_states(self, domains: list[str] | None = None,
+                      methods: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Training-free merges (`methods`, default the configured baselines) of the task vectors of `domains`
+        (default: the active silos). Cheap: recomputed on resume."""
+        tvs = self.task_vectors(domains)
         vecs = [tvs[d] for d in sorted(tvs)]
         out = {}
-        for name in self.cfg.baselines:
+        for name in self.cfg.baselines if methods is None else methods:
             plan = merge_methods.process(vecs, name, seed=self.cfg.seed)
             out[name] = merge_methods.merge(self.base_state, plan.vectors, plan.weights)
         return out
@@ -354,7 +341,7 @@ class Pipeline:
             ids = select_pseudo_users(dom.num_items, self.cfg.pseudo_users, n=self.cfg.pseudo_users_n,
                                       item_embeddings=feats, seed=self.cfg.seed)
             chosen[d] = ids.tolist()
-        _atomic_write(self.run_dir / "pseudo_users.json", json.dumps(chosen))
+        atomic_write(self.run_dir / "pseudo_users.json", json.dumps(chosen))
         self._record(self.run_dir / "pseudo_users.json")
         self._done("pseudo_users", time.perf_counter() - t0)
 
@@ -372,36 +359,44 @@ class Pipeline:
                           num_items=len(self.catalogs[domain]), top_k=self.cfg.teacher_top_k)
 
         def store(d, o):
-            self._teacher_path(d).parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._teacher_path(d).with_suffix(".tmp.npz")
-            np.savez(tmp, **o.arrays["teacher"])
-            tmp.replace(self._teacher_path(d))
+            with atomic_path(self._teacher_path(d), suffix=".npz") as tmp:
+                np.savez(tmp, **o.arrays["teacher"])
             self._record(self._teacher_path(d))
             self._save()
 
         self._ask("teacher", TEACHER, reqs, TeacherReply, validate, store)
         self._done("teacher", time.perf_counter() - t0)
 
-    def coefficients(self) -> None:
-        t0 = time.perf_counter()
+    def coefficient_sources(self, domains: list[str]) -> list[DomainBatchSource]:
+        """Each domain's pseudo-users with the teacher top-k its silo returned (from the run directory)."""
         chosen = json.loads((self.run_dir / "pseudo_users.json").read_text())
-        tvs = self.task_vectors()
-        domains = sorted(tvs)
-        plan = merge_methods.process([tvs[d] for d in domains], self.cfg.init_method, seed=self.cfg.seed)
         sources = []
         for d in domains:
             arr = np.load(self._teacher_path(d))
             top = TopKLogits.from_arrays(chosen[d], arr["indices"], arr["values"], len(self.catalogs[d]))
             sources.append(DomainBatchSource(dom_inputs=self._dom(d), pseudo_item_ids=torch.tensor(chosen[d]),
                                              teacher=top, name=d))
+        return sources
+
+    def learn(self, domains: list[str], ccfg: CoefficientConfig, init_method: str | None = None):
+        """Merging coefficients learned over `domains` (their task vectors, pseudo-users and teachers), from
+        `init_method` (default the configured one). Returns (CoefficientResult, merged state theta(W))."""
+        init_method = init_method or self.cfg.init_method
+        tvs = self.task_vectors(domains)
+        plan = merge_methods.process([tvs[d] for d in domains], init_method, seed=self.cfg.seed)
+        res = learn_coefficients(self.base, self.base_state, plan.vectors, self.base.layer_of,
+                                 self.coefficient_sources(domains), ccfg, progress=False, method=init_method)
+        return res, merge_with_coefficients(self.base_state, plan.vectors, res.W, res.groups, self.base.layer_of)
+
+    def coefficients(self) -> None:
+        t0 = time.perf_counter()
+        domains = sorted(self.active())
         learned = {}
         for gran in self.cfg.granularities:
-            ccfg = self.cfg.coefficients.model_copy(update={"granularity": gran})
-            res = learn_coefficients(self.base, self.base_state, plan.vectors, self.base.layer_of, sources, ccfg,
-                                     progress=False, method=self.cfg.init_method)
+            res, _ = self.learn(domains, self.cfg.coefficients.model_copy(update={"granularity": gran}))
             learned[gran] = {"domains": domains, "groups": list(res.groups), "W": res.W.tolist(),
                              "final_loss": res.history[-1]["loss"] if res.history else None}
-        _atomic_write(self.run_dir / "coefficients.json", json.dumps(learned, indent=1))
+        atomic_write(self.run_dir / "coefficients.json", json.dumps(learned, indent=1))
         self._record(self.run_dir / "coefficients.json")
         self._done("coefficients", time.perf_counter() - t0)
 
@@ -421,20 +416,27 @@ class Pipeline:
         models = {"pretrained": self.base_state, **self.merged_states(), **self.mergerec_states()}
         if self.cfg.evaluate_finetuned:
             for d, tv in self.task_vectors().items():
-                models[f"finetuned-{d}"] = {n: self.base_state[n] + tv[n] for n in self.base_state}
+                models[f"finetuned-{d}"] = add_vector(self.base_state, tv)
         return models
 
-    def evaluate(self) -> None:
-        t0 = time.perf_counter()
-        models = self.candidate_models()
-        arrays = {name: _numpy(s) for name, s in models.items()}
-        req = EvaluateRequest(base=self.spec, split="test", models=list(models), max_users=self.cfg.eval_max_users, seed=self.cfg.seed)
+    def evaluate_at(self, models: dict[str, dict[str, torch.Tensor]], domains: list[str],
+                    split: str = "test") -> dict[str, dict[str, dict]]:
+        """Send `models` (name -> state) to the silos of `domains`; each evaluates them on its own `split` and
+        returns aggregate metrics only. Returns domain -> model name -> AggregateMetrics as a dict."""
+        arrays = {name: state_to_numpy(s) for name, s in models.items()}
+        req = EvaluateRequest(base=self.spec, split=split, models=list(models), max_users=self.cfg.eval_max_users,
+                              seed=self.cfg.seed)
+
         def validate(domain, o):
             check_evaluate(o.header, o.arrays, domain=domain, models=req.models)
 
-        results = self._ask("evaluate", EVALUATE, {d: (req, arrays) for d in self.active()}, EvaluateReply, validate)
-        metrics = {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}
-        _atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
+        results = self._ask("evaluate", EVALUATE, {d: (req, arrays) for d in domains}, EvaluateReply, validate)
+        return {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}
+
+    def evaluate(self) -> None:
+        t0 = time.perf_counter()
+        metrics = self.evaluate_at(self.candidate_models(), self.active())
+        atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
         self._record(self.run_dir / "metrics.json")
         self._done("evaluate", time.perf_counter() - t0)
 
@@ -450,14 +452,14 @@ class Pipeline:
         card = {"base_fingerprint": self.base_fp, "merged_fingerprint": fingerprint(final), "method": final_name,
                 "init": self.cfg.init_method, "domains": learned[self.cfg.granularities[-1]]["domains"],
                 "coefficients": learned, "backbone": self.cfg.backbone.model_dump(mode="json"), "seed": self.cfg.seed}
-        _atomic_write(model_dir / "model_card.json", json.dumps(card, indent=1))
+        atomic_write(model_dir / "model_card.json", json.dumps(card, indent=1))
         self.state["timings"]["artifacts"] = round(time.perf_counter() - t0, 3)
         report = {"run_dir": str(self.run_dir), "config": self.cfg.model_dump(mode="json"),
                   "base_fingerprint": self.base_fp, "domains": self.state["domains"], "active": self.active(),
                   "dropped": self.state["dropped"], "metrics": metrics, "validation": self.state["val"],
                   "finetune": self.state["finetune"], "coefficients": learned, "timings": self.state["timings"],
                   "bytes": self.state["bytes"], "model": str(model_dir / "merged.safetensors")}
-        _atomic_write(self.run_dir / "report.json", json.dumps(report, indent=1))
+        atomic_write(self.run_dir / "report.json", json.dumps(report, indent=1))
         if "artifacts" not in self.state["completed"]:
             self._done("artifacts", time.perf_counter() - t0)
         return report

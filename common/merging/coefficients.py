@@ -214,6 +214,28 @@ def batch_loss(model: nn.Module, merger: CoefficientMerger, W: torch.Tensor, dom
     return torch.cat(per).mean()
 
 
+def mean_loss(model: nn.Module, params: Mapping[str, torch.Tensor], domains: Sequence[DomainBatchSource],
+              rows: Sequence[torch.Tensor], cfg: CoefficientConfig,
+              item_embeddings: Mapping[int, torch.Tensor] | None = None) -> float:
+    """Mean pseudo-user loss of the merged model `params` over ``rows[d]`` of each domain d, without gradients
+    and with the model in eval mode (dropout off; the mode is left in eval). Item embeddings come from
+    ``item_embeddings[d]`` when given, else are encoded under `params`. The held-out loss of coefficient
+    learning, and what picks a task-arithmetic lambda in the benchmarks."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for d, r in enumerate(rows):
+            if not r.numel():
+                continue
+            emb = (item_embeddings[d] if item_embeddings is not None
+                   else encode_items(model, params, domains[d], cfg.item_batch_size))
+            for s in range(0, r.numel(), 256):
+                losses = pseudo_user_losses(model, params, domains[d], r[s:s + 256], emb, cfg)
+                total += float(losses.sum())
+                count += losses.numel()
+    return total / max(count, 1)
+
+
 # -------------------------------------------------------------------------------------------------- learning
 
 
@@ -235,7 +257,9 @@ class CoefficientResult:
         return merge_with_coefficients(base, vectors, self.W, self.groups, group_of)
 
 
-def _split_rows(domains: Sequence[DomainBatchSource], fraction: float, gen: torch.Generator):
+def split_rows(domains: Sequence[DomainBatchSource], fraction: float, gen: torch.Generator):
+    """(train rows, held-out rows) per domain: a seeded `fraction` of each domain's pseudo-users held out (at
+    least one, never all, when fraction > 0), each part sorted."""
     train, hold = [], []
     for src in domains:
         p = src.pseudo_item_ids.numel()
@@ -301,7 +325,7 @@ def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
     W = merger.initial(initial_value(cfg, method, merger.num_tasks))
     opt = torch.optim.Adam([W], lr=cfg.lr)
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    train_rows, hold_rows = _split_rows(domains, cfg.holdout_fraction, gen)
+    train_rows, hold_rows = split_rows(domains, cfg.holdout_fraction, gen)
     batches = _Batches(train_rows, cfg.batch_size, gen)
     use_holdout = any(r.numel() for r in hold_rows)
 
@@ -318,21 +342,10 @@ def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
         return out
 
     def holdout_loss() -> float:
-        model.eval()
-        items = cache if cfg.item_refresh_every == 0 else None
-        total, count = 0.0, 0
-        with torch.no_grad():
-            params = merger.merged_params(W.detach())
-            for d, rows in enumerate(hold_rows):
-                if not rows.numel():
-                    continue
-                emb = items[d] if items is not None else encode_items(model, params, domains[d], cfg.item_batch_size)
-                for s in range(0, rows.numel(), 256):
-                    losses = pseudo_user_losses(model, params, domains[d], rows[s:s + 256], emb, cfg)
-                    total += float(losses.sum())
-                    count += losses.numel()
+        loss = mean_loss(model, merger.merged_params(W.detach()), domains, hold_rows, cfg,
+                         cache if cfg.item_refresh_every == 0 else None)
         model.train(cfg.dropout)
-        return total / max(count, 1)
+        return loss
 
     history: list[dict] = []
     holdout: list[dict] = []
