@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, RootModel, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, RootModel, StrictInt, ValidationError
 
 from common.files import atomic_write
 
@@ -76,22 +76,6 @@ class IdMapFile(RootModel[dict[str, StrictInt]]):
 
 class SequenceFile(RootModel[dict[str, list[StrictInt]]]):
     """train.json / val.json / test.json: user id (string) -> list of item ids."""
-
-
-class _CatalogEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    key: StrictStr
-    title: StrictStr = ""
-    brand: StrictStr = ""
-    category: StrictStr = ""
-
-
-class _CatalogPayload(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    domain: StrictStr
-    items: list[_CatalogEntry]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,24 +213,6 @@ class CatalogView:
                     h.update(raw)
             self._fp.append(h.hexdigest())
         return self._fp[0]
-
-    def to_json(self) -> str:
-        items = [{"key": k, "title": m.title, "brand": m.brand, "category": m.category}
-                 for k, m in zip(self.item_keys, self.items)]
-        return json.dumps({"domain": self.domain, "items": items}, ensure_ascii=False, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> CatalogView:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"catalog payload: invalid JSON at line {exc.lineno} column {exc.colno}: "
-                            f"{exc.msg}") from None
-        except UnicodeDecodeError as exc:
-            raise DataError(f"catalog payload: not UTF-8 ({exc})") from None
-        payload = _validate(_CatalogPayload, data, "catalog payload")
-        return cls(domain=payload.domain, item_keys=tuple(e.key for e in payload.items),
-                   items=tuple(ItemMeta(title=e.title, brand=e.brand, category=e.category) for e in payload.items))
 
 
 def _domain_name(path: Path, domain: str | None) -> str:

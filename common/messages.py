@@ -12,7 +12,6 @@ score: metrics are `AggregateMetrics` (a fixed set of metric names + a user coun
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Literal
 
@@ -255,8 +254,3 @@ def check_teacher_arrays(named: dict[str, np.ndarray], rows: int, num_items: int
         raise ContractError(f"teacher arrays must be int32/float32, got {idx.dtype}/{val.dtype}")
     if idx.size and (idx.min() < 0 or idx.max() >= num_items):
         raise ContractError(f"teacher indices out of range [0, {num_items})")
-
-
-def header_summary(header: Header) -> str:
-    """One line for logs."""
-    return f"{type(header).__name__} {json.dumps(header.model_dump(mode='json'))[:200]}"

@@ -10,7 +10,6 @@ from common.config import BackboneConfig, TrainConfig
 from common.merging.coefficients import CoefficientConfig
 from server.pipeline import PipelineConfig
 
-_LISTS = {"baselines", "granularities"}
 _USED = {"backbone", "encoder", "base", "epochs", "batch-size", "lr", "patience", "refit-on-val", "l2sp", "freeze",
          "max-users", "seed",
          "coef-steps", "coef-lr", "coef-batch-size", "catalog-root", "baselines", "init-method", "granularities",

@@ -201,15 +201,19 @@ def pseudo_user_losses(model: nn.Module, params: Mapping[str, torch.Tensor], sou
 
 def batch_loss(model: nn.Module, merger: CoefficientMerger, W: torch.Tensor, domains: Sequence[DomainBatchSource],
                batch: Sequence[tuple[int, torch.Tensor]], cfg: CoefficientConfig,
-               item_embeddings: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Mean loss over a batch given as [(domain index, rows)]; domains without cached ``item_embeddings`` are
-    encoded under theta(W) (differentiable)."""
+               item_embeddings: Mapping[int, torch.Tensor] | None = None,
+               encoded: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean loss over a batch given as [(domain index, rows)]: one step of coefficient learning. Domains
+    without cached ``item_embeddings`` are encoded under theta(W) (differentiable) and, when ``encoded`` is
+    given, put there so the caller can cache them."""
     params = merger.merged_params(W)
     per = []
     for d, rows in batch:
         items = (item_embeddings or {}).get(d)
         if items is None:
             items = encode_items(model, params, domains[d], cfg.item_batch_size)
+            if encoded is not None:
+                encoded[d] = items
         per.append(pseudo_user_losses(model, params, domains[d], rows, items, cfg))
     return torch.cat(per).mean()
 
@@ -251,10 +255,6 @@ class CoefficientResult:
     holdout: list[dict] = field(default_factory=list)
     chosen_step: int = 0
     final_W: torch.Tensor | None = None
-
-    def merged_state(self, base: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]],
-                     group_of: Callable[[str], str] | None = None) -> State:
-        return merge_with_coefficients(base, vectors, self.W, self.groups, group_of)
 
 
 def split_rows(domains: Sequence[DomainBatchSource], fraction: float, gen: torch.Generator):
@@ -362,21 +362,13 @@ def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
                    leave=False)
         for step in bar:
             batch = batches.next()
-            items: dict[int, torch.Tensor] = {}
-            fresh: list[int] = []
-            for d, _ in batch:
-                if cfg.item_refresh_every == 0:
-                    items[d] = cache[d]
-                elif d in cache and step - cache_step[d] < cfg.item_refresh_every:
-                    items[d] = cache[d]
-                else:
-                    fresh.append(d)  # encoded inside the step's graph, then cached detached
-            params = merger.merged_params(W)
-            for d in fresh:
-                items[d] = encode_items(model, params, domains[d], cfg.item_batch_size)
-                cache[d], cache_step[d] = items[d].detach(), step
-            per = [pseudo_user_losses(model, params, domains[d], rows, items[d], cfg) for d, rows in batch]
-            loss = torch.cat(per).mean()
+            # cached item embeddings where still fresh; the others are encoded inside the step's graph
+            items = {d: cache[d] for d, _ in batch if cfg.item_refresh_every == 0
+                     or (d in cache and step - cache_step[d] < cfg.item_refresh_every)}
+            encoded: dict[int, torch.Tensor] = {}
+            loss = batch_loss(model, merger, W, domains, batch, cfg, items, encoded)
+            for d, e in encoded.items():
+                cache[d], cache_step[d] = e.detach(), step
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
