@@ -299,6 +299,38 @@ class _Batches:
         return [(int(d), rows[doms == d]) for d in torch.unique(doms)]
 
 
+def _check_inputs(model: nn.Module, base: Mapping[str, torch.Tensor], domains: Sequence[DomainBatchSource],
+                  cfg: CoefficientConfig) -> None:
+    names = {n for n, _ in model.named_parameters()}
+    if names != set(base):
+        diff = sorted(names ^ set(base))
+        raise ValueError(f"model parameters and base state differ, e.g. {diff[:3]}")
+    if not domains:
+        raise ValueError("no domains")
+    if cfg.loss == "mergerec":
+        missing = [s.name or i for i, s in enumerate(domains) if s.teacher is None]
+        if missing:
+            raise ValueError(f"mergerec loss needs teacher logits for every domain; missing for {missing}")
+
+
+def _encode_all(model: nn.Module, merger: CoefficientMerger, W: torch.Tensor, domains: Sequence[DomainBatchSource],
+                cfg: CoefficientConfig) -> dict[int, torch.Tensor]:
+    """Every domain's item embeddings under theta(W), without gradients (frozen for the whole run when
+    item_refresh_every is 0); the model is left in the training mode coefficient learning uses."""
+    model.eval()
+    with torch.no_grad():
+        params = merger.merged_params(W.detach())
+        out = {d: encode_items(model, params, src, cfg.item_batch_size) for d, src in enumerate(domains)}
+    model.train(cfg.dropout)
+    return out
+
+
+def _step_message(step: int, steps: int, history: list[dict], holdout: list[dict], w: torch.Tensor) -> str:
+    return (f"step {step}/{steps} loss {history[-1]['loss']:.4f}"
+            + (f" holdout {holdout[-1]['loss']:.4f}" if holdout else "")
+            + f" W mean {float(w.mean()):.4f} [{float(w.min()):.4f}, {float(w.max()):.4f}]")
+
+
 def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
                        vectors: Sequence[Mapping[str, torch.Tensor]], group_of: Callable[[str], str],
                        domains: Sequence[DomainBatchSource], cfg: CoefficientConfig, progress: bool = True, *,
@@ -310,16 +342,7 @@ def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
     restored). ``vectors``: the processed v_d, one per task (the D rows of W; need not equal len(domains)).
     ``method``: the init method's name, for the default init when ``cfg.init`` is None.
     """
-    names = {n for n, _ in model.named_parameters()}
-    if names != set(base):
-        diff = sorted(names ^ set(base))
-        raise ValueError(f"model parameters and base state differ, e.g. {diff[:3]}")
-    if not domains:
-        raise ValueError("no domains")
-    if cfg.loss == "mergerec":
-        missing = [s.name or i for i, s in enumerate(domains) if s.teacher is None]
-        if missing:
-            raise ValueError(f"mergerec loss needs teacher logits for every domain; missing for {missing}")
+    _check_inputs(model, base, domains, cfg)
     device = next(iter(model.parameters())).device
     merger = CoefficientMerger(base, vectors, group_of, cfg.granularity, device=device)
     W = merger.initial(initial_value(cfg, method, merger.num_tasks))
@@ -333,14 +356,6 @@ def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
     cache: dict[int, torch.Tensor] = {}
     cache_step: dict[int, int] = {}
 
-    def encode_frozen(w: torch.Tensor) -> dict[int, torch.Tensor]:
-        model.eval()
-        with torch.no_grad():
-            params = merger.merged_params(w.detach())
-            out = {d: encode_items(model, params, src, cfg.item_batch_size) for d, src in enumerate(domains)}
-        model.train(cfg.dropout)
-        return out
-
     def holdout_loss() -> float:
         loss = mean_loss(model, merger.merged_params(W.detach()), domains, hold_rows, cfg,
                          cache if cfg.item_refresh_every == 0 else None)
@@ -353,7 +368,7 @@ def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
     try:
         model.train(cfg.dropout)
         if cfg.item_refresh_every == 0:
-            cache.update(encode_frozen(W))
+            cache.update(_encode_all(model, merger, W, domains, cfg))
         if use_holdout:
             h = holdout_loss()
             holdout.append({"step": 0, "loss": h})
@@ -379,11 +394,7 @@ def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
                 if h < best[0]:
                     best = (h, step, W.detach().clone())
             if step % cfg.log_every == 0 or step == cfg.steps:
-                w = W.detach()
-                msg = (f"step {step}/{cfg.steps} loss {history[-1]['loss']:.4f}"
-                       + (f" holdout {holdout[-1]['loss']:.4f}" if holdout else "")
-                       + f" W mean {float(w.mean()):.4f} [{float(w.min()):.4f}, {float(w.max()):.4f}]")
-                log.info(msg)
+                log.info(_step_message(step, cfg.steps, history, holdout, W.detach()))
                 bar.set_postfix_str(f"loss {history[-1]['loss']:.4f}")
         bar.close()
     finally:
