@@ -20,6 +20,7 @@ from common.backbones import Recommender, build_backbone, shared_state
 from common.data import SiloData, load_silo
 from common.merging.task_vectors import fingerprint
 from common.merging.teacher import teacher_topk
+from common.model_folder import ModelConfig, weights_metadata
 from common.messages import (
     AggregateMetrics,
     Arrays,
@@ -114,7 +115,10 @@ class SiloWorker:
         res = fine_tune(model, self.silo, self._dom, req.train)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self._finetuned_path(self._base_fp).with_suffix(".tmp")
-        save_file({n: t.contiguous() for n, t in res.state.items()}, str(tmp))
+        card = ModelConfig(backbone=req.base.backbone, seed=req.base.seed, base_fingerprint=self._base_fp,
+                           fingerprint=fingerprint(res.state), method=f"finetuned-{self.domain}", domains=[self.domain])
+        # the configuration in the metadata makes this file loadable on its own (mergerec evaluate / recommend)
+        save_file({n: t.contiguous() for n, t in res.state.items()}, str(tmp), metadata=weights_metadata(card))
         tmp.replace(self._finetuned_path(self._base_fp))
         base_state = shared_state(base)
         tv = {n: res.state[n] - base_state[n] for n in base_state}

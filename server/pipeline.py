@@ -400,7 +400,8 @@ class Pipeline:
             res = learn_coefficients(self.base, self.base_state, plan.vectors, self.base.layer_of, sources, ccfg,
                                      progress=False, method=self.cfg.init_method)
             learned[gran] = {"domains": domains, "groups": list(res.groups), "W": res.W.tolist(),
-                             "final_loss": res.history[-1]["loss"] if res.history else None}
+                             "final_loss": res.history[-1]["loss"] if res.history else None,
+                             "history": res.history, "holdout": res.holdout}
         _atomic_write(self.run_dir / "coefficients.json", json.dumps(learned, indent=1))
         self._record(self.run_dir / "coefficients.json")
         self._done("coefficients", time.perf_counter() - t0)
@@ -436,28 +437,23 @@ class Pipeline:
         metrics = {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}
         _atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
         self._record(self.run_dir / "metrics.json")
+        # validation split of the MergeRec variants: what picks the shipped model (never the test split)
+        val_req = req.model_copy(update={"split": "val", "models": [m for m in models if m.startswith("mergerec-")]})
+        val = self._ask("evaluate", EVALUATE, {d: (val_req, {m: arrays[m] for m in val_req.models})
+                                               for d in self.active()}, EvaluateReply,
+                        lambda d, o: check_evaluate(o.header, o.arrays, domain=d, models=val_req.models))
+        val_metrics = {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in val.items()}
+        _atomic_write(self.run_dir / "metrics_val.json", json.dumps(val_metrics, indent=1))
+        self._record(self.run_dir / "metrics_val.json")
         self._done("evaluate", time.perf_counter() - t0)
 
     def artifacts(self) -> dict:
+        """The shipped model folder (the better MergeRec variant on validation), report.json, report.md, plots."""
+        from server.artifacts import write_artifacts
+
         t0 = time.perf_counter()
-        metrics = json.loads((self.run_dir / "metrics.json").read_text())
-        learned = json.loads((self.run_dir / "coefficients.json").read_text())
-        final_name = f"mergerec-{self.cfg.granularities[-1]}"
-        final = self.mergerec_states()[final_name]
-        model_dir = self.run_dir / "model"
-        model_dir.mkdir(exist_ok=True)
-        save_file({n: t.contiguous() for n, t in final.items()}, str(model_dir / "merged.safetensors"))
-        card = {"base_fingerprint": self.base_fp, "merged_fingerprint": fingerprint(final), "method": final_name,
-                "init": self.cfg.init_method, "domains": learned[self.cfg.granularities[-1]]["domains"],
-                "coefficients": learned, "backbone": self.cfg.backbone.model_dump(mode="json"), "seed": self.cfg.seed}
-        _atomic_write(model_dir / "model_card.json", json.dumps(card, indent=1))
+        report = write_artifacts(self)
         self.state["timings"]["artifacts"] = round(time.perf_counter() - t0, 3)
-        report = {"run_dir": str(self.run_dir), "config": self.cfg.model_dump(mode="json"),
-                  "base_fingerprint": self.base_fp, "domains": self.state["domains"], "active": self.active(),
-                  "dropped": self.state["dropped"], "metrics": metrics, "validation": self.state["val"],
-                  "finetune": self.state["finetune"], "coefficients": learned, "timings": self.state["timings"],
-                  "bytes": self.state["bytes"], "model": str(model_dir / "merged.safetensors")}
-        _atomic_write(self.run_dir / "report.json", json.dumps(report, indent=1))
         if "artifacts" not in self.state["completed"]:
             self._done("artifacts", time.perf_counter() - t0)
         return report

@@ -55,9 +55,21 @@ def test_full_pipeline_and_report(world, tmp_path):
         models = report["metrics"][d.name]
         assert {"pretrained", "task_arithmetic", "ties", "mergerec-task", "mergerec-layer"} <= set(models)
         assert all(0 <= m["values"]["ndcg@10"] <= 1 for m in models.values())
-    assert (tmp_path / "run" / "model" / "merged.safetensors").exists()
-    card = json.loads((tmp_path / "run" / "model" / "model_card.json").read_text())
-    assert card["base_fingerprint"] == report["base_fingerprint"]
+    model_dir = tmp_path / "run" / "model"
+    assert (model_dir / "model.safetensors").exists()
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["base_fingerprint"] == report["base_fingerprint"]
+    # the shipped variant is the better one on validation (never test), and the card says so
+    chosen = report["selection"]["chosen"]
+    assert config["method"] == chosen
+    val = report["selection"]["mean_val_ndcg@10"]
+    assert val[chosen] == max(val.values())
+    card = (model_dir / "README.md").read_text()
+    assert "2601.01753" in card and "validation NDCG@10" in card and chosen in card
+    report_md = (tmp_path / "run" / "report.md").read_text()
+    for png in ("recall_at_10.png", "coefficients.png", "coefficient_loss.png"):
+        assert (tmp_path / "run" / "plots" / png).stat().st_size > 5000
+        assert f"plots/{png}" in report_md
     assert report["bytes"][dirs[0].name]["received_from_silo"] > 0
 
 
