@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from clients.silo import SiloWorker
 from common.data import DOMAIN_FILES, DataError
+from common.demo import DEFAULT_ROOT as DEMO_ROOT, ensure_demo
 from common.messages import (
     EVALUATE,
     FINETUNE,
@@ -61,7 +62,10 @@ def silo_location(node_config: dict, run_config: dict) -> tuple[str, Path, Path 
         pid = int(node_config["partition-id"])
         if pid >= len(domains):
             raise ContractError(f"partition {pid} has no domain: run-config domains = {domains}")
-        root = Path(str(run_config.get("data-root", ".cache/demo-data")))
+        root = Path(str(run_config.get("data-root", DEMO_ROOT)))
+        if str(run_config.get("data-root", DEMO_ROOT)) == DEMO_ROOT:  # the demo default: generate what is missing
+            for made in ensure_demo(root, [domains[pid]]):
+                log.info("demo domain written to %s", made)
         state_root = run_config.get("silo-state-root")
         return domains[pid], root / domains[pid], Path(str(state_root)) / domains[pid] if state_root else None
     raise ContractError("node-config must set domain and data-path (or run in simulation)")

@@ -188,6 +188,32 @@ def make_demo(out_dir: str | Path, n_domains: int = 3, n_items: int = 300, n_use
     return [make_domain(out_dir, name, n_items, n_users, seed) for name in names[:n_domains]]
 
 
+DEFAULT_ROOT = ".cache/demo-data"  # the app's default data-root: missing demo domains there are generated
+
+
+def ensure_demo(root: str | Path, domains: list[str]) -> list[Path]:
+    """Generate each of `domains` that is missing under `root` (demo defaults), holding a lock so silos that
+    start together do not write the same files. Returns the folders generated (none when all exist)."""
+    import fcntl
+
+    root = Path(root)
+    missing = [d for d in domains if not (root / d / "smap.json").exists()]
+    if not missing:
+        return []
+    unknown = [d for d in missing if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"{root}: no data for {', '.join(unknown)}, and they are not demo domains "
+                         f"({', '.join(DOMAINS)})")
+    root.mkdir(parents=True, exist_ok=True)
+    made = []
+    with open(root / ".demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for d in missing:
+            if not (root / d / "smap.json").exists():  # another silo may have written it meanwhile
+                made.append(make_domain(root, d))
+    return made
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m common.demo") -> int:
     ap = argparse.ArgumentParser(prog=prog, description="write synthetic demo domains (one folder each, the data "
                                  "format of docs/data.md)")

@@ -94,7 +94,8 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
         min_silos=opt("min-silos", 2), retries=opt("retries", 1), timeout_s=opt("timeout-s", 3600.0),
         max_task_vector_ratio=opt("max-task-vector-ratio", 10.0), seed=opt("seed", 0),
     )
-    server = {"min_nodes": int(opt("min-nodes", 1)), "node_wait_s": float(opt("node-wait-s", 120)),
+    server = {"min_nodes": int(opt("min-nodes", 0)), "node_wait_s": float(opt("node-wait-s", 120)),
+              "domains": _list(opt("domains", "") or ""),
               "record_messages": str(opt("record-messages", "") or ""),
               "expect_domains": _list(opt("expect-domains", "") or "")}
     return cfg, Path(str(opt("run-dir", "runs/latest"))), server
