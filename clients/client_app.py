@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from clients.silo import SiloWorker
 from common.data import DOMAIN_FILES, DataError
+from common.logs import setup_logging
 from common.demo import DEFAULT_ROOT as DEMO_ROOT, ensure_demo
 from common.messages import (
     EVALUATE,
@@ -130,6 +131,7 @@ def in_process_endpoint(worker: SiloWorker):
 
 
 def _serve(msg: Message, context: Context) -> Message:
+    setup_logging()  # this silo's progress lines (fine-tuning epochs, ...) at INFO, request chatter at WARNING
     get = lambda: worker_for(dict(context.node_config), dict(context.run_config))  # noqa: E731
     try:
         return Message(content=safe_handle(get, msg.metadata.message_type, msg.content), reply_to=msg)

@@ -195,6 +195,7 @@ class Pipeline:
                         f"invalid reply: {type(exc).__name__} while checking it"
             if err is None:
                 results[d] = o
+                log.info("%s: silo %s replied (%.2f MB)", stage, d, o.bytes_up / 1e6)
                 if store is not None:
                     store(d, o)
             else:
@@ -319,6 +320,8 @@ class Pipeline:
             self.state["val"][d] = o.header.val.model_dump()
             self.state["finetune"][d] = {"epochs": o.header.epochs, "refit_epochs": o.header.refit_epochs,
                                          "seconds": round(o.header.seconds, 2)}
+            log.info("finetune: silo %s fine-tuned %d epoch(s) (final fit %d) in %.1fs, validation NDCG@10 %.4f",
+                     d, o.header.epochs, o.header.refit_epochs, o.header.seconds, o.header.val.values["ndcg@10"])
             self._save()
 
         self._ask("finetune", FINETUNE, {d: (req, {}) for d in todo}, FinetuneReply, validate, store)
@@ -435,6 +438,9 @@ class Pipeline:
 
         results = self._ask("evaluate", EVALUATE, {d: (req, arrays) for d in self.active()}, EvaluateReply, validate)
         metrics = {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}
+        for d, per in sorted(metrics.items()):
+            log.info("evaluate: silo %s test NDCG@10: %s", d, ", ".join(f"{m} {v['values']['ndcg@10']:.4f}"
+                                                                      for m, v in per.items() if "-" in m))
         _atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
         self._record(self.run_dir / "metrics.json")
         # validation split of the MergeRec variants: what picks the shipped model (never the test split)

@@ -8,6 +8,7 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.logs import setup_logging
 from server.config import pipeline_config
 from server.pipeline import Pipeline, results_table
 from server.transport import FlowerTransport, MessageRecorder
@@ -38,7 +39,7 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout_s: float, domains: int = 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg, run_dir, server = pipeline_config(dict(context.run_config))
     wait_for_nodes(grid, server["min_nodes"], server["node_wait_s"], len(server["domains"]))
     recorder = MessageRecorder(server["record_messages"]) if server["record_messages"] else None

@@ -95,7 +95,7 @@ def run_simulation(domains: list[str], data_root: Path, run_dir: Path, run_confi
         report = run_dir / "report.json"
         before = report.stat().st_mtime if report.exists() else None
         t0 = time.monotonic()
-        with open(log_dir / "flwr-run.log", "w") as out:
+        with open(log_dir / "flwr-run.log", "a") as out:  # a resumed run appends to the first run's log
             proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
         if not report.exists() or report.stat().st_mtime == before:
             tail = (log_dir / "flwr-run.log").read_text()[-4000:]
