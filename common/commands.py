@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(rec)
     rec.add_argument("--catalog", required=True, help="a domain folder (meta_data.json + smap.json) or a JSON "
                      "file with a list of item texts or {key, title, brand, category} objects")
-    rec.add_argument("--history", help="comma list of item keys or raw item texts, oldest first")
+    rec.add_argument("--history", help="comma list of item keys or raw item texts, oldest first (texts that "
+                     "contain commas: use --history-file)")
     rec.add_argument("--history-file", help="the history as a JSON list or one item (key or text) per line")
     rec.add_argument("-k", type=int, default=10, help="how many items to return (default 10)")
     rec.add_argument("--include-seen", action="store_true", help="also return items already in the history")

@@ -2,7 +2,7 @@
 
     rec = MergedRecommender.from_pretrained("runs/latest/model")
     rec.index(".cache/demo-data/garden")           # or any list of item texts / metadata dicts
-    rec.recommend(["garden-0012", "garden-0107"], k=10)
+    rec.recommend(["GAR00012", "GAR00107"], k=10)
 
 The model is ID-free: items enter only through their text, so any catalog can be indexed (also a shop that
 took no part in training) and a history may name catalog items by key or give raw item texts (an item not

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 SELECT_RULE = ("the MergeRec variant (task-wise or layer-wise coefficients) with the higher mean validation "
                "NDCG@10 over the participating domains; test data is never used for the choice, and a tie "
                "keeps the variant listed first in the run's `granularities`")
-CITATION = ("MergeRec: model merging for privacy-isolated cross-domain sequential recommendation. "
-            "arXiv:2601.01753 (KDD 2026). https://arxiv.org/abs/2601.01753")
+CITATION = ("Kim, Moon, Park, Lee. MergeRec: Model Merging for Data-Isolated Cross-Domain Sequential Recommendation. KDD 2026, "
+            "arXiv:2601.01753, https://arxiv.org/abs/2601.01753")
 
 
 def mean_metric(per_domain: dict, model: str, metric: str = "ndcg@10") -> float | None:
