@@ -162,7 +162,7 @@ class MergedRecommender:
         dom = self.dom
         if new:
             keys = tuple(f"\0new-{i}" for i in range(len(new)))
-            extra_dom = self.model.domain_inputs(CatalogView(self.catalog.domain, keys, tuple(new)))
+            extra_dom = self.model.domain_inputs(CatalogView(self.catalog.domain, keys, tuple(new)), progress=False)
             dom = _concat(self.dom, extra_dom)
         return self.score_ids(ids, dom), ids
 

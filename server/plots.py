@@ -69,8 +69,9 @@ def loss_plot(learned: dict, out: Path) -> Path | None:
             loss = np.array([h["loss"] for h in hist])
             win = max(1, len(loss) // 25)
             smooth = np.convolve(loss, np.ones(win) / win, mode="valid")
-            ax.plot(steps, loss, color=f"C{i}", alpha=0.25, linewidth=0.8)
-            ax.plot(steps[win - 1:], smooth, color=f"C{i}", label=f"{gran}-wise, training (moving mean {win})")
+            style = ["-", "--", ":"][i % 3]  # variants often learn alike: dashes keep both lines visible
+            ax.plot(steps, loss, color=f"C{i}", alpha=0.2, linewidth=0.8)
+            ax.plot(steps[win - 1:], smooth, style, color=f"C{i}", label=f"{gran}-wise, training (moving mean {win})")
         hold = c.get("holdout") or []
         if hold:
             ax.plot([h["step"] for h in hold], [h["loss"] for h in hold], "o--", color=f"C{i}", markersize=3,
