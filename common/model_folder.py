@@ -6,7 +6,8 @@ carries the same configuration in its metadata, so a lone weights file (e.g. a s
 can be loaded too. `README.md` is the model card (written by the server, see server/artifacts.py).
 
 `load_weights(spec)` accepts:
-- a model folder written by `save_model_folder` (`config.json` + `model.safetensors`);
+- a model folder written by `save_model_folder` (`config.json` + `model.safetensors`), or by an older
+  version (`model_card.json` + `merged.safetensors`);
 - a `.safetensors` file whose metadata holds the configuration (`mergerec_config`);
 - `base:init` / `base:bundled` / `base:<file>`: the shared base model itself, with default settings.
 """
@@ -25,6 +26,7 @@ from common.config import BackboneConfig, Strict
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
+LEGACY_CARD = "model_card.json"  # older runs: model_card.json + merged.safetensors
 META_KEY = "mergerec_config"
 FORMAT = "mergerec-model"
 
@@ -83,6 +85,22 @@ def _parse_config(text: str, where: str) -> ModelConfig:
     return cfg
 
 
+def _legacy_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A model folder written before this format: model_card.json + merged.safetensors."""
+    import json
+
+    try:
+        card = json.loads((path / LEGACY_CARD).read_text())
+        cfg = ModelConfig(backbone=BackboneConfig(**card["backbone"]), seed=card.get("seed", 0),
+                          base_fingerprint=card.get("base_fingerprint", ""),
+                          fingerprint=card.get("merged_fingerprint", ""), method=card.get("method", ""),
+                          domains=card.get("domains", []))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelFolderError(f"{path / LEGACY_CARD}: not a readable model card ({type(exc).__name__})") from None
+    state, _ = _read_safetensors(path / "merged.safetensors")
+    return cfg, state
+
+
 def load_weights(spec: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor] | None]:
     """(configuration, weights) of a model folder or weights file; weights None for `base:...` (the base as
     built from its configuration)."""
@@ -90,6 +108,8 @@ def load_weights(spec: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     if text.startswith("base:"):
         return ModelConfig(backbone=BackboneConfig(base=text.removeprefix("base:") or "init")), None
     path = Path(spec)
+    if path.is_dir() and not (path / CONFIG_FILE).exists() and (path / LEGACY_CARD).is_file():
+        return _legacy_folder(path)
     if path.is_dir():
         cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
         for p in (cfg_path, weights):

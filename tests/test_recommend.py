@@ -17,6 +17,7 @@ from common.config import BackboneConfig, TrainConfig
 from common.data import load_silo
 from common.demo import make_demo
 from common.merging.coefficients import CoefficientConfig
+from common.messages import EvaluateRequest
 from common.metrics import metrics_from_ranks, target_ranks
 from common.model_folder import ModelFolderError
 from common.recommend import MergedRecommender
@@ -37,8 +38,10 @@ def run(tmp_path_factory):
                          teacher_top_k=16, timeout_s=60)
     workers = {d.name: SiloWorker(d.name, d, state_dir=root / "state" / d.name, cache_dir=root / "cache") for d in dirs}
     transport = InProcessTransport({n: in_process_endpoint(w) for n, w in workers.items()})
-    report = Pipeline(transport, cfg, root / "run").run()
-    return {"root": root, "dirs": dirs, "report": report, "model": root / "run" / "model"}
+    pipeline = Pipeline(transport, cfg, root / "run")
+    report = pipeline.run()
+    return {"root": root, "dirs": dirs, "report": report, "model": root / "run" / "model", "workers": workers,
+            "spec": pipeline.spec}
 
 
 def _values(result: dict) -> dict:
@@ -97,6 +100,27 @@ def test_scores_and_metrics_equal_the_pipeline_evaluation(run):
             assert ours[k] == pytest.approx(pipeline[k], abs=1.5 / len(targets))
 
 
+def test_scores_equal_those_the_silo_evaluation_ranks(run, monkeypatch):
+    """The shipped weights evaluated by a silo exactly as in the pipeline (SiloWorker.evaluate): the score
+    matrix it ranks equals MergedRecommender.scores for the same histories given as item keys."""
+    import common.train
+
+    d = run["dirs"][1]
+    captured = []
+    real = common.train.target_ranks
+    monkeypatch.setattr(common.train, "target_ranks", lambda sc, t, g=None: captured.append(sc.clone()) or real(sc, t, g))
+    arrays = {n: t.numpy() for n, t in load_file(str(run["model"] / "model.safetensors")).items()}
+    reply, _ = run["workers"][d.name].evaluate(EvaluateRequest(base=run["spec"], models=["shipped"]), {"shipped": arrays})
+    rec = MergedRecommender.from_pretrained(run["model"]).index(d)
+    silo = load_silo(d)
+    histories, _ = silo.eval_split("test")
+    order = sorted(range(len(histories)), key=lambda i: min(len(histories[i]), rec.model.cfg.max_items))
+    ours, _ = rec.scores([_keys(silo, histories[i]) for i in order])
+    assert ours.shape == torch.cat(captured).shape
+    assert torch.allclose(ours, torch.cat(captured), atol=1e-5)
+    assert reply.metrics["shipped"].values == pytest.approx(_values(rec.evaluate(d, "test")), abs=1e-12)
+
+
 def test_silo_finetuned_file_loads_and_matches_its_metrics(run):
     d = run["dirs"][2]
     (weights,) = (run["root"] / "state" / d.name).glob("finetuned-*.safetensors")
@@ -104,6 +128,20 @@ def test_silo_finetuned_file_loads_and_matches_its_metrics(run):
     assert rec.config.method == f"finetuned-{d.name}"
     pipeline = run["report"]["metrics"][d.name][f"finetuned-{d.name}"]["values"]
     assert _values(rec.evaluate(d, "test")) == pytest.approx(pipeline, abs=1e-12)
+
+
+def test_a_model_folder_of_an_older_run_still_loads(run, tmp_path):
+    """Older runs wrote model/model_card.json + model/merged.safetensors."""
+    cfg = json.loads((run["model"] / "config.json").read_text())
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "merged.safetensors").write_bytes((run["model"] / "model.safetensors").read_bytes())
+    (old / "model_card.json").write_text(json.dumps({"base_fingerprint": cfg["base_fingerprint"],
+                                                     "merged_fingerprint": cfg["fingerprint"], "method": cfg["method"],
+                                                     "domains": cfg["domains"], "backbone": cfg["backbone"], "seed": 0}))
+    d = run["dirs"][0]
+    new = MergedRecommender.from_pretrained(run["model"]).evaluate(d, "val")
+    assert MergedRecommender.from_pretrained(old).evaluate(d, "val") == new
 
 
 def test_changed_weights_are_refused(run, tmp_path):
