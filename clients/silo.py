@@ -27,6 +27,7 @@ from common.messages import (
     BaseSpec,
     CatalogItem,
     ContractError,
+    EpochProgress,
     EvaluateReply,
     EvaluateRequest,
     FinetuneReply,
@@ -124,7 +125,9 @@ class SiloWorker:
         tv = {n: res.state[n] - base_state[n] for n in base_state}
         reply = FinetuneReply(domain=self.domain, base_fingerprint=self._base_fp,
                               val=AggregateMetrics.from_result(res.val), epochs=res.epochs,
-                              refit_epochs=res.refit_epochs, seconds=res.seconds)
+                              refit_epochs=res.refit_epochs, seconds=res.seconds,
+                              history=[EpochProgress(epoch=h["epoch"], loss=h.get("loss"), val_ndcg10=h["val_ndcg@10"])
+                                       for h in res.history])
         return reply, {"task_vector": to_numpy_state(tv)}
 
     def teacher(self, req: TeacherRequest) -> tuple[TeacherReply, Arrays]:

@@ -320,6 +320,9 @@ class Pipeline:
             self.state["val"][d] = o.header.val.model_dump()
             self.state["finetune"][d] = {"epochs": o.header.epochs, "refit_epochs": o.header.refit_epochs,
                                          "seconds": round(o.header.seconds, 2)}
+            for h in o.header.history:  # the silo's per-epoch progress, in the ServerApp's log in any deployment
+                log.info("finetune: silo %s epoch %d loss %s val NDCG@10 %.4f", d, h.epoch,
+                         "-" if h.loss is None else f"{h.loss:.4f}", h.val_ndcg10)
             log.info("finetune: silo %s fine-tuned %d epoch(s) (final fit %d) in %.1fs, validation NDCG@10 %.4f",
                      d, o.header.epochs, o.header.refit_epochs, o.header.seconds, o.header.val.values["ndcg@10"])
             self._save()

@@ -47,9 +47,16 @@ def _transport(dirs, root, observer=None, broken: dict | None = None):
     return InProcessTransport(endpoints, observer)
 
 
-def test_full_pipeline_and_report(world, tmp_path):
+def test_full_pipeline_and_report(world, tmp_path, caplog):
     root, enc, dirs = world
-    report = Pipeline(_transport(dirs, root), _cfg(enc, root), tmp_path / "run").run()
+    with caplog.at_level("INFO"):
+        report = Pipeline(_transport(dirs, root), _cfg(enc, root), tmp_path / "run").run()
+    # progress the ServerApp logs itself (so it reaches its console in a deployment too): per silo and stage
+    server_lines = [r.getMessage() for r in caplog.records if r.name == "server.pipeline"]
+    for d in dirs:
+        for what in (f"finetune: silo {d.name} epoch 1 loss", f"finetune: silo {d.name} fine-tuned",
+                     f"teacher: silo {d.name} replied", f"evaluate: silo {d.name} test NDCG@10"):
+            assert any(line.startswith(what) for line in server_lines), what
     assert sorted(report["active"]) == sorted(d.name for d in dirs)
     for d in dirs:
         models = report["metrics"][d.name]
