@@ -18,6 +18,8 @@ from flwr.clientapp import ClientApp
 
 from clients.silo import SiloWorker
 from common.data import DOMAIN_FILES, DataError
+from common.demo import DEFAULT_ROOT as DEMO_ROOT, ensure_demo
+from common.logs import setup_logging
 from common.run_config import RunOptions
 from common.messages import (
     EVALUATE,
@@ -63,6 +65,9 @@ def silo_location(node_config: dict, run_config: dict) -> tuple[str, Path, Path 
         if pid >= len(opts.domains):
             raise ContractError(f"partition {pid} has no domain: run-config domains = {opts.domains}")
         domain, state_root = opts.domains[pid], opts.silo_state_root
+        if opts.data_root == Path(DEMO_ROOT):  # the demo default: generate what is missing
+            for made in ensure_demo(opts.data_root, [domain]):
+                log.info("demo domain written to %s", made)
         return domain, opts.data_root / domain, state_root / domain if state_root else None
     raise ContractError("node-config must set domain and data-path (or run in simulation)")
 
@@ -126,6 +131,7 @@ def in_process_endpoint(worker: SiloWorker):
 
 
 def _serve(msg: Message, context: Context) -> Message:
+    setup_logging()  # this silo's progress lines (fine-tuning epochs, ...) at INFO, request chatter at WARNING
     get = lambda: worker_for(dict(context.node_config), dict(context.run_config))  # noqa: E731
     try:
         return Message(content=safe_handle(get, msg.metadata.message_type, msg.content), reply_to=msg)

@@ -1,6 +1,6 @@
 """On-disk domain format -> `CatalogView` (what a server may see) and `SiloData` (what never leaves a silo).
 
-A domain folder holds six JSON files (the format of the public datasets under ../shared/data/amazon):
+A domain folder holds six JSON files (docs/data.md):
 
 - meta_data.json   item key -> {"title", "brand", "category"} (extra entries and extra fields are ignored)
 - smap.json        item key -> item id; the ids are a permutation of 0..N-1 (row order of the item table)

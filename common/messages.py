@@ -115,6 +115,14 @@ class FinetuneRequest(Header):
     train: TrainConfig
 
 
+class EpochProgress(Header):
+    """One epoch of a silo's fine-tuning, aggregates only (shown in the ServerApp's log as progress)."""
+
+    epoch: int = Field(ge=0, le=100_000)
+    loss: float | None = Field(None, ge=0)  # mean training loss (None for epoch 0, the starting weights)
+    val_ndcg10: float = Field(ge=0, le=1)  # validation NDCG@10 after the epoch
+
+
 class FinetuneReply(Header):
     """Arrays: group "task_vector" = {parameter name: float32 array}."""
 
@@ -124,6 +132,7 @@ class FinetuneReply(Header):
     epochs: int = Field(ge=0)  # epochs of the selection run
     refit_epochs: int = Field(0, ge=0)  # epochs of the final fit on train + validation items (0: best epoch sent)
     seconds: float = Field(ge=0)
+    history: list[EpochProgress] = Field(default_factory=list, max_length=10_000)  # selection run, per epoch
 
     def array_groups(self) -> set[str]:
         return {"task_vector"}

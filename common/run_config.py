@@ -42,7 +42,8 @@ class RunOptions(BaseModel):
     silo_state_root: Path | None = Field(None, description="simulation: where silos keep fine-tuned weights "
                                          "(default .cache/silo-state)")
     cache_dir: Path | None = Field(None, description="item-embedding cache (default .cache)")
-    min_nodes: int = Field(3, ge=0, description="SuperNodes to wait for before starting")
+    min_nodes: int = Field(0, ge=0, description="SuperNodes to wait for before starting (0 = one per domain "
+                           "in `domains`, or the federation's own count)")
     node_wait_s: float = Field(300.0, gt=0, description="how long to wait for them")
     record_messages: Path | None = Field(None, description="write every message both ways to this folder (audits)")
     expect_domains: list[str] = Field([], description="domains that must take part; each one missing is reported")

@@ -257,8 +257,8 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deployment.certs", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m deployment.certs") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the certificates and keys")
     p.add_argument("--domains", type=_csv, required=True, help="comma list: one node key pair per domain")
     p.add_argument("--hosts", type=_csv, default=list(DEFAULT_HOSTS),

@@ -127,7 +127,8 @@ def record(st: dict, run_dir: Path, path: Path) -> None:
 
 def stage_of(rel: str) -> str:
     return {"task_vectors": "finetune", "teacher": "teacher", "pseudo_users.json": "pseudo_users",
-            "coefficients.json": "coefficients", "metrics.json": "evaluate"}.get(rel.split("/")[0], "")
+            "coefficients.json": "coefficients", "metrics.json": "evaluate",
+            "metrics_val.json": "evaluate"}.get(rel.split("/")[0], "")
 
 
 def verify(st: dict, run_dir: Path, expected: list[str], check) -> None:
@@ -174,6 +175,7 @@ def verify_run(p) -> None:
         expected += [str(p._teacher_path(d).relative_to(p.run_dir)) for d in p.active()]
     expected += [f for f, s in (("pseudo_users.json", "pseudo_users"), ("coefficients.json", "coefficients"),
                                 ("metrics.json", "evaluate")) if s in done]
+    # metrics_val.json is checked when recorded (runs from before it existed have none)
     verify(st, p.run_dir, list(dict.fromkeys(expected)), lambda rel, path: _check_file(p, rel, path))
     p._save()
 

@@ -93,7 +93,7 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
     train = TrainConfig.for_backbone(backbone.kind, **parts["train"], progress=False)
     cfg = PipelineConfig(backbone=backbone, train=train, coefficients=CoefficientConfig(**parts["coefficients"]),
                          **parts[""])
-    server = {"min_nodes": opts.min_nodes, "node_wait_s": opts.node_wait_s,
+    server = {"min_nodes": opts.min_nodes, "node_wait_s": opts.node_wait_s, "domains": opts.domains,
               "record_messages": str(opts.record_messages or ""), "expect_domains": opts.expect_domains}
     return cfg, opts.run_dir, server
 
@@ -103,7 +103,7 @@ HELP = {
     "run-dir": "checkpoints, report, model/ (same dir again = resume)",
     "domains": "simulation: partition i -> domains[i]", "data-root": "simulation: <data-root>/<domain> is silo i's data",
     "silo-state-root": "simulation: silos' fine-tuned weights ('' = .cache/silo-state)",
-    "cache-dir": "item-embedding cache ('' = .cache)", "min-nodes": "wait for this many SuperNodes before starting",
+    "cache-dir": "item-embedding cache ('' = .cache)", "min-nodes": "SuperNodes to wait for (0 = one per domain)",
     "node-wait-s": "seconds to wait for them", "record-messages": "a folder: every message both ways (audits)",
     "expect-domains": "comma list that must take part: each one missing is in report.json",
     "catalog-root": "the server's own catalog view ('' = silos send item texts)",

@@ -182,6 +182,7 @@ class Pipeline:
                         f"invalid reply: {type(exc).__name__} while checking it"
             if err is None:
                 results[d] = o
+                log.info("%s: silo %s replied (%.2f MB)", stage, d, o.bytes_up / 1e6)
                 if store is not None:
                     store(d, o)
             else:
@@ -304,6 +305,11 @@ class Pipeline:
             self.state["val"][d] = o.header.val.model_dump()
             self.state["finetune"][d] = {"epochs": o.header.epochs, "refit_epochs": o.header.refit_epochs,
                                          "seconds": round(o.header.seconds, 2)}
+            for h in o.header.history:  # the silo's per-epoch progress, in the ServerApp's log in any deployment
+                log.info("finetune: silo %s epoch %d loss %s val NDCG@10 %.4f", d, h.epoch,
+                         "-" if h.loss is None else f"{h.loss:.4f}", h.val_ndcg10)
+            log.info("finetune: silo %s fine-tuned %d epoch(s) (final fit %d) in %.1fs, validation NDCG@10 %.4f",
+                     d, o.header.epochs, o.header.refit_epochs, o.header.seconds, o.header.val.values["ndcg@10"])
             self._save()
 
         self._ask("finetune", FINETUNE, {d: (req, {}) for d in todo}, FinetuneReply, validate, store)
@@ -395,7 +401,8 @@ class Pipeline:
         for gran in self.cfg.granularities:
             res, _ = self.learn(domains, self.cfg.coefficients.model_copy(update={"granularity": gran}))
             learned[gran] = {"domains": domains, "groups": list(res.groups), "W": res.W.tolist(),
-                             "final_loss": res.history[-1]["loss"] if res.history else None}
+                             "final_loss": res.history[-1]["loss"] if res.history else None,
+                             "history": res.history, "holdout": res.holdout}
         atomic_write(self.run_dir / "coefficients.json", json.dumps(learned, indent=1))
         self._record(self.run_dir / "coefficients.json")
         self._done("coefficients", time.perf_counter() - t0)
@@ -435,31 +442,27 @@ class Pipeline:
 
     def evaluate(self) -> None:
         t0 = time.perf_counter()
-        metrics = self.evaluate_at(self.candidate_models(), self.active())
+        models = self.candidate_models()
+        metrics = self.evaluate_at(models, self.active())
+        for d, per in sorted(metrics.items()):
+            log.info("evaluate: silo %s test NDCG@10: %s", d, ", ".join(f"{m} {v['values']['ndcg@10']:.4f}"
+                                                                      for m, v in per.items() if "-" in m))
         atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
         self._record(self.run_dir / "metrics.json")
+        # validation split of the MergeRec variants: what picks the shipped model (never the test split)
+        variants = {m: st for m, st in models.items() if m.startswith("mergerec-")}
+        val_metrics = self.evaluate_at(variants, self.active(), split="val")
+        atomic_write(self.run_dir / "metrics_val.json", json.dumps(val_metrics, indent=1))
+        self._record(self.run_dir / "metrics_val.json")
         self._done("evaluate", time.perf_counter() - t0)
 
     def artifacts(self) -> dict:
+        """The shipped model folder (the better MergeRec variant on validation), report.json, report.md, plots."""
+        from server.artifacts import write_artifacts
+
         t0 = time.perf_counter()
-        metrics = json.loads((self.run_dir / "metrics.json").read_text())
-        learned = json.loads((self.run_dir / "coefficients.json").read_text())
-        final_name = f"mergerec-{self.cfg.granularities[-1]}"
-        final = self.mergerec_states()[final_name]
-        model_dir = self.run_dir / "model"
-        model_dir.mkdir(exist_ok=True)
-        save_file({n: t.contiguous() for n, t in final.items()}, str(model_dir / "merged.safetensors"))
-        card = {"base_fingerprint": self.base_fp, "merged_fingerprint": fingerprint(final), "method": final_name,
-                "init": self.cfg.init_method, "domains": learned[self.cfg.granularities[-1]]["domains"],
-                "coefficients": learned, "backbone": self.cfg.backbone.model_dump(mode="json"), "seed": self.cfg.seed}
-        atomic_write(model_dir / "model_card.json", json.dumps(card, indent=1))
+        report = write_artifacts(self)
         self.state["timings"]["artifacts"] = round(time.perf_counter() - t0, 3)
-        report = {"run_dir": str(self.run_dir), "config": self.cfg.model_dump(mode="json"),
-                  "base_fingerprint": self.base_fp, "domains": self.state["domains"], "active": self.active(),
-                  "dropped": self.state["dropped"], "metrics": metrics, "validation": self.state["val"],
-                  "finetune": self.state["finetune"], "coefficients": learned, "timings": self.state["timings"],
-                  "bytes": self.state["bytes"], "model": str(model_dir / "merged.safetensors")}
-        atomic_write(self.run_dir / "report.json", json.dumps(report, indent=1))
         if "artifacts" not in self.state["completed"]:
             self._done("artifacts", time.perf_counter() - t0)
         return report

@@ -95,7 +95,7 @@ def run_simulation(domains: list[str], data_root: Path, run_dir: Path, run_confi
         report = run_dir / "report.json"
         before = report.stat().st_mtime if report.exists() else None
         t0 = time.monotonic()
-        with open(log_dir / "flwr-run.log", "w") as out:
+        with open(log_dir / "flwr-run.log", "a") as out:  # a resumed run appends to the first run's log
             proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
         if not report.exists() or report.stat().st_mtime == before:
             tail = (log_dir / "flwr-run.log").read_text()[-4000:]
@@ -119,14 +119,15 @@ def exit_status(report: dict, expected: list[str]) -> int:
     return EXIT_DEGRADED if report.get("dropped") or missing else EXIT_COMPLETE
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m server.simulate", description=__doc__,
+def main(argv=None, prog: str = "python -m server.simulate") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-root", type=Path, default=DEMO_ROOT)
+    ap.add_argument("--data-root", type=Path, default=DEMO_ROOT,
+                    help="folder with one subfolder per domain (default: the demo data, generated when missing)")
     ap.add_argument("--domains", default="", help="comma list (default: every domain folder under --data-root)")
     ap.add_argument("--run-dir", type=Path, default=None, help="default: runs/<timestamp>; reuse one to resume")
     ap.add_argument("--run-config", default="", help='extra "key=value ..." for [tool.flwr.app.config]')
-    ap.add_argument("--cpus-per-silo", type=int, default=1)
+    ap.add_argument("--cpus-per-silo", type=int, default=1, help="CPU cores Flower gives each simulated silo")
     args = ap.parse_args(argv)
 
     from common.report import markdown_table
