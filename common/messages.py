@@ -253,13 +253,22 @@ def check_state_arrays(named: dict[str, np.ndarray], reference: dict[str, tuple[
             raise ContractError(f"{what}: parameter {n} has non-finite values")
 
 
+def teacher_wire_dtypes(num_items: int) -> tuple[np.dtype, np.dtype]:
+    """(index dtype, value dtype) of teacher top-k arrays on the wire: the smallest unsigned integer that holds
+    every item id of the catalog, and float16 values (cosine scores in [-1, 1]: rounding error <= 2**-11, a
+    tenth of a percent of a logit after the temperature)."""
+    return (np.dtype(np.uint16) if num_items <= 1 << 16 else np.dtype(np.uint32)), np.dtype(np.float16)
+
+
 def check_teacher_arrays(named: dict[str, np.ndarray], rows: int, num_items: int, k: int) -> None:
     if set(named) != {"indices", "values"}:
         raise ContractError(f"teacher arrays must be exactly indices/values, got {len(named)} other array(s)")
     idx, val = named["indices"], named["values"]
     if idx.shape != (rows, k) or val.shape != (rows, k):
         raise ContractError(f"teacher arrays must be [{rows}, {k}], got {idx.shape} and {val.shape}")
-    if idx.dtype != np.int32 or val.dtype != np.float32:
-        raise ContractError(f"teacher arrays must be int32/float32, got {idx.dtype}/{val.dtype}")
-    if idx.size and (idx.min() < 0 or idx.max() >= num_items):
+    want_idx, want_val = teacher_wire_dtypes(num_items)
+    if idx.dtype != want_idx or val.dtype != want_val:
+        raise ContractError(f"teacher arrays must be {want_idx}/{want_val} for {num_items} items, "
+                            f"got {idx.dtype}/{val.dtype}")
+    if idx.size and int(idx.max()) >= num_items:
         raise ContractError(f"teacher indices out of range [0, {num_items})")

@@ -32,6 +32,7 @@ import argparse
 import atexit
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -652,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-config", default=None, help="passed to flwr run --run-config")
     p.add_argument("--run-dir", type=Path, default=None, help="logs and working folders (default: a temp folder)")
     p.add_argument("--secrets", type=Path, default=None, help="certificates/keys folder (default RUN_DIR/secrets)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
+    p.add_argument("--timeout", type=float, default=0.0, help="seconds for the run, then it is stopped "
+                   "(default 0: no limit; the ServerApp's per-stage limits still apply)")
     p.add_argument("--threads-per-node", type=int, default=1, help="OMP/MKL threads of each SuperNode (0 = unset)")
     a = p.parse_args(argv)
 
@@ -670,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
                 refused = code not in (None, 0) and "Failed to activate SuperNode" in log
                 stack.say(f"unregistered node key refused: {refused} (exit code {code})")
                 ok &= refused
-            res = stack.run_app(app, run_config=run_config, timeout=a.timeout)
+            res = stack.run_app(app, run_config=run_config, timeout=a.timeout or math.inf)
             print("\n".join(ln for ln in tail(res.log, 400).splitlines() if "HTTP Request:" not in ln)[-6000:])
             ok &= res.ok
             if not ok:

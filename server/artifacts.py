@@ -172,3 +172,13 @@ def write_artifacts(p) -> dict:
     for name, text in (("report.md", report_markdown(report, plots)), ("report.json", json.dumps(report, indent=1))):
         atomic_write(run / name, text)
     return report
+
+
+def results_table(report: dict, k: int = 10) -> str:
+    """Every (domain, model) test Recall@k / NDCG@k of a run report, as a markdown table (the console summary)."""
+    rows = []
+    for domain, per_model in sorted(report["metrics"].items()):
+        for model, m in per_model.items():
+            rows.append({"domain": domain, "model": model, f"recall@{k}": m["values"][f"recall@{k}"],
+                         f"ndcg@{k}": m["values"][f"ndcg@{k}"], "users": m["users"]})
+    return markdown_table(rows, ["domain", "model", f"recall@{k}", f"ndcg@{k}", "users"])

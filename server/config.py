@@ -22,14 +22,14 @@ PIPELINE_KEYS = {
     "backbone": ("backbone", "kind"), "encoder": ("backbone", "encoder"), "base": ("backbone", "base"),
     "epochs": ("train", "epochs"), "batch-size": ("train", "batch_size"), "lr": ("train", "lr"),
     "patience": ("train", "patience"), "refit-on-val": ("train", "refit_on_val"), "l2sp": ("train", "l2sp"),
-    "freeze": ("train", "freeze"), "max-users": ("train", "max_users"),
+    "freeze": ("train", "freeze"), "max-users": ("train", "max_users"), "val-max-users": ("train", "val_max_users"),
     "coef-steps": ("coefficients", "steps"), "coef-lr": ("coefficients", "lr"),
     "coef-batch-size": ("coefficients", "batch_size"),
     **{k: ("", k.replace("-", "_")) for k in (
         "catalog-root", "baselines", "init-method", "granularities", "pseudo-users", "pseudo-users-n",
         "teacher-top-k", "eval-max-users", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed")},
 }
-_ZERO_IS_NONE = {"max-users", "pseudo-users-n", "teacher-top-k", "eval-max-users"}  # 0 = no limit
+_ZERO_IS_NONE = {"max-users", "val-max-users", "pseudo-users-n", "teacher-top-k", "eval-max-users"}  # 0 = no limit
 _LIST_KEYS = {"freeze", "baselines", "granularities"}
 _FIELD_KEY = {v: k for k, v in PIPELINE_KEYS.items()}
 KNOWN_KEYS = frozenset(PIPELINE_KEYS) | OPTION_KEYS
@@ -82,6 +82,8 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
             value = comma_list(value)
         if key in _ZERO_IS_NONE and value == 0:
             value = None
+        if key == "timeout-s" and isinstance(value, str) and value.strip().lower() == "auto":
+            value = None  # sized from the data (server/limits.py)
         model, field = PIPELINE_KEYS[key]
         parts[model][field] = value
     opts = RunOptions.from_run_config(rc)
@@ -108,12 +110,13 @@ HELP = {
     "expect-domains": "comma list that must take part: each one missing is in report.json",
     "catalog-root": "the server's own catalog view ('' = silos send item texts)",
     "min-silos": "go on without failed silos while at least this many remain", "retries": "per stage and silo",
-    "timeout-s": "per stage and attempt", "max-task-vector-ratio": "refuse a task vector whose norm exceeds this x the base's",
+    "timeout-s": "per stage and attempt; (none) or auto = sized from the data", "max-task-vector-ratio": "refuse a task vector whose norm exceeds this x the base's",
     "backbone": "light | text", "encoder": "'minilm' (bundled) or a local model folder",
     "base": "light base: init | bundled | a base file", "epochs": "at most; early stopping on validation NDCG@10",
     "batch-size": "fine-tuning batch", "lr": "fine-tuning learning rate", "patience": "epochs without a validation gain",
     "refit-on-val": "retrain on train + validation items for the chosen epochs", "l2sp": "pull toward the base",
     "freeze": "parameter prefixes kept at the base, e.g. adaptor", "max-users": "0 = all users",
+    "val-max-users": "early stopping validates on this many users (0 = all)",
     "baselines": "training-free merges to evaluate", "init-method": "MergeRec starts from this merge",
     "granularities": "MergeRec coefficients: task and/or layer", "coef-steps": "coefficient-learning steps",
     "coef-lr": "coefficient-learning lr", "coef-batch-size": "pseudo-users per step",

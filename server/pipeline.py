@@ -52,9 +52,9 @@ from common.messages import (
     TeacherReply,
     TeacherRequest,
 )
-from common.report import markdown_table
 from server.transport import Outcome, Transport
 from server import checkpoint
+from server.limits import stage_timeout
 from server.validation import check_config, check_evaluate, check_finetune, check_teacher, silo_name, state_norm
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,13 @@ class PipelineConfig(Strict):
     coefficients: CoefficientConfig = CoefficientConfig()
     pseudo_users: Literal["all", "random", "kmeans"] = "all"
     pseudo_users_n: int | None = Field(None, ge=1)
-    teacher_top_k: int | None = Field(256, ge=1)
+    teacher_top_k: int | None = Field(64, ge=1)
     evaluate_finetuned: bool = True
     eval_max_users: int | None = Field(None, ge=1)
     catalog_root: Path | None = Field(None, description="server's own catalog view: <root>/<domain>/{meta_data,smap}.json")
     min_silos: int = Field(2, ge=1)
     retries: int = Field(1, ge=0)
-    timeout_s: float = Field(3600.0, gt=0)
+    timeout_s: float | None = Field(None, gt=0)  # per stage and attempt; None: sized from the data (server/limits.py)
     max_task_vector_ratio: float = Field(10.0, gt=0, description="a task vector whose L2 norm exceeds this "
                                          "many times the base model's norm is refused")
     seed: int = 0
@@ -162,6 +162,11 @@ class Pipeline:
         b["sent_to_silo"] += o.bytes_down
         b["received_from_silo"] += o.bytes_up
 
+    def _timeout(self, stage: str, requests: dict) -> float:
+        first = next(iter(requests.values()), (None, {}))
+        return stage_timeout(stage, self.cfg.timeout_s, max_items=max(map(len, self.catalogs.values()), default=0),
+                             epochs=self.cfg.train.epochs, refit=self.cfg.train.refit_on_val, models=len(first[1]))
+
     def _ask(self, stage: str, message_type: str, requests: dict, reply_type, validate=None, store=None) -> dict:
         """requests: domain -> (header, arrays). Each reply is validated completely (`validate` raises
         ValueError) and stored (`store`) as soon as it arrives, so a crash loses only unfinished silos.
@@ -195,7 +200,7 @@ class Pipeline:
             failed.clear()
             handles = {self.handles[d]: d for d in todo if d in self.handles}
             outcomes = self.t.call(message_type, {h: todo[d] for h, d in handles.items()}, reply_type,
-                                   self.cfg.timeout_s, on_reply=lambda h, o: on_reply(h, o, attempt, handles))
+                                   self._timeout(stage, requests), on_reply=lambda h, o: on_reply(h, o, attempt, handles))
             for h, o in outcomes.items():  # transports that do not report replies one by one
                 on_reply(h, o, attempt, handles)
             for d in set(todo) - set(handles.values()):
@@ -217,7 +222,8 @@ class Pipeline:
         handles = self.t.silos()
         want_catalog = self.cfg.catalog_root is None
         req = HandshakeRequest(base=self.spec, send_catalog=want_catalog)
-        outcomes = self.t.call(HANDSHAKE, {h: (req, {}) for h in handles}, HandshakeReply, self.cfg.timeout_s)
+        outcomes = self.t.call(HANDSHAKE, {h: (req, {}) for h in handles}, HandshakeReply,
+                               stage_timeout("handshake", self.cfg.timeout_s))
         found: dict[str, HandshakeReply] = {}
         for h, o in outcomes.items():
             if o.error:
@@ -262,7 +268,7 @@ class Pipeline:
         """Before a retry: re-learn handles (a restarted SuperNode has a new node id)."""
         req = HandshakeRequest(base=self.spec)
         outcomes = self.t.call(HANDSHAKE, {h: (req, {}) for h in self.t.silos()}, HandshakeReply,
-                               min(self.cfg.timeout_s, 120.0))
+                               min(stage_timeout("handshake", self.cfg.timeout_s), 120.0))
         for h, o in outcomes.items():
             if o.error is None and o.header.domain in domains and o.header.base_fingerprint == self.base_fp:
                 self.handles[o.header.domain] = h
@@ -487,12 +493,3 @@ class Pipeline:
                 log.info("stage %s (silos: %s)", stage, ", ".join(self.active()))
                 result = getattr(self, stage)()
             return result
-
-
-def results_table(report: dict, k: int = 10) -> str:
-    rows = []
-    for domain, per_model in sorted(report["metrics"].items()):
-        for model, m in per_model.items():
-            rows.append({"domain": domain, "model": model, f"recall@{k}": m["values"][f"recall@{k}"],
-                         f"ndcg@{k}": m["values"][f"ndcg@{k}"], "users": m["users"]})
-    return markdown_table(rows, ["domain", "model", f"recall@{k}", f"ndcg@{k}", "users"])

@@ -10,7 +10,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.logs import setup_logging
 from server.config import pipeline_config
-from server.pipeline import Pipeline, results_table
+from server.artifacts import results_table
+from server.pipeline import Pipeline
 from server.transport import FlowerTransport, MessageRecorder
 
 log = logging.getLogger(__name__)

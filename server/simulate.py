@@ -1,11 +1,14 @@
 """Local simulation of every silo on this machine, through the real Flower stack (`make run`).
 
     python -m server.simulate [--data-root DIR] [--domains a,b,c] [--run-dir DIR] [--run-config "k=v ..."]
+                              [--timeout SECONDS]
 
 Starts its own simulation SuperLink (free loopback ports, in-memory state), runs `flwr run . <connection>
 --stream` with one simulated SuperNode per domain (1 CPU each), prints the per-domain table from the run's
-report.json and stops the SuperLink and everything it started. With the default data root, missing demo
-domains are generated first.
+report.json and stops the SuperLink and everything it started. No limit on the whole run unless --timeout is
+given; on that timeout, Ctrl-C, SIGTERM/SIGHUP or an error, every process of the run (SuperLink, `flwr run`,
+Flower's simulation runtime, Ray) is stopped (server/procs.py) and the run directory can be resumed. With
+the default data root, missing demo domains are generated first.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from server.procs import ProcessSet, exit_on_signals, restore_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_ROOT = ROOT / ".cache" / "demo-data"
@@ -56,37 +60,42 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> No
     raise RuntimeError(f"flower-superlink not healthy on port {port} after {timeout:.0f}s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group, SIGKILL after 10 s."""
-    if proc.poll() is not None:
-        return
+class RunTimeout(RuntimeError):
+    """The whole run took longer than the launcher's --timeout (every process of it was stopped)."""
+
+
+def _wait(proc: subprocess.Popen, timeout: float | None, t0: float) -> int:
+    """Wait for `flwr run`; RunTimeout after `timeout` s of the whole run (None: no limit)."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        return proc.wait(timeout=None if timeout is None else max(timeout - (time.monotonic() - t0), 0.1))
+    except subprocess.TimeoutExpired:
+        raise RunTimeout(f"the run did not finish within --timeout {timeout:.0f} s; every process of it was "
+                         f"stopped (the run directory keeps the checkpoint: the same --run-dir resumes)") from None
 
 
 def run_simulation(domains: list[str], data_root: Path, run_dir: Path, run_config: str = "",
-                   cpus_per_silo: int = 1, timeout: float = 3600.0, log_dir: Path | None = None) -> dict:
-    """Run the federated pipeline in a Flower simulation; returns report.json's content."""
+                   cpus_per_silo: int = 1, timeout: float | None = None, log_dir: Path | None = None,
+                   procs: ProcessSet | None = None) -> dict:
+    """Run the federated pipeline in a Flower simulation; returns report.json's content.
+
+    timeout: seconds for the whole run (None: no limit; the ServerApp's per-stage timeouts still apply).
+    However this returns or raises (timeout, an error, KeyboardInterrupt, SIGTERM turned into SystemExit by
+    `procs.exit_on_signals`), every process it started is stopped, Flower's simulation runtime and Ray included.
+    """
     log_dir = Path(log_dir or run_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
+    procs = procs or ProcessSet()
+    t0 = time.monotonic()
     home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
     http_port, control_port = free_port(), free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n')
     env = flwr_env(home)
-    link_log = open(log_dir / "superlink.log", "w")
-    link = subprocess.Popen(
-        ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
-         "--port", str(http_port), "--control-api-address", f"127.0.0.1:{control_port}"],
-        env=env, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        link = procs.spawn(
+            ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
+             "--port", str(http_port), "--control-api-address", f"127.0.0.1:{control_port}"],
+            env=env, log=log_dir / "superlink.log")
         wait_healthy(http_port, link)
         rc = " ".join([f"run-dir='{run_dir}'", f"data-root='{data_root}'", f"domains='{','.join(domains)}'",
                        f"expect-domains='{','.join(domains)}'", f"min-nodes={len(domains)}", run_config]).strip()
@@ -94,19 +103,18 @@ def run_simulation(domains: list[str], data_root: Path, run_dir: Path, run_confi
                f"num-supernodes={len(domains)} client-resources-num-cpus={cpus_per_silo}"]
         report = run_dir / "report.json"
         before = report.stat().st_mtime if report.exists() else None
-        t0 = time.monotonic()
-        with open(log_dir / "flwr-run.log", "a") as out:  # a resumed run appends to the first run's log
-            proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
+        run = procs.spawn(cmd, env=env, log=log_dir / "flwr-run.log", cwd=ROOT)
+        code = _wait(run, timeout, t0)
         if not report.exists() or report.stat().st_mtime == before:
             tail = (log_dir / "flwr-run.log").read_text()[-4000:]
-            raise RuntimeError(f"the federated run produced no report (flwr exit {proc.returncode}); "
-                               f"log tail:\n{tail}")
+            raise RuntimeError(f"the federated run produced no report (flwr exit {code}); log tail:\n{tail}")
         result = json.loads(report.read_text())
         result.setdefault("timings", {})["flower_wall_s"] = round(time.monotonic() - t0, 2)
         return result
     finally:
-        stop(link)
-        link_log.close()
+        left = procs.stop()
+        if left:
+            print(f"WARNING: processes of this run still alive after SIGKILL: {left}", file=sys.stderr)
 
 
 EXIT_COMPLETE, EXIT_FAILED, EXIT_DEGRADED = 0, 1, 3
@@ -128,6 +136,9 @@ def main(argv=None, prog: str = "python -m server.simulate") -> int:
     ap.add_argument("--run-dir", type=Path, default=None, help="default: runs/<timestamp>; reuse one to resume")
     ap.add_argument("--run-config", default="", help='extra "key=value ..." for [tool.flwr.app.config]')
     ap.add_argument("--cpus-per-silo", type=int, default=1, help="CPU cores Flower gives each simulated silo")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds for the whole run, then every process of it is stopped (default: no limit; "
+                         "the per-stage limits of run-config timeout-s still apply)")
     args = ap.parse_args(argv)
 
     from common.report import markdown_table
@@ -144,11 +155,20 @@ def main(argv=None, prog: str = "python -m server.simulate") -> int:
         ap.error(f"need at least two domain folders under {data_root}, found {domains}")
     run_dir = (args.run_dir or ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     print(f"federated run over {', '.join(domains)} -> {run_dir} (logs: flwr-run.log, superlink.log)")
+    previous = exit_on_signals()
     try:
-        report = run_simulation(domains, data_root, run_dir, args.run_config, args.cpus_per_silo)
+        report = run_simulation(domains, data_root, run_dir, args.run_config, args.cpus_per_silo, args.timeout)
     except RuntimeError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted: every process of the run was stopped; the same --run-dir resumes", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # SIGTERM / SIGHUP (server.procs.Terminated)
+        print("terminated: every process of the run was stopped; the same --run-dir resumes", file=sys.stderr)
+        return int(exc.code or EXIT_FAILED)
+    finally:
+        restore_signals(previous)
     rows = []
     for domain, per_model in sorted(report["metrics"].items()):
         for model, m in per_model.items():

@@ -41,7 +41,7 @@ def test_unknown_key_and_good_defaults():
     with pytest.raises(ConfigError, match="unknown run-config key"):
         pipeline_config({**DEFAULTS, "teacher-topk": 5})
     cfg, _, _ = pipeline_config(DEFAULTS)
-    assert cfg.teacher_top_k == 256 and cfg.eval_max_users is None and cfg.max_task_vector_ratio == 10.0
+    assert cfg.teacher_top_k == 64 and cfg.eval_max_users is None and cfg.max_task_vector_ratio == 10.0
 
 
 def test_pyproject_lists_every_key_and_defaults_live_in_code():

@@ -157,6 +157,11 @@ TEACHER = {
     "values unsorted": _arrays("teacher", lambda t: t.__setitem__("values", t["values"][:, ::-1].copy())),
     "duplicate indices": _arrays("teacher", lambda t: t["indices"].__setitem__((0, 1), t["indices"][0, 0])),
     "k > items": lambda c: _set("k", 48)(_arrays("teacher", _too_big_k)(c)),
+    "values float32 (not the wire's float16)": _arrays("teacher", lambda t: t.__setitem__(
+        "values", t["values"].astype(np.float32))),
+    "indices int64 (not the wire's uint16)": _arrays("teacher", lambda t: t.__setitem__(
+        "indices", t["indices"].astype(np.int64))),
+    "index out of range": _arrays("teacher", lambda t: t["indices"].__setitem__((0, 0), 60000)),
     "wrong shape": _arrays("teacher", lambda t: t.update(indices=t["indices"][1:], values=t["values"][1:])),
     "wrong num_items": _set("num_items", 41),
     "wrong domain": _set("domain", "outdoor"),

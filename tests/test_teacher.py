@@ -45,18 +45,43 @@ def test_k_equal_n_is_dense_and_topk_is_its_prefix():
     assert bool((top.values[:, :-1] >= top.values[:, 1:]).all())
 
 
+def test_wire_dtypes_follow_catalog_size():
+    """uint16 indices up to 65,536 items (ids 0..65535), uint32 above; float16 values, 4 bytes per entry."""
+    from common.messages import ContractError, check_teacher_arrays
+
+    for n, want in ((50, np.uint16), (1 << 16, np.uint16), ((1 << 16) + 1, np.uint32)):
+        idx = torch.tensor([[n - 1, 0], [1, n - 2]])
+        top = TopKLogits(item_ids=torch.tensor([0, 1]), indices=idx, values=torch.tensor([[0.9, 0.1], [0.5, -0.3]]),
+                         num_items=n)
+        arr = top.to_arrays()
+        assert arr["indices"].dtype == want and arr["values"].dtype == np.float16
+        assert arr["indices"].nbytes + arr["values"].nbytes == 4 * 2 * (2 if want == np.uint16 else 3)
+        check_teacher_arrays(arr, 2, n, 2)
+        assert torch.equal(TopKLogits.from_arrays([0, 1], arr["indices"], arr["values"], n).indices, idx)
+        with pytest.raises(ContractError, match="teacher arrays must be"):
+            check_teacher_arrays({**arr, "values": arr["values"].astype(np.float32)}, 2, n, 2)
+        with pytest.raises(ContractError, match="teacher arrays must be"):
+            check_teacher_arrays({**arr, "indices": arr["indices"].astype(np.int64)}, 2, n, 2)
+        bad = arr["indices"].copy()
+        bad[0, 0] = n if n < (1 << 16) else bad[0, 0]
+        if n < (1 << 16):
+            with pytest.raises(ContractError, match="out of range"):
+                check_teacher_arrays({**arr, "indices": bad}, 2, n, 2)
+
+
 def test_wire_round_trip_and_validation():
     items, queries = _setup()
     ids = torch.tensor([1, 2, 3])
     top = teacher_topk(queries, items, ids, 4)
     arr = top.to_arrays()
     assert set(arr) == {"indices", "values"}
-    assert arr["indices"].dtype == np.int32 and arr["values"].dtype == np.float32 and arr["indices"].shape == (3, 4)
+    assert arr["indices"].dtype == np.uint16 and arr["values"].dtype == np.float16 and arr["indices"].shape == (3, 4)
     for a in arr.values():
         a.flags.writeable = False  # as decoded from a message buffer
     back = TopKLogits.from_arrays(ids.tolist(), arr["indices"], arr["values"], 50)
-    assert torch.equal(back.indices, top.indices) and torch.equal(back.values, top.values)
-    assert back.indices.dtype == torch.int64
+    assert torch.equal(back.indices, top.indices)
+    torch.testing.assert_close(back.values, top.values, atol=2.0 ** -11, rtol=0)  # float16 rounding in [-1, 1]
+    assert back.indices.dtype == torch.int64 and back.values.dtype == torch.float32
     arr = top.to_arrays()
     bad_idx = arr["indices"].copy()
     bad_idx[0, 0] = 50

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from common.messages import teacher_wire_dtypes
+
 
 class TopKLogits(BaseModel):
     """Top-k teacher logits of P pseudo-users over a catalog of ``num_items`` items.
@@ -36,9 +38,8 @@ class TopKLogits(BaseModel):
             data = dict(data)
             for key, dtype in (("item_ids", torch.long), ("indices", torch.long), ("values", torch.float32)):
                 v = data.get(key)
-                if v is not None and not isinstance(v, torch.Tensor):
-                    v = np.asarray(v)
-                    v = torch.from_numpy(v if v.flags.writeable else v.copy())
+                if v is not None and not isinstance(v, torch.Tensor):  # wire dtypes (uint16, float16) widened here
+                    v = torch.from_numpy(np.asarray(v).astype(np.int64 if dtype == torch.long else np.float32))
                 if v is not None:
                     data[key] = v.to(dtype)
         return data
@@ -69,13 +70,17 @@ class TopKLogits(BaseModel):
         return int(self.indices.shape[1])
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Wire form: {"indices": int32 [P, k], "values": float32 [P, k]}; rows follow the request's item ids."""
-        return {"indices": self.indices.to(torch.int32).numpy().copy(),
-                "values": self.values.to(torch.float32).numpy().copy()}
+        """Wire form (``common.messages.teacher_wire_dtypes``): {"indices": uint16 [P, k] (uint32 above 65,536
+        items), "values": float16 [P, k]}; rows follow the request's item ids. 4 bytes per entry instead of 8
+        (int32 + float32) or 16 (int64 + float32). float16 rounding is monotone: rows stay sorted."""
+        idx_dtype, val_dtype = teacher_wire_dtypes(self.num_items)
+        return {"indices": self.indices.numpy().astype(idx_dtype),
+                "values": self.values.to(torch.float32).numpy().astype(val_dtype)}
 
     @classmethod
     def from_arrays(cls, item_ids, indices, values, num_items: int) -> "TopKLogits":
-        """Inverse of ``to_arrays`` (the item ids come from the request); validates everything."""
+        """Inverse of ``to_arrays`` up to float16 rounding of the values (the item ids come from the request);
+        indices int64 and values float32 again; validates everything."""
         return cls(item_ids=item_ids, indices=indices, values=values, num_items=int(num_items))
 
     def dense(self, fill: float = float("-inf")) -> torch.Tensor:
