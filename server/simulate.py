@@ -15,33 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from server.procs import ProcessSet, exit_on_signals, restore_signals
+from server.procs import ProcessSet, exit_on_signals, flwr_env, free_port, restore_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_ROOT = ROOT / ".cache" / "demo-data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def flwr_env(home: Path) -> dict:
-    env = dict(os.environ)
-    bindir = str(Path(sys.executable).parent)
-    env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PATH=bindir + os.pathsep + env.get("PATH", ""))
-    return env
 
 
 def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:

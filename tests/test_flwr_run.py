@@ -9,22 +9,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from server.procs import flwr_env, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINES = ["handshake: silos", "epoch 1 loss", "val NDCG@10", "stage finetune done", "fine-tuned", "stage teacher done", "step 20/20",
                "stage coefficients done", "evaluate: silo", "stage evaluate done", "shipping mergerec-"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fresh_copy(dest: Path) -> Path:
@@ -81,10 +75,8 @@ def test_flwr_run_dot_on_a_fresh_copy(tmp_path):
     repo = _fresh_copy(tmp_path / "repo")
     home = tmp_path / "flwr-home"
     home.mkdir()
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
-               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    env = flwr_env(home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+                   FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
     try:
         proc = subprocess.run(["flwr", "run", ".", "--run-config", "epochs=2 coef-steps=20", "--stream"], cwd=repo,
                               env=env, capture_output=True, text=True, timeout=900)
