@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -52,7 +52,8 @@ from common.messages import (
     TeacherReply,
     TeacherRequest,
 )
-from server.transport import Outcome, Transport
+from server.silo_caller import PipelineError, SiloCaller
+from server.transport import Transport
 from server import checkpoint
 from server.limits import stage_timeout
 from server.validation import check_config, check_evaluate, check_finetune, check_teacher, silo_name, state_norm
@@ -60,10 +61,6 @@ from server.validation import check_config, check_evaluate, check_finetune, chec
 log = logging.getLogger(__name__)
 
 STAGES = checkpoint.STAGES
-
-
-class PipelineError(RuntimeError):
-    """The run cannot go on (too few silos, bad run directory, ...). The message says why."""
 
 
 class PipelineConfig(Strict):
@@ -107,7 +104,6 @@ class Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.run_dir / "checkpoint.json"
         self.state = self._load_checkpoint()
-        self.handles: dict[str, str] = {}  # domain -> transport handle (re-learned at every start)
         self.base = build_backbone(cfg.backbone, seed=cfg.seed)
         self.base_state = shared_state(self.base)
         self.base_fp = fingerprint(self.base_state)
@@ -115,6 +111,8 @@ class Pipeline:
         self.shapes = {n: tuple(t.shape) for n, t in self.base_state.items()}
         self.spec = BaseSpec(backbone=cfg.backbone, seed=cfg.seed, fingerprint=self.base_fp)
         self.catalogs: dict[str, CatalogView] = {}
+        self.calls = SiloCaller(transport, self.state, retries=cfg.retries, min_silos=cfg.min_silos,
+                                save=self._save, timeout=self._timeout, rehandshake=self._rehandshake)
 
     # ---------------------------------------------------------------- checkpoint & bookkeeping
     def _load_checkpoint(self) -> dict:
@@ -140,79 +138,12 @@ class Pipeline:
         log.info("stage %s done in %.1fs", stage, seconds)
 
     def active(self) -> list[str]:
-        dropped = {d["domain"] for d in self.state["dropped"]}
-        return [d for d in self.state["domains"] if d not in dropped]
-
-    def _drop(self, domain: str, stage: str, reason: str) -> None:
-        log.error("dropping silo %s at stage %s: %s", domain, stage, reason)
-        self.state["dropped"].append({"domain": domain, "stage": stage, "reason": reason})
-        left = self.active()
-        if len(left) < self.cfg.min_silos:
-            self._save()
-            raise PipelineError(f"only {len(left)} silo(s) left ({', '.join(left) or 'none'}) after dropping "
-                                f"{domain} at {stage}: {reason}; min-silos is {self.cfg.min_silos}")
-
-    def _note_drop(self, silo: str, stage: str, reason: str) -> None:
-        """Record a silo that is not part of the run without passing the handshake."""
-        if not any(d["domain"] == silo and d["stage"] == stage for d in self.state["dropped"]):
-            self.state["dropped"].append({"domain": silo, "stage": stage, "reason": reason})
-
-    def _count(self, o: Outcome, domain: str) -> None:
-        b = self.state["bytes"].setdefault(domain, {"sent_to_silo": 0, "received_from_silo": 0})
-        b["sent_to_silo"] += o.bytes_down
-        b["received_from_silo"] += o.bytes_up
+        return self.calls.active()
 
     def _timeout(self, stage: str, requests: dict) -> float:
         first = next(iter(requests.values()), (None, {}))
         return stage_timeout(stage, self.cfg.timeout_s, max_items=max(map(len, self.catalogs.values()), default=0),
                              epochs=self.cfg.train.epochs, refit=self.cfg.train.refit_on_val, models=len(first[1]))
-
-    def _ask(self, stage: str, message_type: str, requests: dict, reply_type, validate=None, store=None) -> dict:
-        """requests: domain -> (header, arrays). Each reply is validated completely (`validate` raises
-        ValueError) and stored (`store`) as soon as it arrives, so a crash loses only unfinished silos.
-        Failures (error replies, invalid replies) are retried, then the silo is dropped."""
-        results, todo, failed = {}, dict(requests), {}
-
-        def on_reply(h: str, o: Outcome, attempt: int, handles: dict) -> None:
-            d = handles.get(h)
-            if d is None or d in results or d in failed:
-                return
-            self._count(o, d)
-            err = o.error
-            if err is None and validate is not None:
-                try:
-                    validate(d, o)
-                except Exception as exc:  # a reply that breaks a check is the silo's failure, never a crash
-                    err = f"invalid reply: {exc}" if isinstance(exc, ValueError) else \
-                        f"invalid reply: {type(exc).__name__} while checking it"
-            if err is None:
-                results[d] = o
-                log.info("%s: silo %s replied (%.2f MB)", stage, d, o.bytes_up / 1e6)
-                if store is not None:
-                    store(d, o)
-            else:
-                log.warning("%s: silo %s failed (attempt %d): %s", stage, d, attempt + 1, err)
-                failed[d] = err
-
-        for attempt in range(self.cfg.retries + 1):
-            if not todo:
-                break
-            failed.clear()
-            handles = {self.handles[d]: d for d in todo if d in self.handles}
-            outcomes = self.t.call(message_type, {h: todo[d] for h, d in handles.items()}, reply_type,
-                                   self._timeout(stage, requests), on_reply=lambda h, o: on_reply(h, o, attempt, handles))
-            for h, o in outcomes.items():  # transports that do not report replies one by one
-                on_reply(h, o, attempt, handles)
-            for d in set(todo) - set(handles.values()):
-                failed[d] = "silo not connected"
-            for d in set(todo) - set(results) - set(failed):
-                failed[d] = "no reply"
-            todo = {d: todo[d] for d in failed}
-            if todo and attempt < self.cfg.retries:
-                self._rehandshake(set(todo))
-        for d in todo:
-            self._drop(d, stage, failed[d])
-        return results
 
     # ---------------------------------------------------------------- stages
     def handshake(self) -> None:
@@ -228,33 +159,33 @@ class Pipeline:
         for h, o in outcomes.items():
             if o.error:
                 log.warning("handshake: silo %s failed: %s", h, o.error)
-                self._note_drop(silo_name(h, o.error), "handshake", o.error)
+                self.calls.note_drop(silo_name(h, o.error), "handshake", o.error)
                 continue
             r: HandshakeReply = o.header
             if r.base_fingerprint != self.base_fp:
                 msg = (f"silo {r.domain} uses base model {r.base_fingerprint[:16]} but the server's base is "
                        f"{self.base_fp[:16]}: refused")
                 log.error(msg)
-                self._note_drop(r.domain, "handshake", msg)
+                self.calls.note_drop(r.domain, "handshake", msg)
                 continue
             if r.domain in found:
                 raise PipelineError(f"two silos report domain {r.domain!r}: domain names must be unique")
             found[r.domain] = r
-            self.handles[r.domain] = h
-            self._count(o, r.domain)
+            self.calls.handles[r.domain] = h
+            self.calls.count(o, r.domain)
         for d in self.expected:
             if d not in found and not any(x["domain"] == d for x in self.state["dropped"]):
-                self._note_drop(d, "handshake", "expected silo did not answer the handshake")
+                self.calls.note_drop(d, "handshake", "expected silo did not answer the handshake")
         for domain, r in list(found.items()):
             try:  # a catalog that does not match its fingerprint or size is that silo's failure
                 self.catalogs[domain] = self._catalog(domain, r)
             except (PipelineError, ValueError) as exc:
-                self._note_drop(domain, "handshake", f"invalid reply: {exc}")
+                self.calls.note_drop(domain, "handshake", f"invalid reply: {exc}")
                 del found[domain]
         if resumed:
             missing = [d for d in self.active() if d not in found]
             for d in missing:
-                self._drop(d, "handshake", "did not reconnect after the server restarted")
+                self.calls.drop(d, "handshake", "did not reconnect after the server restarted")
         else:
             self.state["domains"] = sorted(found)
         if len(self.active()) < self.cfg.min_silos:
@@ -271,7 +202,7 @@ class Pipeline:
                                min(stage_timeout("handshake", self.cfg.timeout_s), 120.0))
         for h, o in outcomes.items():
             if o.error is None and o.header.domain in domains and o.header.base_fingerprint == self.base_fp:
-                self.handles[o.header.domain] = h
+                self.calls.handles[o.header.domain] = h
 
     def _catalog(self, domain: str, r: HandshakeReply) -> CatalogView:
         if self.cfg.catalog_root is not None:
@@ -318,7 +249,7 @@ class Pipeline:
                      d, o.header.epochs, o.header.refit_epochs, o.header.seconds, o.header.val.values["ndcg@10"])
             self._save()
 
-        self._ask("finetune", FINETUNE, {d: (req, {}) for d in todo}, FinetuneReply, validate, store)
+        self.calls.ask("finetune", FINETUNE, {d: (req, {}) for d in todo}, FinetuneReply, validate, store)
         self._done("finetune", time.perf_counter() - t0)
 
     def task_vectors(self, domains: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -328,17 +259,42 @@ class Pipeline:
                       methods: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Training-free merges (`methods`, default the configured baselines) of the task vectors of `domains`
         (default: the active silos). Cheap: recomputed on resume."""
-        tvs = self.task_vectors(domains)
-        vecs = [tvs[d] for d in sorted(tvs)]
-        out = {}
-        for name in self.cfg.baselines if methods is None else methods:
-            plan = merge_methods.process(vecs, name, seed=self.cfg.seed)
-            out[name] = merge_methods.merge(self.base_state, plan.vectors, plan.weights)
+        own = domains is None and methods is None  # the run's own merges: computed once, in merge_init
+        out = {name: self._cached_merge(name) for name in self.cfg.baselines} if own else {}
+        todo = [n for n in (self.cfg.baselines if methods is None else methods) if out.get(n) is None]
+        if todo:
+            tvs = self.task_vectors(domains)
+            vecs = [tvs[d] for d in sorted(tvs)]
+            for name in todo:
+                plan = merge_methods.process(vecs, name, seed=self.cfg.seed)
+                out[name] = merge_methods.merge(self.base_state, plan.vectors, plan.weights)
         return out
 
+    def _merge_path(self, name: str) -> Path:
+        return self.run_dir / "merges" / f"{name}.safetensors"
+
+    def _store_merge(self, name: str, state: dict[str, torch.Tensor], domains: list[str]) -> None:
+        with atomic_path(self._merge_path(name)) as tmp:
+            save_file({n: t.contiguous() for n, t in state.items()}, str(tmp))
+        self._record(self._merge_path(name))
+        self.state.setdefault("merges", {})[name] = list(domains)
+
+    def _cached_merge(self, name: str, domains: list[str] | None = None) -> dict[str, torch.Tensor] | None:
+        """A merge this run stored (recorded, so checked on resume) over `domains` (default: the active silos,
+        as merge_init saw them), else None."""
+        path = self._merge_path(name)
+        stored = self.state.get("merges", {}).get(name)
+        if str(path.relative_to(self.run_dir)) not in self.state["files"] or stored != (domains or self.active()):
+            return None
+        return load_file(str(path))
+
     def merge_init(self) -> None:
+        """Every training-free merge of the configured baselines, computed once and stored in merges/."""
         t0 = time.perf_counter()
-        self.merged_states()  # validates that every method runs on these vectors
+        for name in self.cfg.baselines:
+            self.state["files"].pop(f"merges/{name}.safetensors", None)  # recomputed: the vectors may have changed
+        for name, state in self.merged_states(methods=list(self.cfg.baselines)).items():
+            self._store_merge(name, state, self.active())
         self._done("merge_init", time.perf_counter() - t0)
 
     def _dom(self, domain: str):
@@ -376,7 +332,7 @@ class Pipeline:
             self._record(self._teacher_path(d))
             self._save()
 
-        self._ask("teacher", TEACHER, reqs, TeacherReply, validate, store)
+        self.calls.ask("teacher", TEACHER, reqs, TeacherReply, validate, store)
         self._done("teacher", time.perf_counter() - t0)
 
     def coefficient_sources(self, domains: list[str]) -> list[DomainBatchSource]:
@@ -405,7 +361,8 @@ class Pipeline:
         domains = sorted(self.active())
         learned = {}
         for gran in self.cfg.granularities:
-            res, _ = self.learn(domains, self.cfg.coefficients.model_copy(update={"granularity": gran}))
+            res, merged = self.learn(domains, self.cfg.coefficients.model_copy(update={"granularity": gran}))
+            self._store_merge(f"mergerec-{gran}", merged, domains)
             learned[gran] = {"domains": domains, "groups": list(res.groups), "W": res.W.tolist(),
                              "final_loss": res.history[-1]["loss"] if res.history else None,
                              "history": res.history, "holdout": res.holdout}
@@ -419,6 +376,10 @@ class Pipeline:
         learned = json.loads((self.run_dir / "coefficients.json").read_text())
         out = {}
         for gran, c in learned.items():
+            cached = self._cached_merge(f"mergerec-{gran}", c["domains"])
+            if cached is not None:
+                out[f"mergerec-{gran}"] = cached
+                continue
             tvs = self.task_vectors(c["domains"])
             plan = merge_methods.process([tvs[d] for d in c["domains"]], self.cfg.init_method, seed=self.cfg.seed)
             out[f"mergerec-{gran}"] = merge_with_coefficients(self.base_state, plan.vectors, torch.tensor(c["W"]),
@@ -443,7 +404,7 @@ class Pipeline:
         def validate(domain, o):
             check_evaluate(o.header, o.arrays, domain=domain, models=req.models)
 
-        results = self._ask("evaluate", EVALUATE, {d: (req, arrays) for d in domains}, EvaluateReply, validate)
+        results = self.calls.ask("evaluate", EVALUATE, {d: (req, arrays) for d in domains}, EvaluateReply, validate)
         return {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}
 
     def evaluate(self) -> None:
@@ -487,9 +448,17 @@ class Pipeline:
                                     "wait for it, stop it (flwr stop), or use another run-dir") from None
             self.handshake()
             checkpoint.verify_run(self)
-            for stage in STAGES[1:]:
-                if stage in self.state["completed"] and stage != "artifacts":
+            for name, stage in self.stages():
+                if name in self.state["completed"] and name != "artifacts":
                     continue
-                log.info("stage %s (silos: %s)", stage, ", ".join(self.active()))
-                result = getattr(self, stage)()
+                log.info("stage %s (silos: %s)", name, ", ".join(self.active()))
+                result = stage()
             return result
+
+    def stages(self) -> list[tuple[str, Callable[[], object]]]:
+        """The stages after the handshake, in order; their names are the checkpoint's (server/checkpoint.py)."""
+        order = [("finetune", self.finetune), ("merge_init", self.merge_init), ("pseudo_users", self.pseudo_users),
+                 ("teacher", self.teacher), ("coefficients", self.coefficients), ("evaluate", self.evaluate),
+                 ("artifacts", self.artifacts)]
+        assert [n for n, _ in order] == STAGES[1:], "stage list and checkpoint.STAGES disagree"
+        return order
