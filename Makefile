@@ -17,10 +17,11 @@ export TOKENIZERS_PARALLELISM=false
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/no-deps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q --no-deps -r requirements/no-deps.txt
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -34,8 +34,6 @@ LIGHT_EPOCHS, LIGHT_PATIENCE, LIGHT_VAL_USERS = 10, 5, 5000
 
 def run_job(data: Path, domain: str, model: str, args) -> dict:
     """One (domain, model) measurement, in this process."""
-    import copy
-
     import torch
 
     from common.backbones import build_backbone

@@ -18,6 +18,9 @@ from flwr.clientapp import ClientApp
 
 from clients.silo import SiloWorker
 from common.data import DOMAIN_FILES, DataError
+from common.demo import DEFAULT_ROOT as DEMO_ROOT, ensure_demo
+from common.logs import setup_logging
+from common.run_config import RunOptions
 from common.messages import (
     EVALUATE,
     FINETUNE,
@@ -57,13 +60,15 @@ def silo_location(node_config: dict, run_config: dict) -> tuple[str, Path, Path 
         state = node_config.get("state-path")
         return domain, Path(str(node_config["data-path"])), Path(str(state)) if state else None
     if "partition-id" in node_config:
-        domains = [d.strip() for d in str(run_config.get("domains", "")).split(",") if d.strip()]
+        opts = RunOptions.from_run_config(run_config)
         pid = int(node_config["partition-id"])
-        if pid >= len(domains):
-            raise ContractError(f"partition {pid} has no domain: run-config domains = {domains}")
-        root = Path(str(run_config.get("data-root", ".cache/demo-data")))
-        state_root = run_config.get("silo-state-root")
-        return domains[pid], root / domains[pid], Path(str(state_root)) / domains[pid] if state_root else None
+        if pid >= len(opts.domains):
+            raise ContractError(f"partition {pid} has no domain: run-config domains = {opts.domains}")
+        domain, state_root = opts.domains[pid], opts.silo_state_root
+        if opts.data_root == Path(DEMO_ROOT):  # the demo default: generate what is missing
+            for made in ensure_demo(opts.data_root, [domain]):
+                log.info("demo domain written to %s", made)
+        return domain, opts.data_root / domain, state_root / domain if state_root else None
     raise ContractError("node-config must set domain and data-path (or run in simulation)")
 
 
@@ -71,9 +76,9 @@ def worker_for(node_config: dict, run_config: dict) -> SiloWorker:
     domain, data, state = silo_location(node_config, run_config)
     key = (domain, str(data), str(state))
     if key not in _workers:
-        cache = run_config.get("cache-dir")
+        cache = RunOptions.from_run_config(run_config).cache_dir
         base = node_config.get("base-path")  # this node's copy of the base checkpoint, if not at the config's path
-        _workers[key] = SiloWorker(domain, data, state, Path(str(cache)) if cache else None, base=base)
+        _workers[key] = SiloWorker(domain, data, state, cache, base=base)
     return _workers[key]
 
 
@@ -126,6 +131,7 @@ def in_process_endpoint(worker: SiloWorker):
 
 
 def _serve(msg: Message, context: Context) -> Message:
+    setup_logging()  # this silo's progress lines (fine-tuning epochs, ...) at INFO, request chatter at WARNING
     get = lambda: worker_for(dict(context.node_config), dict(context.run_config))  # noqa: E731
     try:
         return Message(content=safe_handle(get, msg.metadata.message_type, msg.content), reply_to=msg)

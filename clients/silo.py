@@ -18,14 +18,17 @@ from safetensors.torch import load_file, save_file
 
 from common.backbones import Recommender, build_backbone, shared_state
 from common.data import SiloData, load_silo
-from common.merging.task_vectors import fingerprint
+from common.files import atomic_path
+from common.merging.task_vectors import fingerprint, state_to_numpy, task_vector
 from common.merging.teacher import teacher_topk
+from common.model_folder import ModelConfig, weights_metadata
 from common.messages import (
     AggregateMetrics,
     Arrays,
     BaseSpec,
     CatalogItem,
     ContractError,
+    EpochProgress,
     EvaluateReply,
     EvaluateRequest,
     FinetuneReply,
@@ -41,9 +44,6 @@ from common.train import evaluate_split, fine_tune
 
 log = logging.getLogger(__name__)
 
-
-def to_numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {n: t.detach().cpu().to(torch.float32).numpy() for n, t in state.items()}
 
 
 class SiloWorker:
@@ -112,16 +112,19 @@ class SiloWorker:
         base = self._require_base(req.base)
         model = copy.deepcopy(base)
         res = fine_tune(model, self.silo, self._dom, req.train)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._finetuned_path(self._base_fp).with_suffix(".tmp")
-        save_file({n: t.contiguous() for n, t in res.state.items()}, str(tmp))
-        tmp.replace(self._finetuned_path(self._base_fp))
+        card = ModelConfig(backbone=req.base.backbone, seed=req.base.seed, base_fingerprint=self._base_fp,
+                           fingerprint=fingerprint(res.state), method=f"finetuned-{self.domain}", domains=[self.domain])
+        # the configuration in the metadata makes this file loadable on its own (mergerec evaluate / recommend)
+        with atomic_path(self._finetuned_path(self._base_fp), mode=0o600) as tmp:  # the silo's own weights
+            save_file({n: t.contiguous() for n, t in res.state.items()}, str(tmp), metadata=weights_metadata(card))
         base_state = shared_state(base)
-        tv = {n: res.state[n] - base_state[n] for n in base_state}
+        tv = task_vector(res.state, base_state)
         reply = FinetuneReply(domain=self.domain, base_fingerprint=self._base_fp,
                               val=AggregateMetrics.from_result(res.val), epochs=res.epochs,
-                              refit_epochs=res.refit_epochs, seconds=res.seconds)
-        return reply, {"task_vector": to_numpy_state(tv)}
+                              refit_epochs=res.refit_epochs, seconds=res.seconds,
+                              history=[EpochProgress(epoch=h["epoch"], loss=h.get("loss"), val_ndcg10=h["val_ndcg@10"])
+                                       for h in res.history])
+        return reply, {"task_vector": state_to_numpy(tv)}
 
     def teacher(self, req: TeacherRequest) -> tuple[TeacherReply, Arrays]:
         self._require_base(req.base)

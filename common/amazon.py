@@ -206,8 +206,8 @@ def convert(reviews: str | os.PathLike, meta: str | os.PathLike, out: str | os.P
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m common.amazon", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m common.amazon") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--reviews", type=Path, required=True, help="reviews file (JSON lines, .gz or plain)")
     ap.add_argument("--meta", type=Path, required=True, help="metadata file (JSON or Python-literal lines)")
     ap.add_argument("--out", type=Path, required=True, help="domain folder to write")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,7 +38,6 @@ class DomainInputs:
     num_items: int
     features: torch.Tensor | None = None  # light: [N, F] frozen item-text embeddings
     texts: list[str] | None = None  # text: item texts, row = item id
-    extra: dict = field(default_factory=dict)
 
 
 def pad_histories(histories: list[list[int]], max_items: int) -> torch.Tensor:

@@ -19,14 +19,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save as st_save
+
+from common.files import atomic_write
 
 BUNDLED = Path(__file__).parent / "assets" / "base_light.json"
 FORMAT = "mergerec-base-v1"
@@ -57,15 +57,6 @@ class BaseCard(BaseModel):
     command: str = ""
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # a base is public: readable like any other file of the project
-    os.replace(tmp, path)
-
-
 def _canonical(raw: bytes) -> bytes:
     """The same safetensors file with its JSON header written with sorted keys: safetensors emits the metadata
     dict in hash order, so two saves of equal tensors could differ in bytes. Data bytes and offsets are kept."""
@@ -81,11 +72,11 @@ def save_base(state: dict[str, torch.Tensor], card: BaseCard, out_dir: Path) -> 
     raw = _canonical(st_save({n: t.detach().cpu().contiguous() for n, t in sorted(state.items())},
                              metadata={"format": FORMAT, "fingerprint": card.fingerprint}))
     ckpt, bundle = out_dir / "base.safetensors", out_dir / "base.json"
-    _atomic_bytes(ckpt, raw)
-    _atomic_bytes(out_dir / "card.json", card.model_dump_json(indent=1).encode())
+    atomic_write(ckpt, raw)
+    atomic_write(out_dir / "card.json", card.model_dump_json(indent=1).encode())
     doc = {"format": FORMAT, "card": card.model_dump(mode="json"), "sha256": hashlib.sha256(raw).hexdigest(),
            "safetensors_base64": base64.b64encode(raw).decode()}
-    _atomic_bytes(bundle, json.dumps(doc).encode())
+    atomic_write(bundle, json.dumps(doc).encode())
     return ckpt, bundle
 
 

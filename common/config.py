@@ -58,7 +58,8 @@ class TrainConfig(Strict):
     max_users: PositiveInt | None = Field(None, description="train on a seeded subsample of users")
     max_steps_per_epoch: PositiveInt | None = None
     eval_batch_size: PositiveInt = 256
-    val_max_users: PositiveInt | None = Field(None, description="validate on a seeded subsample (speed)")
+    val_max_users: PositiveInt | None = Field(2000, description="early stopping validates on a seeded subsample "
+                                              "of this many users (speed; None = all)")
     seed: int = 0
     device: str = "auto"
     progress: bool = True

@@ -1,6 +1,6 @@
 """On-disk domain format -> `CatalogView` (what a server may see) and `SiloData` (what never leaves a silo).
 
-A domain folder holds six JSON files (the format of the public datasets under ../shared/data/amazon):
+A domain folder holds six JSON files (docs/data.md):
 
 - meta_data.json   item key -> {"title", "brand", "category"} (extra entries and extra fields are ignored)
 - smap.json        item key -> item id; the ids are a permutation of 0..N-1 (row order of the item table)
@@ -21,13 +21,14 @@ import itertools
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, RootModel, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, RootModel, StrictInt, ValidationError
+
+from common.files import atomic_write
 
 META_FILE = "meta_data.json"
 SMAP_FILE = "smap.json"
@@ -75,22 +76,6 @@ class IdMapFile(RootModel[dict[str, StrictInt]]):
 
 class SequenceFile(RootModel[dict[str, list[StrictInt]]]):
     """train.json / val.json / test.json: user id (string) -> list of item ids."""
-
-
-class _CatalogEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    key: StrictStr
-    title: StrictStr = ""
-    brand: StrictStr = ""
-    category: StrictStr = ""
-
-
-class _CatalogPayload(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    domain: StrictStr
-    items: list[_CatalogEntry]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,24 +213,6 @@ class CatalogView:
                     h.update(raw)
             self._fp.append(h.hexdigest())
         return self._fp[0]
-
-    def to_json(self) -> str:
-        items = [{"key": k, "title": m.title, "brand": m.brand, "category": m.category}
-                 for k, m in zip(self.item_keys, self.items)]
-        return json.dumps({"domain": self.domain, "items": items}, ensure_ascii=False, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> CatalogView:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"catalog payload: invalid JSON at line {exc.lineno} column {exc.colno}: "
-                            f"{exc.msg}") from None
-        except UnicodeDecodeError as exc:
-            raise DataError(f"catalog payload: not UTF-8 ({exc})") from None
-        payload = _validate(_CatalogPayload, data, "catalog payload")
-        return cls(domain=payload.domain, item_keys=tuple(e.key for e in payload.items),
-                   items=tuple(ItemMeta(title=e.title, brand=e.brand, category=e.category) for e in payload.items))
 
 
 def _domain_name(path: Path, domain: str | None) -> str:
@@ -431,16 +398,7 @@ def load_silo(path: str | os.PathLike, domain: str | None = None, min_users: int
 
 
 def _write_json_atomic(path: Path, data: Any, indent: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=indent, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(data, indent=indent, ensure_ascii=False))
 
 
 def write_domain(path: str | os.PathLike, catalog: CatalogView, user_keys: list[str], train: list[list[int]],

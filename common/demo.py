@@ -188,13 +188,40 @@ def make_demo(out_dir: str | Path, n_domains: int = 3, n_items: int = 300, n_use
     return [make_domain(out_dir, name, n_items, n_users, seed) for name in names[:n_domains]]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m common.demo", description="write synthetic demo domains")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--domains", type=int, default=3, help=f"how many (1..{len(DOMAINS)})")
-    ap.add_argument("--items", type=int, default=300)
-    ap.add_argument("--users", type=int, default=600)
-    ap.add_argument("--seed", type=int, default=0)
+DEFAULT_ROOT = ".cache/demo-data"  # the app's default data-root: missing demo domains there are generated
+
+
+def ensure_demo(root: str | Path, domains: list[str]) -> list[Path]:
+    """Generate each of `domains` that is missing under `root` (demo defaults), holding a lock so silos that
+    start together do not write the same files. Returns the folders generated (none when all exist)."""
+    import fcntl
+
+    root = Path(root)
+    missing = [d for d in domains if not (root / d / "smap.json").exists()]
+    if not missing:
+        return []
+    unknown = [d for d in missing if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"{root}: no data for {', '.join(unknown)}, and they are not demo domains "
+                         f"({', '.join(DOMAINS)})")
+    root.mkdir(parents=True, exist_ok=True)
+    made = []
+    with open(root / ".demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for d in missing:
+            if not (root / d / "smap.json").exists():  # another silo may have written it meanwhile
+                made.append(make_domain(root, d))
+    return made
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m common.demo") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="write synthetic demo domains (one folder each, the data "
+                                 "format of docs/data.md)")
+    ap.add_argument("--out", type=Path, required=True, help="folder to write the domain folders into")
+    ap.add_argument("--domains", type=int, default=3, help=f"how many domains (1..{len(DOMAINS)}; default 3)")
+    ap.add_argument("--items", type=int, default=300, help="items per domain (default 300)")
+    ap.add_argument("--users", type=int, default=600, help="users per domain (default 600)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data; default 0)")
     args = ap.parse_args(argv)
     for path in make_demo(args.out, args.domains, args.items, args.users, args.seed):
         print(path)

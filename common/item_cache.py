@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from common.data import CatalogView
+from common.files import atomic_path
 from common.encoder import encode_texts, encoder_fingerprint, load_encoder, load_tokenizer
 from common.text import catalog_texts
 
@@ -56,9 +55,6 @@ def item_text_embeddings(
     emb = encode_texts(enc, tok, texts, max_length=max_tokens, device=device, progress=progress,
                        desc=f"item texts {catalog.domain}")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({"embeddings": emb.contiguous()}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"embeddings": emb.contiguous()}, str(tmp))
     return emb

@@ -12,7 +12,6 @@ score: metrics are `AggregateMetrics` (a fixed set of metric names + a user coun
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Literal
 
@@ -116,6 +115,14 @@ class FinetuneRequest(Header):
     train: TrainConfig
 
 
+class EpochProgress(Header):
+    """One epoch of a silo's fine-tuning, aggregates only (shown in the ServerApp's log as progress)."""
+
+    epoch: int = Field(ge=0, le=100_000)
+    loss: float | None = Field(None, ge=0)  # mean training loss (None for epoch 0, the starting weights)
+    val_ndcg10: float = Field(ge=0, le=1)  # validation NDCG@10 after the epoch
+
+
 class FinetuneReply(Header):
     """Arrays: group "task_vector" = {parameter name: float32 array}."""
 
@@ -125,6 +132,7 @@ class FinetuneReply(Header):
     epochs: int = Field(ge=0)  # epochs of the selection run
     refit_epochs: int = Field(0, ge=0)  # epochs of the final fit on train + validation items (0: best epoch sent)
     seconds: float = Field(ge=0)
+    history: list[EpochProgress] = Field(default_factory=list, max_length=10_000)  # selection run, per epoch
 
     def array_groups(self) -> set[str]:
         return {"task_vector"}
@@ -264,8 +272,3 @@ def check_teacher_arrays(named: dict[str, np.ndarray], rows: int, num_items: int
                             f"got {idx.dtype}/{val.dtype}")
     if idx.size and int(idx.max()) >= num_items:
         raise ContractError(f"teacher indices out of range [0, {num_items})")
-
-
-def header_summary(header: Header) -> str:
-    """One line for logs."""
-    return f"{type(header).__name__} {json.dumps(header.model_dump(mode='json'))[:200]}"

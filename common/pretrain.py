@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common.backbones import build_backbone, shared_state
+from common.backbones import build_backbone
 from common.base_model import ARCH_FIELDS, BaseCard, save_base
 from common.config import BackboneConfig, TrainConfig
 from common.data import load_silo

@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.files import atomic_write
+
 DEFAULT_HOSTS = ("127.0.0.1", "localhost", "superlink")
 CURVE = ec.SECP384R1
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -77,12 +79,7 @@ def parse_hosts(hosts: list[str]) -> list[x509.GeneralName]:
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o600 if private else 0o644)
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=0o600 if private else 0o644)  # the temporary file is owner-only throughout
 
 
 def _owner_only(path: Path, m: Material) -> None:
@@ -260,8 +257,8 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deployment.certs", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m deployment.certs") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the certificates and keys")
     p.add_argument("--domains", type=_csv, required=True, help="comma list: one node key pair per domain")
     p.add_argument("--hosts", type=_csv, default=list(DEFAULT_HOSTS),

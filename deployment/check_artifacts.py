@@ -49,9 +49,13 @@ def check(run_dir: Path, domains: list[str]) -> list[str]:
                     problems.append(f"{d}/{method}/{k} = {v!r} is not in [0, 1]")
         if not (run_dir / "task_vectors" / f"{d}.safetensors").is_file():
             problems.append(f"task vector of {d} missing")
-    model = run_dir / "model" / "merged.safetensors"
-    if not (model.is_file() and model.stat().st_size > 0):
-        problems.append(f"{model} missing or empty")
+    for name in ("model.safetensors", "config.json", "README.md"):
+        path = run_dir / "model" / name
+        if not (path.is_file() and path.stat().st_size > 0):
+            problems.append(f"{path} missing or empty")
+    for name in ("report.md", "plots/recall_at_10.png"):
+        if not (run_dir / name).is_file():
+            problems.append(f"{run_dir / name} missing")
     return problems
 
 

@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -51,39 +50,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deployment import certs
+from server.procs import die_with_parent, flwr_env, free_port  # noqa: F401 (free_port: deployment.containers)
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_APP = REPO / "deployment" / "smoke"
 MARKER = "MERGEREC_STACK_ID"
-FLWR_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "PYTHONUNBUFFERED": "1",
-}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class StackError(RuntimeError):
     """The stack could not be started (the message carries the relevant log tails)."""
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the kernel SIGKILLs the child when the process (thread) that started it dies, so that a
-    stack whose controller was SIGKILLed (a test runner's timeout) does not linger. Flower's SuperExec helpers
-    watch their parent's pid (--parent-pid) and exit with it."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _bin(name: str) -> str:
@@ -234,14 +210,7 @@ class Stack:
 
     def env(self, home: Path | None = None, **extra: str) -> dict[str, str]:
         """Environment for a Flower process or CLI call of this stack (FLWR_HOME = `home` or the CLI home)."""
-        env = dict(os.environ)
-        env.update(FLWR_ENV)
-        # Flower starts helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name from PATH
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env["FLWR_HOME"] = str(home or self.cli_home)
-        env[MARKER] = self.id
-        env.update(extra)
-        return env
+        return flwr_env(home or self.cli_home, **{MARKER: self.id}, **extra)
 
     def say(self, msg: str) -> None:
         if self.verbose:
@@ -254,7 +223,7 @@ class Stack:
             offset = out.tell()
             popen = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                     preexec_fn=die_with_parent if sys.platform == "linux" else None)
         proc = Proc(name, popen, log, cmd, offset)
         self.procs[name] = proc
         return proc

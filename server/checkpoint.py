@@ -57,6 +57,7 @@ class Checkpoint(BaseModel):
     val: dict[str, dict] = {}
     finetune: dict[str, dict] = {}
     files: dict[str, str] = {}  # path relative to the run directory -> SHA-256
+    merges: dict[str, list[str]] = {}  # stored merge (merges/<name>.safetensors) -> the domains it merged
 
 
 def stage_fingerprints(cfg) -> dict[str, str]:
@@ -126,8 +127,11 @@ def record(st: dict, run_dir: Path, path: Path) -> None:
 
 
 def stage_of(rel: str) -> str:
+    if rel.startswith("merges/"):  # stored merges: the learned ones come from the coefficients stage
+        return "coefficients" if rel.startswith("merges/mergerec-") else "merge_init"
     return {"task_vectors": "finetune", "teacher": "teacher", "pseudo_users.json": "pseudo_users",
-            "coefficients.json": "coefficients", "metrics.json": "evaluate"}.get(rel.split("/")[0], "")
+            "coefficients.json": "coefficients", "metrics.json": "evaluate",
+            "metrics_val.json": "evaluate"}.get(rel.split("/")[0], "")
 
 
 def verify(st: dict, run_dir: Path, expected: list[str], check) -> None:
@@ -174,6 +178,7 @@ def verify_run(p) -> None:
         expected += [str(p._teacher_path(d).relative_to(p.run_dir)) for d in p.active()]
     expected += [f for f, s in (("pseudo_users.json", "pseudo_users"), ("coefficients.json", "coefficients"),
                                 ("metrics.json", "evaluate")) if s in done]
+    # metrics_val.json is checked when recorded (runs from before it existed have none)
     verify(st, p.run_dir, list(dict.fromkeys(expected)), lambda rel, path: _check_file(p, rel, path))
     p._save()
 
@@ -193,5 +198,9 @@ def _check_file(p, rel: str, path: Path) -> None:
             named = {k: z[k] for k in z.files}
         n = len(p.catalogs[path.stem])
         check_teacher_top(named, len(chosen[path.stem]), n, expected_k(p.cfg.teacher_top_k, n))
+    elif rel.startswith("merges/"):
+        stored = load_file(str(path))
+        if {n: a.shape for n, a in stored.items()} != p.shapes or not all(np.isfinite(a).all() for a in stored.values()):
+            raise ValueError("not a finite state of the base's shapes")
     elif rel.endswith(".json"):
         json.loads(path.read_text())

@@ -1,4 +1,10 @@
-"""Flower run_config (flat kebab-case keys from [tool.flwr.app.config] / --run-config) -> PipelineConfig."""
+"""Flower run_config (flat kebab-case keys from [tool.flwr.app.config] / --run-config) -> PipelineConfig.
+
+Every key is listed in pyproject.toml with the value "" ("the default"); the defaults live in the pydantic
+models each key sets (PIPELINE_KEYS below) and in common.run_config.RunOptions. So a key given explicitly is
+the only thing that overrides a model's default; in particular the training defaults follow the backbone
+(`TrainConfig.for_backbone`) unless epochs / batch-size / lr / patience are given.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +14,40 @@ from pydantic import ValidationError
 
 from common.config import BackboneConfig, TrainConfig
 from common.merging.coefficients import CoefficientConfig
+from common.run_config import OPTION_KEYS, RunOptions, comma_list, given
 from server.pipeline import PipelineConfig
 
-_LISTS = {"baselines", "granularities"}
-_USED = {"backbone", "encoder", "base", "epochs", "batch-size", "lr", "patience", "refit-on-val", "l2sp", "freeze",
-         "max-users", "val-max-users", "seed",
-         "coef-steps", "coef-lr", "coef-batch-size", "catalog-root", "baselines", "init-method", "granularities",
-         "pseudo-users", "pseudo-users-n", "teacher-top-k", "eval-max-users", "min-silos", "retries", "timeout-s",
-         "max-task-vector-ratio",
-         # server options, not part of PipelineConfig
-         "run-dir", "domains", "data-root", "silo-state-root", "cache-dir", "min-nodes", "node-wait-s",
-         "record-messages", "expect-domains"}
-
-
-def _timeout(v):
-    """run-config timeout-s: "auto" (sized from the data, server/limits.py) or seconds."""
-    return None if isinstance(v, str) and v.strip().lower() == "auto" else v
-
-
-def _list(v) -> list[str]:
-    return [x.strip() for x in str(v).split(",") if x.strip()]
+#: run-config key -> (model, field) it sets; model "" is PipelineConfig itself
+PIPELINE_KEYS = {
+    "backbone": ("backbone", "kind"), "encoder": ("backbone", "encoder"), "base": ("backbone", "base"),
+    "epochs": ("train", "epochs"), "batch-size": ("train", "batch_size"), "lr": ("train", "lr"),
+    "patience": ("train", "patience"), "refit-on-val": ("train", "refit_on_val"), "l2sp": ("train", "l2sp"),
+    "freeze": ("train", "freeze"), "max-users": ("train", "max_users"), "val-max-users": ("train", "val_max_users"),
+    "coef-steps": ("coefficients", "steps"), "coef-lr": ("coefficients", "lr"),
+    "coef-batch-size": ("coefficients", "batch_size"),
+    **{k: ("", k.replace("-", "_")) for k in (
+        "catalog-root", "baselines", "init-method", "granularities", "pseudo-users", "pseudo-users-n",
+        "teacher-top-k", "eval-max-users", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed")},
+}
+_ZERO_IS_NONE = {"max-users", "val-max-users", "pseudo-users-n", "teacher-top-k", "eval-max-users"}  # 0 = no limit
+_LIST_KEYS = {"freeze", "baselines", "granularities"}
+_FIELD_KEY = {v: k for k, v in PIPELINE_KEYS.items()}
+KNOWN_KEYS = frozenset(PIPELINE_KEYS) | OPTION_KEYS
 
 
 class ConfigError(ValueError):
     """A bad run-config; the message names the run-config key."""
 
 
-# pydantic field (top-level or nested) -> run-config key, where the two differ beyond "_" vs "-"
-_KEYS = {("backbone", "kind"): "backbone", ("coefficients", "steps"): "coef-steps", ("coefficients", "lr"): "coef-lr",
-         ("coefficients", "batch_size"): "coef-batch-size", ("timeout_s",): "timeout-s"}
-
-
 def _key(model: str, loc: tuple) -> str:
     loc = tuple(str(x) for x in loc if not isinstance(x, int))
     if not loc:
         return "run-config"
-    full = (model, *loc) if model else loc
-    for n in (2, 1):
-        if tuple(full[:n]) in _KEYS:
-            return _KEYS[tuple(full[:n])]
-    return loc[-1].replace("_", "-") if model in ("train", "coefficients", "backbone") else loc[0].replace("_", "-")
+    if (model, loc[0]) in _FIELD_KEY:
+        return _FIELD_KEY[(model, loc[0])]
+    if model == "" and len(loc) > 1 and (loc[0], loc[1]) in _FIELD_KEY:  # nested model inside PipelineConfig
+        return _FIELD_KEY[(loc[0], loc[1])]
+    return loc[-1].replace("_", "-")
 
 
 def _config_error(exc: ValidationError, model: str) -> ConfigError:
@@ -62,8 +62,8 @@ def _config_error(exc: ValidationError, model: str) -> ConfigError:
 def pipeline_config(rc: dict) -> tuple[PipelineConfig, Path, dict]:
     """Returns (pipeline config, run directory, server options). Unknown keys and bad values are a
     ConfigError naming the key, raised before any silo is contacted."""
-    rc = dict(rc)
-    unknown = sorted(set(rc) - _USED)
+    rc = given(rc)
+    unknown = sorted(set(rc) - KNOWN_KEYS)
     if unknown:
         raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}")
     try:
@@ -74,33 +74,115 @@ def pipeline_config(rc: dict) -> tuple[PipelineConfig, Path, dict]:
 
 
 def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
-    opt = lambda k, d=None: rc.get(k, d)  # noqa: E731
-    backbone = BackboneConfig(kind=opt("backbone", "light"), encoder=opt("encoder", "minilm"), base=opt("base", "init"),
-                              **({"cache_dir": Path(opt("cache-dir")) / "item_embeddings"} if opt("cache-dir") else {}))
-    train_over = {k: v for k, v in {"epochs": opt("epochs"), "batch_size": opt("batch-size"), "lr": opt("lr"),
-                                     "patience": opt("patience"), "max_users": opt("max-users") or None,
-                                     "val_max_users": opt("val-max-users", 0) or None,
-                                     "refit_on_val": opt("refit-on-val"), "l2sp": opt("l2sp"),
-                                     "freeze": _list(opt("freeze")) if opt("freeze") is not None else None,
-                                     "seed": opt("seed", 0), "progress": False}.items() if v is not None}
-    train = TrainConfig.for_backbone(backbone.kind, **train_over)
-    coef = CoefficientConfig(**{k: v for k, v in {"steps": opt("coef-steps"), "lr": opt("coef-lr"),
-                                                   "batch_size": opt("coef-batch-size"), "seed": opt("seed", 0)}.items()
-                                if v is not None})
-    catalog_root = opt("catalog-root") or None
-    cfg = PipelineConfig(
-        backbone=backbone, train=train, coefficients=coef,
-        baselines=_list(opt("baselines", "weight_average,task_arithmetic,ties,dare_ties")),
-        init_method=opt("init-method", "task_arithmetic"),
-        granularities=_list(opt("granularities", "task,layer")),
-        pseudo_users=opt("pseudo-users", "all"), pseudo_users_n=opt("pseudo-users-n") or None,
-        teacher_top_k=opt("teacher-top-k", 64) or None,
-        eval_max_users=opt("eval-max-users") or None,
-        catalog_root=Path(catalog_root) if catalog_root else None,
-        min_silos=opt("min-silos", 2), retries=opt("retries", 1), timeout_s=_timeout(opt("timeout-s", "auto")),
-        max_task_vector_ratio=opt("max-task-vector-ratio", 10.0), seed=opt("seed", 0),
-    )
-    server = {"min_nodes": int(opt("min-nodes", 1)), "node_wait_s": float(opt("node-wait-s", 120)),
-              "record_messages": str(opt("record-messages", "") or ""),
-              "expect_domains": _list(opt("expect-domains", "") or "")}
-    return cfg, Path(str(opt("run-dir", "runs/latest"))), server
+    parts: dict[str, dict] = {"": {}, "backbone": {}, "train": {}, "coefficients": {}}
+    for key, value in rc.items():
+        if key not in PIPELINE_KEYS:
+            continue
+        if key in _LIST_KEYS:
+            value = comma_list(value)
+        if key in _ZERO_IS_NONE and value == 0:
+            value = None
+        if key == "timeout-s" and isinstance(value, str) and value.strip().lower() == "auto":
+            value = None  # sized from the data (server/limits.py)
+        model, field = PIPELINE_KEYS[key]
+        parts[model][field] = value
+    opts = RunOptions.from_run_config(rc)
+    if opts.cache_dir is not None:
+        parts["backbone"]["cache_dir"] = opts.cache_dir / "item_embeddings"
+    if "seed" in parts[""]:  # one seed for the base, fine-tuning and coefficient learning
+        parts["train"]["seed"] = parts["coefficients"]["seed"] = parts[""]["seed"]
+    backbone = BackboneConfig(**parts["backbone"])
+    train = TrainConfig.for_backbone(backbone.kind, **parts["train"], progress=False)
+    cfg = PipelineConfig(backbone=backbone, train=train, coefficients=CoefficientConfig(**parts["coefficients"]),
+                         **parts[""])
+    server = {"min_nodes": opts.min_nodes, "node_wait_s": opts.node_wait_s, "domains": opts.domains,
+              "record_messages": str(opts.record_messages or ""), "expect_domains": opts.expect_domains}
+    return cfg, opts.run_dir, server
+
+
+#: one line per key for pyproject.toml's comments (the models' own field descriptions are longer)
+HELP = {
+    "run-dir": "checkpoints, report, model/ (same dir again = resume)",
+    "domains": "simulation: partition i -> domains[i]", "data-root": "simulation: <data-root>/<domain> is silo i's data",
+    "silo-state-root": "simulation: silos' fine-tuned weights ('' = .cache/silo-state)",
+    "cache-dir": "item-embedding cache ('' = .cache)", "min-nodes": "SuperNodes to wait for (0 = one per domain)",
+    "node-wait-s": "seconds to wait for them", "record-messages": "a folder: every message both ways (audits)",
+    "expect-domains": "comma list that must take part: each one missing is in report.json",
+    "catalog-root": "the server's own catalog view ('' = silos send item texts)",
+    "min-silos": "go on without failed silos while at least this many remain", "retries": "per stage and silo",
+    "timeout-s": "per stage and attempt; (none) or auto = sized from the data", "max-task-vector-ratio": "refuse a task vector whose norm exceeds this x the base's",
+    "backbone": "light | text", "encoder": "'minilm' (bundled) or a local model folder",
+    "base": "light base: init | bundled | a base file", "epochs": "at most; early stopping on validation NDCG@10",
+    "batch-size": "fine-tuning batch", "lr": "fine-tuning learning rate", "patience": "epochs without a validation gain",
+    "refit-on-val": "retrain on train + validation items for the chosen epochs", "l2sp": "pull toward the base",
+    "freeze": "parameter prefixes kept at the base, e.g. adaptor", "max-users": "0 = all users",
+    "val-max-users": "early stopping validates on this many users (0 = all)",
+    "baselines": "training-free merges to evaluate", "init-method": "MergeRec starts from this merge",
+    "granularities": "MergeRec coefficients: task and/or layer", "coef-steps": "coefficient-learning steps",
+    "coef-lr": "coefficient-learning lr", "coef-batch-size": "pseudo-users per step",
+    "pseudo-users": "all | random | kmeans", "pseudo-users-n": "0 = all items", "teacher-top-k": "0 = all items",
+    "eval-max-users": "0 = every test user", "seed": "base, fine-tuning and coefficient learning",
+}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) or "(none)"
+    return "(none)" if v is None or v == "" else str(v)
+
+
+def defaults() -> dict[str, str]:
+    """Each run-config key's default as text, read from the models (training keys: per backbone)."""
+    light, text = TrainConfig.for_backbone("light"), TrainConfig.for_backbone("text")
+    models = {"": PipelineConfig(), "backbone": BackboneConfig(), "coefficients": CoefficientConfig()}
+    out = {k.replace("_", "-"): _fmt(getattr(RunOptions(), k)) for k in RunOptions.model_fields}
+    for key, (model, field) in PIPELINE_KEYS.items():
+        if model == "train":
+            a, b = getattr(light, field), getattr(text, field)
+            out[key] = _fmt(a) if a == b else f"{_fmt(a)} (light) / {_fmt(b)} (text)"
+        else:
+            out[key] = _fmt(getattr(models[model], field))
+    return out
+
+
+def pyproject_block() -> str:
+    """The [tool.flwr.app.config] table pyproject.toml carries (a test keeps them equal)."""
+    lines = ["[tool.flwr.app.config]",
+             "# Generated by `python -m server.config`. Every run-config key; \"\" = the default in the comment, which",
+             "# lives in code (server/config.py, common/run_config.py). Override: --run-config \"key=value ...\"."]
+    for key, default in defaults().items():
+        lines.append(f'{key} = ""'.ljust(27) + f"# {default}: {HELP[key]}")
+    return "\n".join(lines) + "\n"
+
+
+def app_defaults() -> dict:
+    """The `[tool.flwr.app.config]` table of the project's pyproject.toml: what `flwr run .` starts from (empty
+    when the project is installed without its pyproject.toml)."""
+    import tomllib
+
+    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not path.is_file():
+        return {}
+    return tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def parse_overrides(text: str) -> dict:
+    """`--run-config` syntax, as Flower reads it: space-separated key=value with TOML values
+    ('epochs=2 backbone="text"'). A malformed entry is a ConfigError naming it."""
+    import shlex
+    import tomllib
+
+    out = {}
+    for item in shlex.split(text or "", posix=False):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"bad run-config entry {item!r}: expected key=value")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"bad run-config value for {key}: {value!r} is not a TOML value") from None
+    return out
+
+
+if __name__ == "__main__":
+    print(pyproject_block(), end="")

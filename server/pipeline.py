@@ -16,16 +16,17 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from common.backbones import Recommender, build_backbone, shared_state
+from common.backbones import build_backbone, shared_state
 from common.config import BackboneConfig, Strict, TrainConfig
 from common.data import CatalogView, ItemMeta, load_catalog
+from common.files import atomic_path, atomic_write
 from common.merging import methods as merge_methods
 from common.merging.coefficients import (
     CoefficientConfig,
@@ -34,7 +35,7 @@ from common.merging.coefficients import (
     merge_with_coefficients,
 )
 from common.merging.pseudo_users import select_pseudo_users
-from common.merging.task_vectors import fingerprint
+from common.merging.task_vectors import add_vector, fingerprint, state_from_numpy, state_to_numpy
 from common.merging.teacher import TopKLogits
 from common.messages import (
     EVALUATE,
@@ -51,8 +52,8 @@ from common.messages import (
     TeacherReply,
     TeacherRequest,
 )
-from common.report import markdown_table
-from server.transport import Outcome, Transport
+from server.silo_caller import PipelineError, SiloCaller
+from server.transport import Transport
 from server import checkpoint
 from server.limits import stage_timeout
 from server.validation import check_config, check_evaluate, check_finetune, check_teacher, silo_name, state_norm
@@ -60,10 +61,6 @@ from server.validation import check_config, check_evaluate, check_finetune, chec
 log = logging.getLogger(__name__)
 
 STAGES = checkpoint.STAGES
-
-
-class PipelineError(RuntimeError):
-    """The run cannot go on (too few silos, bad run directory, ...). The message says why."""
 
 
 class PipelineConfig(Strict):
@@ -97,20 +94,6 @@ class PipelineConfig(Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _tensors(named: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {n: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in named.items()}
-
-
-def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {n: t.detach().cpu().float().numpy() for n, t in state.items()}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 class Pipeline:
     def __init__(self, transport: Transport, cfg: PipelineConfig, run_dir: str | Path,
                  expected: list[str] | None = None):
@@ -121,7 +104,6 @@ class Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.run_dir / "checkpoint.json"
         self.state = self._load_checkpoint()
-        self.handles: dict[str, str] = {}  # domain -> transport handle (re-learned at every start)
         self.base = build_backbone(cfg.backbone, seed=cfg.seed)
         self.base_state = shared_state(self.base)
         self.base_fp = fingerprint(self.base_state)
@@ -129,6 +111,8 @@ class Pipeline:
         self.shapes = {n: tuple(t.shape) for n, t in self.base_state.items()}
         self.spec = BaseSpec(backbone=cfg.backbone, seed=cfg.seed, fingerprint=self.base_fp)
         self.catalogs: dict[str, CatalogView] = {}
+        self.calls = SiloCaller(transport, self.state, retries=cfg.retries, min_silos=cfg.min_silos,
+                                save=self._save, timeout=self._timeout, rehandshake=self._rehandshake)
 
     # ---------------------------------------------------------------- checkpoint & bookkeeping
     def _load_checkpoint(self) -> dict:
@@ -145,7 +129,7 @@ class Pipeline:
         checkpoint.record(self.state, self.run_dir, path)
 
     def _save(self) -> None:
-        _atomic_write(self.ckpt_path, json.dumps(self.state, indent=1))
+        atomic_write(self.ckpt_path, json.dumps(self.state, indent=1))
 
     def _done(self, stage: str, seconds: float) -> None:
         self.state["completed"].append(stage)
@@ -154,78 +138,12 @@ class Pipeline:
         log.info("stage %s done in %.1fs", stage, seconds)
 
     def active(self) -> list[str]:
-        dropped = {d["domain"] for d in self.state["dropped"]}
-        return [d for d in self.state["domains"] if d not in dropped]
-
-    def _drop(self, domain: str, stage: str, reason: str) -> None:
-        log.error("dropping silo %s at stage %s: %s", domain, stage, reason)
-        self.state["dropped"].append({"domain": domain, "stage": stage, "reason": reason})
-        left = self.active()
-        if len(left) < self.cfg.min_silos:
-            self._save()
-            raise PipelineError(f"only {len(left)} silo(s) left ({', '.join(left) or 'none'}) after dropping "
-                                f"{domain} at {stage}: {reason}; min-silos is {self.cfg.min_silos}")
-
-    def _note_drop(self, silo: str, stage: str, reason: str) -> None:
-        """Record a silo that is not part of the run without passing the handshake."""
-        if not any(d["domain"] == silo and d["stage"] == stage for d in self.state["dropped"]):
-            self.state["dropped"].append({"domain": silo, "stage": stage, "reason": reason})
-
-    def _count(self, o: Outcome, domain: str) -> None:
-        b = self.state["bytes"].setdefault(domain, {"sent_to_silo": 0, "received_from_silo": 0})
-        b["sent_to_silo"] += o.bytes_down
-        b["received_from_silo"] += o.bytes_up
+        return self.calls.active()
 
     def _timeout(self, stage: str, requests: dict) -> float:
         first = next(iter(requests.values()), (None, {}))
         return stage_timeout(stage, self.cfg.timeout_s, max_items=max(map(len, self.catalogs.values()), default=0),
                              epochs=self.cfg.train.epochs, refit=self.cfg.train.refit_on_val, models=len(first[1]))
-
-    def _ask(self, stage: str, message_type: str, requests: dict, reply_type, validate=None, store=None) -> dict:
-        """requests: domain -> (header, arrays). Each reply is validated completely (`validate` raises
-        ValueError) and stored (`store`) as soon as it arrives, so a crash loses only unfinished silos.
-        Failures (error replies, invalid replies) are retried, then the silo is dropped."""
-        results, todo, failed = {}, dict(requests), {}
-
-        def on_reply(h: str, o: Outcome, attempt: int, handles: dict) -> None:
-            d = handles.get(h)
-            if d is None or d in results or d in failed:
-                return
-            self._count(o, d)
-            err = o.error
-            if err is None and validate is not None:
-                try:
-                    validate(d, o)
-                except Exception as exc:  # a reply that breaks a check is the silo's failure, never a crash
-                    err = f"invalid reply: {exc}" if isinstance(exc, ValueError) else \
-                        f"invalid reply: {type(exc).__name__} while checking it"
-            if err is None:
-                results[d] = o
-                if store is not None:
-                    store(d, o)
-            else:
-                log.warning("%s: silo %s failed (attempt %d): %s", stage, d, attempt + 1, err)
-                failed[d] = err
-
-        for attempt in range(self.cfg.retries + 1):
-            if not todo:
-                break
-            failed.clear()
-            handles = {self.handles[d]: d for d in todo if d in self.handles}
-            outcomes = self.t.call(message_type, {h: todo[d] for h, d in handles.items()}, reply_type,
-                                   self._timeout(stage, requests), on_reply=lambda h, o: on_reply(h, o, attempt, handles))
-            for h, o in outcomes.items():  # transports that do not report replies one by one
-                on_reply(h, o, attempt, handles)
-            for d in set(todo) - set(handles.values()):
-                failed[d] = "silo not connected"
-            for d in set(todo) - set(results) - set(failed):
-                failed[d] = "no reply"
-            todo = {d: todo[d] for d in failed}
-            if todo and attempt < self.cfg.retries:
-                self._rehandshake(set(todo))
-        for d in todo:
-            self._drop(d, stage, failed[d])
-        return results
 
     # ---------------------------------------------------------------- stages
     def handshake(self) -> None:
@@ -241,33 +159,33 @@ class Pipeline:
         for h, o in outcomes.items():
             if o.error:
                 log.warning("handshake: silo %s failed: %s", h, o.error)
-                self._note_drop(silo_name(h, o.error), "handshake", o.error)
+                self.calls.note_drop(silo_name(h, o.error), "handshake", o.error)
                 continue
             r: HandshakeReply = o.header
             if r.base_fingerprint != self.base_fp:
                 msg = (f"silo {r.domain} uses base model {r.base_fingerprint[:16]} but the server's base is "
                        f"{self.base_fp[:16]}: refused")
                 log.error(msg)
-                self._note_drop(r.domain, "handshake", msg)
+                self.calls.note_drop(r.domain, "handshake", msg)
                 continue
             if r.domain in found:
                 raise PipelineError(f"two silos report domain {r.domain!r}: domain names must be unique")
             found[r.domain] = r
-            self.handles[r.domain] = h
-            self._count(o, r.domain)
+            self.calls.handles[r.domain] = h
+            self.calls.count(o, r.domain)
         for d in self.expected:
             if d not in found and not any(x["domain"] == d for x in self.state["dropped"]):
-                self._note_drop(d, "handshake", "expected silo did not answer the handshake")
+                self.calls.note_drop(d, "handshake", "expected silo did not answer the handshake")
         for domain, r in list(found.items()):
             try:  # a catalog that does not match its fingerprint or size is that silo's failure
                 self.catalogs[domain] = self._catalog(domain, r)
             except (PipelineError, ValueError) as exc:
-                self._note_drop(domain, "handshake", f"invalid reply: {exc}")
+                self.calls.note_drop(domain, "handshake", f"invalid reply: {exc}")
                 del found[domain]
         if resumed:
             missing = [d for d in self.active() if d not in found]
             for d in missing:
-                self._drop(d, "handshake", "did not reconnect after the server restarted")
+                self.calls.drop(d, "handshake", "did not reconnect after the server restarted")
         else:
             self.state["domains"] = sorted(found)
         if len(self.active()) < self.cfg.min_silos:
@@ -284,7 +202,7 @@ class Pipeline:
                                min(stage_timeout("handshake", self.cfg.timeout_s), 120.0))
         for h, o in outcomes.items():
             if o.error is None and o.header.domain in domains and o.header.base_fingerprint == self.base_fp:
-                self.handles[o.header.domain] = h
+                self.calls.handles[o.header.domain] = h
 
     def _catalog(self, domain: str, r: HandshakeReply) -> CatalogView:
         if self.cfg.catalog_root is not None:
@@ -318,35 +236,65 @@ class Pipeline:
                            base_norm=self.base_norm, max_ratio=self.cfg.max_task_vector_ratio)
 
         def store(d, o):  # as soon as the reply is validated: a crash later loses only unfinished silos
-            self._tv_path(d).parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._tv_path(d).with_suffix(".tmp")
-            save_file(_tensors(o.arrays["task_vector"]), str(tmp))
-            tmp.replace(self._tv_path(d))
+            with atomic_path(self._tv_path(d)) as tmp:
+                save_file(state_from_numpy(o.arrays["task_vector"]), str(tmp))
             self._record(self._tv_path(d))
             self.state["val"][d] = o.header.val.model_dump()
             self.state["finetune"][d] = {"epochs": o.header.epochs, "refit_epochs": o.header.refit_epochs,
                                          "seconds": round(o.header.seconds, 2)}
+            for h in o.header.history:  # the silo's per-epoch progress, in the ServerApp's log in any deployment
+                log.info("finetune: silo %s epoch %d loss %s val NDCG@10 %.4f", d, h.epoch,
+                         "-" if h.loss is None else f"{h.loss:.4f}", h.val_ndcg10)
+            log.info("finetune: silo %s fine-tuned %d epoch(s) (final fit %d) in %.1fs, validation NDCG@10 %.4f",
+                     d, o.header.epochs, o.header.refit_epochs, o.header.seconds, o.header.val.values["ndcg@10"])
             self._save()
 
-        self._ask("finetune", FINETUNE, {d: (req, {}) for d in todo}, FinetuneReply, validate, store)
+        self.calls.ask("finetune", FINETUNE, {d: (req, {}) for d in todo}, FinetuneReply, validate, store)
         self._done("finetune", time.perf_counter() - t0)
 
     def task_vectors(self, domains: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         return {d: load_file(str(self._tv_path(d))) for d in (self.active() if domains is None else domains)}
 
-    def merged_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Training-free merges of the active silos' task vectors (cheap: recomputed on resume)."""
-        tvs = self.task_vectors()
-        vecs = [tvs[d] for d in sorted(tvs)]
-        out = {}
-        for name in self.cfg.baselines:
-            plan = merge_methods.process(vecs, name, seed=self.cfg.seed)
-            out[name] = merge_methods.merge(self.base_state, plan.vectors, plan.weights)
+    def merged_states(self, domains: list[str] | None = None,
+                      methods: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Training-free merges (`methods`, default the configured baselines) of the task vectors of `domains`
+        (default: the active silos). Cheap: recomputed on resume."""
+        own = domains is None and methods is None  # the run's own merges: computed once, in merge_init
+        out = {name: self._cached_merge(name) for name in self.cfg.baselines} if own else {}
+        todo = [n for n in (self.cfg.baselines if methods is None else methods) if out.get(n) is None]
+        if todo:
+            tvs = self.task_vectors(domains)
+            vecs = [tvs[d] for d in sorted(tvs)]
+            for name in todo:
+                plan = merge_methods.process(vecs, name, seed=self.cfg.seed)
+                out[name] = merge_methods.merge(self.base_state, plan.vectors, plan.weights)
         return out
 
+    def _merge_path(self, name: str) -> Path:
+        return self.run_dir / "merges" / f"{name}.safetensors"
+
+    def _store_merge(self, name: str, state: dict[str, torch.Tensor], domains: list[str]) -> None:
+        with atomic_path(self._merge_path(name)) as tmp:
+            save_file({n: t.contiguous() for n, t in state.items()}, str(tmp))
+        self._record(self._merge_path(name))
+        self.state.setdefault("merges", {})[name] = list(domains)
+
+    def _cached_merge(self, name: str, domains: list[str] | None = None) -> dict[str, torch.Tensor] | None:
+        """A merge this run stored (recorded, so checked on resume) over `domains` (default: the active silos,
+        as merge_init saw them), else None."""
+        path = self._merge_path(name)
+        stored = self.state.get("merges", {}).get(name)
+        if str(path.relative_to(self.run_dir)) not in self.state["files"] or stored != (domains or self.active()):
+            return None
+        return load_file(str(path))
+
     def merge_init(self) -> None:
+        """Every training-free merge of the configured baselines, computed once and stored in merges/."""
         t0 = time.perf_counter()
-        self.merged_states()  # validates that every method runs on these vectors
+        for name in self.cfg.baselines:
+            self.state["files"].pop(f"merges/{name}.safetensors", None)  # recomputed: the vectors may have changed
+        for name, state in self.merged_states(methods=list(self.cfg.baselines)).items():
+            self._store_merge(name, state, self.active())
         self._done("merge_init", time.perf_counter() - t0)
 
     def _dom(self, domain: str):
@@ -361,7 +309,7 @@ class Pipeline:
             ids = select_pseudo_users(dom.num_items, self.cfg.pseudo_users, n=self.cfg.pseudo_users_n,
                                       item_embeddings=feats, seed=self.cfg.seed)
             chosen[d] = ids.tolist()
-        _atomic_write(self.run_dir / "pseudo_users.json", json.dumps(chosen))
+        atomic_write(self.run_dir / "pseudo_users.json", json.dumps(chosen))
         self._record(self.run_dir / "pseudo_users.json")
         self._done("pseudo_users", time.perf_counter() - t0)
 
@@ -379,36 +327,46 @@ class Pipeline:
                           num_items=len(self.catalogs[domain]), top_k=self.cfg.teacher_top_k)
 
         def store(d, o):
-            self._teacher_path(d).parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._teacher_path(d).with_suffix(".tmp.npz")
-            np.savez(tmp, **o.arrays["teacher"])
-            tmp.replace(self._teacher_path(d))
+            with atomic_path(self._teacher_path(d), suffix=".npz") as tmp:
+                np.savez(tmp, **o.arrays["teacher"])
             self._record(self._teacher_path(d))
             self._save()
 
-        self._ask("teacher", TEACHER, reqs, TeacherReply, validate, store)
+        self.calls.ask("teacher", TEACHER, reqs, TeacherReply, validate, store)
         self._done("teacher", time.perf_counter() - t0)
 
-    def coefficients(self) -> None:
-        t0 = time.perf_counter()
+    def coefficient_sources(self, domains: list[str]) -> list[DomainBatchSource]:
+        """Each domain's pseudo-users with the teacher top-k its silo returned (from the run directory)."""
         chosen = json.loads((self.run_dir / "pseudo_users.json").read_text())
-        tvs = self.task_vectors()
-        domains = sorted(tvs)
-        plan = merge_methods.process([tvs[d] for d in domains], self.cfg.init_method, seed=self.cfg.seed)
         sources = []
         for d in domains:
             arr = np.load(self._teacher_path(d))
             top = TopKLogits.from_arrays(chosen[d], arr["indices"], arr["values"], len(self.catalogs[d]))
             sources.append(DomainBatchSource(dom_inputs=self._dom(d), pseudo_item_ids=torch.tensor(chosen[d]),
                                              teacher=top, name=d))
+        return sources
+
+    def learn(self, domains: list[str], ccfg: CoefficientConfig, init_method: str | None = None):
+        """Merging coefficients learned over `domains` (their task vectors, pseudo-users and teachers), from
+        `init_method` (default the configured one). Returns (CoefficientResult, merged state theta(W))."""
+        init_method = init_method or self.cfg.init_method
+        tvs = self.task_vectors(domains)
+        plan = merge_methods.process([tvs[d] for d in domains], init_method, seed=self.cfg.seed)
+        res = learn_coefficients(self.base, self.base_state, plan.vectors, self.base.layer_of,
+                                 self.coefficient_sources(domains), ccfg, progress=False, method=init_method)
+        return res, merge_with_coefficients(self.base_state, plan.vectors, res.W, res.groups, self.base.layer_of)
+
+    def coefficients(self) -> None:
+        t0 = time.perf_counter()
+        domains = sorted(self.active())
         learned = {}
         for gran in self.cfg.granularities:
-            ccfg = self.cfg.coefficients.model_copy(update={"granularity": gran})
-            res = learn_coefficients(self.base, self.base_state, plan.vectors, self.base.layer_of, sources, ccfg,
-                                     progress=False, method=self.cfg.init_method)
+            res, merged = self.learn(domains, self.cfg.coefficients.model_copy(update={"granularity": gran}))
+            self._store_merge(f"mergerec-{gran}", merged, domains)
             learned[gran] = {"domains": domains, "groups": list(res.groups), "W": res.W.tolist(),
-                             "final_loss": res.history[-1]["loss"] if res.history else None}
-        _atomic_write(self.run_dir / "coefficients.json", json.dumps(learned, indent=1))
+                             "final_loss": res.history[-1]["loss"] if res.history else None,
+                             "history": res.history, "holdout": res.holdout}
+        atomic_write(self.run_dir / "coefficients.json", json.dumps(learned, indent=1))
         self._record(self.run_dir / "coefficients.json")
         self._done("coefficients", time.perf_counter() - t0)
 
@@ -418,6 +376,10 @@ class Pipeline:
         learned = json.loads((self.run_dir / "coefficients.json").read_text())
         out = {}
         for gran, c in learned.items():
+            cached = self._cached_merge(f"mergerec-{gran}", c["domains"])
+            if cached is not None:
+                out[f"mergerec-{gran}"] = cached
+                continue
             tvs = self.task_vectors(c["domains"])
             plan = merge_methods.process([tvs[d] for d in c["domains"]], self.cfg.init_method, seed=self.cfg.seed)
             out[f"mergerec-{gran}"] = merge_with_coefficients(self.base_state, plan.vectors, torch.tensor(c["W"]),
@@ -428,43 +390,46 @@ class Pipeline:
         models = {"pretrained": self.base_state, **self.merged_states(), **self.mergerec_states()}
         if self.cfg.evaluate_finetuned:
             for d, tv in self.task_vectors().items():
-                models[f"finetuned-{d}"] = {n: self.base_state[n] + tv[n] for n in self.base_state}
+                models[f"finetuned-{d}"] = add_vector(self.base_state, tv)
         return models
+
+    def evaluate_at(self, models: dict[str, dict[str, torch.Tensor]], domains: list[str],
+                    split: str = "test") -> dict[str, dict[str, dict]]:
+        """Send `models` (name -> state) to the silos of `domains`; each evaluates them on its own `split` and
+        returns aggregate metrics only. Returns domain -> model name -> AggregateMetrics as a dict."""
+        arrays = {name: state_to_numpy(s) for name, s in models.items()}
+        req = EvaluateRequest(base=self.spec, split=split, models=list(models), max_users=self.cfg.eval_max_users,
+                              seed=self.cfg.seed)
+
+        def validate(domain, o):
+            check_evaluate(o.header, o.arrays, domain=domain, models=req.models)
+
+        results = self.calls.ask("evaluate", EVALUATE, {d: (req, arrays) for d in domains}, EvaluateReply, validate)
+        return {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}
 
     def evaluate(self) -> None:
         t0 = time.perf_counter()
         models = self.candidate_models()
-        arrays = {name: _numpy(s) for name, s in models.items()}
-        req = EvaluateRequest(base=self.spec, split="test", models=list(models), max_users=self.cfg.eval_max_users, seed=self.cfg.seed)
-        def validate(domain, o):
-            check_evaluate(o.header, o.arrays, domain=domain, models=req.models)
-
-        results = self._ask("evaluate", EVALUATE, {d: (req, arrays) for d in self.active()}, EvaluateReply, validate)
-        metrics = {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}
-        _atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
+        metrics = self.evaluate_at(models, self.active())
+        for d, per in sorted(metrics.items()):
+            log.info("evaluate: silo %s test NDCG@10: %s", d, ", ".join(f"{m} {v['values']['ndcg@10']:.4f}"
+                                                                      for m, v in per.items() if "-" in m))
+        atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
         self._record(self.run_dir / "metrics.json")
+        # validation split of the MergeRec variants: what picks the shipped model (never the test split)
+        variants = {m: st for m, st in models.items() if m.startswith("mergerec-")}
+        val_metrics = self.evaluate_at(variants, self.active(), split="val")
+        atomic_write(self.run_dir / "metrics_val.json", json.dumps(val_metrics, indent=1))
+        self._record(self.run_dir / "metrics_val.json")
         self._done("evaluate", time.perf_counter() - t0)
 
     def artifacts(self) -> dict:
+        """The shipped model folder (the better MergeRec variant on validation), report.json, report.md, plots."""
+        from server.artifacts import write_artifacts
+
         t0 = time.perf_counter()
-        metrics = json.loads((self.run_dir / "metrics.json").read_text())
-        learned = json.loads((self.run_dir / "coefficients.json").read_text())
-        final_name = f"mergerec-{self.cfg.granularities[-1]}"
-        final = self.mergerec_states()[final_name]
-        model_dir = self.run_dir / "model"
-        model_dir.mkdir(exist_ok=True)
-        save_file({n: t.contiguous() for n, t in final.items()}, str(model_dir / "merged.safetensors"))
-        card = {"base_fingerprint": self.base_fp, "merged_fingerprint": fingerprint(final), "method": final_name,
-                "init": self.cfg.init_method, "domains": learned[self.cfg.granularities[-1]]["domains"],
-                "coefficients": learned, "backbone": self.cfg.backbone.model_dump(mode="json"), "seed": self.cfg.seed}
-        _atomic_write(model_dir / "model_card.json", json.dumps(card, indent=1))
+        report = write_artifacts(self)
         self.state["timings"]["artifacts"] = round(time.perf_counter() - t0, 3)
-        report = {"run_dir": str(self.run_dir), "config": self.cfg.model_dump(mode="json"),
-                  "base_fingerprint": self.base_fp, "domains": self.state["domains"], "active": self.active(),
-                  "dropped": self.state["dropped"], "metrics": metrics, "validation": self.state["val"],
-                  "finetune": self.state["finetune"], "coefficients": learned, "timings": self.state["timings"],
-                  "bytes": self.state["bytes"], "model": str(model_dir / "merged.safetensors")}
-        _atomic_write(self.run_dir / "report.json", json.dumps(report, indent=1))
         if "artifacts" not in self.state["completed"]:
             self._done("artifacts", time.perf_counter() - t0)
         return report
@@ -483,18 +448,17 @@ class Pipeline:
                                     "wait for it, stop it (flwr stop), or use another run-dir") from None
             self.handshake()
             checkpoint.verify_run(self)
-            for stage in STAGES[1:]:
-                if stage in self.state["completed"] and stage != "artifacts":
+            for name, stage in self.stages():
+                if name in self.state["completed"] and name != "artifacts":
                     continue
-                log.info("stage %s (silos: %s)", stage, ", ".join(self.active()))
-                result = getattr(self, stage)()
+                log.info("stage %s (silos: %s)", name, ", ".join(self.active()))
+                result = stage()
             return result
 
-
-def results_table(report: dict, k: int = 10) -> str:
-    rows = []
-    for domain, per_model in sorted(report["metrics"].items()):
-        for model, m in per_model.items():
-            rows.append({"domain": domain, "model": model, f"recall@{k}": m["values"][f"recall@{k}"],
-                         f"ndcg@{k}": m["values"][f"ndcg@{k}"], "users": m["users"]})
-    return markdown_table(rows, ["domain", "model", f"recall@{k}", f"ndcg@{k}", "users"])
+    def stages(self) -> list[tuple[str, Callable[[], object]]]:
+        """The stages after the handshake, in order; their names are the checkpoint's (server/checkpoint.py)."""
+        order = [("finetune", self.finetune), ("merge_init", self.merge_init), ("pseudo_users", self.pseudo_users),
+                 ("teacher", self.teacher), ("coefficients", self.coefficients), ("evaluate", self.evaluate),
+                 ("artifacts", self.artifacts)]
+        assert [n for n, _ in order] == STAGES[1:], "stage list and checkpoint.STAGES disagree"
+        return order

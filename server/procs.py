@@ -12,16 +12,41 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
 MARKER = "MERGEREC_RUN_ID"
+#: every Flower process the project starts: no telemetry, no update check, no pip install at run time, no
+#: model download, unbuffered logs
+FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
-def _die_with_parent() -> None:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (loopback by default)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(home: str | Path, **extra: str) -> dict[str, str]:
+    """This process's environment for a Flower process or CLI call: FLWR_ENV, FLWR_HOME = `home`, this
+    interpreter's bin folder first on PATH (Flower starts its helpers by name), then `extra`."""
+    env = dict(os.environ)
+    env.update(FLWR_ENV)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def die_with_parent() -> None:
     """preexec_fn: the kernel SIGKILLs the child if the launcher itself is SIGKILLed."""
     try:
         import ctypes
@@ -97,9 +122,9 @@ class ProcessSet:
         return {**base, MARKER: self.run_id}
 
     def spawn(self, cmd: list[str], *, env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
-        with open(log, "w") as out:
+        with open(log, "a") as out:  # a resumed run appends to the first run's log
             proc = subprocess.Popen(cmd, env=self.env(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         self.procs.append(proc)
         return proc
 

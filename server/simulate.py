@@ -15,33 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from server.procs import ProcessSet, exit_on_signals, restore_signals
+from server.procs import ProcessSet, exit_on_signals, flwr_env, free_port, restore_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_ROOT = ROOT / ".cache" / "demo-data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def flwr_env(home: Path) -> dict:
-    env = dict(os.environ)
-    bindir = str(Path(sys.executable).parent)
-    env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PATH=bindir + os.pathsep + env.get("PATH", ""))
-    return env
 
 
 def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -127,14 +110,15 @@ def exit_status(report: dict, expected: list[str]) -> int:
     return EXIT_DEGRADED if report.get("dropped") or missing else EXIT_COMPLETE
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m server.simulate", description=__doc__,
+def main(argv=None, prog: str = "python -m server.simulate") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-root", type=Path, default=DEMO_ROOT)
+    ap.add_argument("--data-root", type=Path, default=DEMO_ROOT,
+                    help="folder with one subfolder per domain (default: the demo data, generated when missing)")
     ap.add_argument("--domains", default="", help="comma list (default: every domain folder under --data-root)")
     ap.add_argument("--run-dir", type=Path, default=None, help="default: runs/<timestamp>; reuse one to resume")
     ap.add_argument("--run-config", default="", help='extra "key=value ..." for [tool.flwr.app.config]')
-    ap.add_argument("--cpus-per-silo", type=int, default=1)
+    ap.add_argument("--cpus-per-silo", type=int, default=1, help="CPU cores Flower gives each simulated silo")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds for the whole run, then every process of it is stopped (default: no limit; "
                          "the per-stage limits of run-config timeout-s still apply)")

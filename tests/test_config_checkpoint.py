@@ -15,7 +15,7 @@ from clients.silo import SiloWorker
 from common.config import BackboneConfig, TrainConfig
 from common.demo import make_demo
 from common.merging.coefficients import CoefficientConfig
-from server.config import ConfigError, pipeline_config
+from server.config import KNOWN_KEYS, ConfigError, pipeline_config, pyproject_block
 from server.pipeline import Pipeline, PipelineConfig, PipelineError
 from server.transport import InProcessTransport
 
@@ -27,10 +27,10 @@ DEFAULTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"][
 
 @pytest.mark.parametrize("key,value", [
     ("baselines", "task_arithmetic,no_such_merge"), ("baselines", "ties,ties"), ("init-method", "bogus"),
-    ("granularities", ""), ("granularities", "task,bogus"), ("teacher-top-k", -5), ("eval-max-users", -3),
+    ("granularities", ","), ("granularities", "task,bogus"), ("teacher-top-k", -5), ("eval-max-users", -3),
     ("pseudo-users-n", -1), ("pseudo-users", "bogus"), ("coef-steps", -1), ("coef-lr", 0.0), ("epochs", -2),
     ("batch-size", 0), ("lr", -1.0), ("min-silos", 0), ("retries", -1), ("timeout-s", 0),
-    ("max-task-vector-ratio", 0), ("backbone", "huge"),
+    ("max-task-vector-ratio", 0), ("backbone", "huge"), ("min-nodes", -1), ("node-wait-s", "soon"),
 ])
 def test_bad_config_names_the_key(key, value):
     with pytest.raises(ConfigError, match=f"(^|[ ;]){key}: "):
@@ -42,6 +42,28 @@ def test_unknown_key_and_good_defaults():
         pipeline_config({**DEFAULTS, "teacher-topk": 5})
     cfg, _, _ = pipeline_config(DEFAULTS)
     assert cfg.teacher_top_k == 64 and cfg.eval_max_users is None and cfg.max_task_vector_ratio == 10.0
+
+
+def test_pyproject_lists_every_key_and_defaults_live_in_code():
+    """One source of defaults: pyproject names every key (Flower only accepts overrides of listed keys) with
+    "" and, in comments, the defaults generated from the models (`python -m server.config`)."""
+    assert set(DEFAULTS) == KNOWN_KEYS and set(DEFAULTS.values()) == {""}
+    text = (ROOT / "pyproject.toml").read_text()
+    assert pyproject_block() in text, "pyproject.toml is stale: paste `python -m server.config` over its table"
+
+
+def test_training_defaults_follow_the_backbone_unless_given():
+    text = TrainConfig.for_backbone("text")
+    cfg, _, _ = pipeline_config({**DEFAULTS, "backbone": "text"})
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.patience) == \
+        (text.lr, text.batch_size, text.epochs, text.patience) == (5e-5, 32, 3, 1)
+    cfg, _, _ = pipeline_config({**DEFAULTS, "backbone": "text", "epochs": 7})
+    assert cfg.train.epochs == 7 and cfg.train.lr == 5e-5  # only the given key changes
+    light, _, _ = pipeline_config(DEFAULTS)
+    assert light.train == TrainConfig.for_backbone("light", progress=False)
+    cfg, run_dir, server = pipeline_config({**DEFAULTS, "seed": 3, "min-nodes": 2, "run-dir": "x"})
+    assert cfg.train.seed == cfg.coefficients.seed == cfg.seed == 3 and run_dir == Path("x")
+    assert server["min_nodes"] == 2
 
 
 # ------------------------------------------------------------------------------------------ checkpoint
@@ -111,7 +133,8 @@ def test_config_change_reuses_unaffected_stages(world, tmp_path):
     calls = []
     report = Pipeline(_transport(world, calls), _cfg(world, eval_max_users=10, baselines=["ties"]), run).run()
     assert _asked(calls, "train.finetune") == [] and _asked(calls, "query.teacher") == []
-    assert _asked(calls, "evaluate.merged") == ["garden", "kitchen", "outdoor"]
+    # test split for every candidate, then the validation split for the MergeRec variants (model selection)
+    assert _asked(calls, "evaluate.merged") == sorted(["garden", "kitchen", "outdoor"] * 2)
     assert "ties" in report["metrics"]["garden"] and report["metrics"]["garden"]["ties"]["users"] == 10
     calls.clear()
     Pipeline(_transport(world, calls), _cfg(world, eval_max_users=10, baselines=["ties"], teacher_top_k=4), run).run()

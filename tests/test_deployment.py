@@ -231,7 +231,7 @@ def test_check_artifacts_reports_problems(tmp_path):
     problems = check(tmp_path, ["a"])
     assert any("ties/ndcg@10" in p for p in problems)
     assert any("task vector of a" in p for p in problems)
-    assert any("merged.safetensors" in p for p in problems)
+    assert any("model.safetensors" in p for p in problems) and any("report.md" in p for p in problems)
 
 
 @pytest.mark.e2e

@@ -81,9 +81,9 @@ def test_deployment_matches_in_process_and_leaks_nothing(world, tmp_path):
         assert res.ok, f"{res.status}: {res.details}\n{stack.log_tails()}"
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert sorted(report["active"]) == DOMAINS and report["dropped"] == []
-    card = json.loads((tmp_path / "run" / "model" / "model_card.json").read_text())
+    card = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert card["domains"] == DOMAINS and card["base_fingerprint"] == report["base_fingerprint"]
-    assert (tmp_path / "run" / "model" / "merged.safetensors").stat().st_size > 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").stat().st_size > 0
     for d in DOMAINS:
         assert report["bytes"][d]["received_from_silo"] > report["bytes"][d]["sent_to_silo"] / 100
 

@@ -47,17 +47,36 @@ def _transport(dirs, root, observer=None, broken: dict | None = None):
     return InProcessTransport(endpoints, observer)
 
 
-def test_full_pipeline_and_report(world, tmp_path):
+def test_full_pipeline_and_report(world, tmp_path, caplog):
     root, enc, dirs = world
-    report = Pipeline(_transport(dirs, root), _cfg(enc, root), tmp_path / "run").run()
+    with caplog.at_level("INFO"):
+        report = Pipeline(_transport(dirs, root), _cfg(enc, root), tmp_path / "run").run()
+    # progress the ServerApp logs itself (so it reaches its console in a deployment too): per silo and stage
+    server_lines = [r.getMessage() for r in caplog.records if r.name == "server.pipeline"]
+    for d in dirs:
+        for what in (f"finetune: silo {d.name} epoch 1 loss", f"finetune: silo {d.name} fine-tuned",
+                     f"teacher: silo {d.name} replied", f"evaluate: silo {d.name} test NDCG@10"):
+            assert any(line.startswith(what) for line in server_lines), what
     assert sorted(report["active"]) == sorted(d.name for d in dirs)
     for d in dirs:
         models = report["metrics"][d.name]
         assert {"pretrained", "task_arithmetic", "ties", "mergerec-task", "mergerec-layer"} <= set(models)
         assert all(0 <= m["values"]["ndcg@10"] <= 1 for m in models.values())
-    assert (tmp_path / "run" / "model" / "merged.safetensors").exists()
-    card = json.loads((tmp_path / "run" / "model" / "model_card.json").read_text())
-    assert card["base_fingerprint"] == report["base_fingerprint"]
+    model_dir = tmp_path / "run" / "model"
+    assert (model_dir / "model.safetensors").exists()
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["base_fingerprint"] == report["base_fingerprint"]
+    # the shipped variant is the better one on validation (never test), and the card says so
+    chosen = report["selection"]["chosen"]
+    assert config["method"] == chosen
+    val = report["selection"]["mean_val_ndcg@10"]
+    assert val[chosen] == max(val.values())
+    card = (model_dir / "README.md").read_text()
+    assert "2601.01753" in card and "validation NDCG@10" in card and chosen in card
+    report_md = (tmp_path / "run" / "report.md").read_text()
+    for png in ("recall_at_10.png", "coefficients.png", "coefficient_loss.png"):
+        assert (tmp_path / "run" / "plots" / png).stat().st_size > 5000
+        assert f"plots/{png}" in report_md
     assert report["bytes"][dirs[0].name]["received_from_silo"] > 0
 
 

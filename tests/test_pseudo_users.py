@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.merging import pseudo_users
-from common.merging.pseudo_users import PseudoUserConfig, kmeans, select_pseudo_users
+from common.merging.pseudo_users import kmeans, select_pseudo_users
 
 
 def _sorted_unique(ids, n_items):
@@ -79,4 +79,3 @@ def test_kmeans_duplicates_and_errors():
         select_pseudo_users(10, "random", n=0)
     with pytest.raises(ValueError):
         kmeans(x, 11)
-    assert PseudoUserConfig(strategy="kmeans", n=5).kmeans_iters == 10

@@ -14,7 +14,7 @@ from common.merging.coefficients import (
 )
 from common.merging.losses import adamerging_entropy, mergerec_loss
 from common.merging.methods import MergeConfig, MergePlan, config_for, merge, method_names, process, register
-from common.merging.pseudo_users import PseudoUserConfig, kmeans, select_pseudo_users
+from common.merging.pseudo_users import kmeans, select_pseudo_users
 from common.merging.task_vectors import (
     BaseMismatchError,
     add_vector,
@@ -27,7 +27,7 @@ from common.merging.teacher import TopKLogits, teacher_topk
 
 __all__ = [
     "DEFAULT_INIT", "BaseMismatchError", "CoefficientConfig", "CoefficientMerger", "CoefficientResult",
-    "DomainBatchSource", "MergeConfig", "MergePlan", "PseudoUserConfig", "TopKLogits", "adamerging_entropy",
+    "DomainBatchSource", "MergeConfig", "MergePlan", "TopKLogits", "adamerging_entropy",
     "add_vector", "apply", "batch_loss", "check_compatible", "config_for", "fingerprint", "initial_value", "kmeans",
     "learn_coefficients", "merge", "merge_with_coefficients", "mergerec_loss", "method_names", "process",
     "register", "select_pseudo_users", "task_vector", "teacher_topk",

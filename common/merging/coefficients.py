@@ -201,17 +201,43 @@ def pseudo_user_losses(model: nn.Module, params: Mapping[str, torch.Tensor], sou
 
 def batch_loss(model: nn.Module, merger: CoefficientMerger, W: torch.Tensor, domains: Sequence[DomainBatchSource],
                batch: Sequence[tuple[int, torch.Tensor]], cfg: CoefficientConfig,
-               item_embeddings: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Mean loss over a batch given as [(domain index, rows)]; domains without cached ``item_embeddings`` are
-    encoded under theta(W) (differentiable)."""
+               item_embeddings: Mapping[int, torch.Tensor] | None = None,
+               encoded: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean loss over a batch given as [(domain index, rows)]: one step of coefficient learning. Domains
+    without cached ``item_embeddings`` are encoded under theta(W) (differentiable) and, when ``encoded`` is
+    given, put there so the caller can cache them."""
     params = merger.merged_params(W)
     per = []
     for d, rows in batch:
         items = (item_embeddings or {}).get(d)
         if items is None:
             items = encode_items(model, params, domains[d], cfg.item_batch_size)
+            if encoded is not None:
+                encoded[d] = items
         per.append(pseudo_user_losses(model, params, domains[d], rows, items, cfg))
     return torch.cat(per).mean()
+
+
+def mean_loss(model: nn.Module, params: Mapping[str, torch.Tensor], domains: Sequence[DomainBatchSource],
+              rows: Sequence[torch.Tensor], cfg: CoefficientConfig,
+              item_embeddings: Mapping[int, torch.Tensor] | None = None) -> float:
+    """Mean pseudo-user loss of the merged model `params` over ``rows[d]`` of each domain d, without gradients
+    and with the model in eval mode (dropout off; the mode is left in eval). Item embeddings come from
+    ``item_embeddings[d]`` when given, else are encoded under `params`. The held-out loss of coefficient
+    learning, and what picks a task-arithmetic lambda in the benchmarks."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for d, r in enumerate(rows):
+            if not r.numel():
+                continue
+            emb = (item_embeddings[d] if item_embeddings is not None
+                   else encode_items(model, params, domains[d], cfg.item_batch_size))
+            for s in range(0, r.numel(), 256):
+                losses = pseudo_user_losses(model, params, domains[d], r[s:s + 256], emb, cfg)
+                total += float(losses.sum())
+                count += losses.numel()
+    return total / max(count, 1)
 
 
 # -------------------------------------------------------------------------------------------------- learning
@@ -230,12 +256,10 @@ class CoefficientResult:
     chosen_step: int = 0
     final_W: torch.Tensor | None = None
 
-    def merged_state(self, base: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]],
-                     group_of: Callable[[str], str] | None = None) -> State:
-        return merge_with_coefficients(base, vectors, self.W, self.groups, group_of)
 
-
-def _split_rows(domains: Sequence[DomainBatchSource], fraction: float, gen: torch.Generator):
+def split_rows(domains: Sequence[DomainBatchSource], fraction: float, gen: torch.Generator):
+    """(train rows, held-out rows) per domain: a seeded `fraction` of each domain's pseudo-users held out (at
+    least one, never all, when fraction > 0), each part sorted."""
     train, hold = [], []
     for src in domains:
         p = src.pseudo_item_ids.numel()
@@ -275,6 +299,38 @@ class _Batches:
         return [(int(d), rows[doms == d]) for d in torch.unique(doms)]
 
 
+def _check_inputs(model: nn.Module, base: Mapping[str, torch.Tensor], domains: Sequence[DomainBatchSource],
+                  cfg: CoefficientConfig) -> None:
+    names = {n for n, _ in model.named_parameters()}
+    if names != set(base):
+        diff = sorted(names ^ set(base))
+        raise ValueError(f"model parameters and base state differ, e.g. {diff[:3]}")
+    if not domains:
+        raise ValueError("no domains")
+    if cfg.loss == "mergerec":
+        missing = [s.name or i for i, s in enumerate(domains) if s.teacher is None]
+        if missing:
+            raise ValueError(f"mergerec loss needs teacher logits for every domain; missing for {missing}")
+
+
+def _encode_all(model: nn.Module, merger: CoefficientMerger, W: torch.Tensor, domains: Sequence[DomainBatchSource],
+                cfg: CoefficientConfig) -> dict[int, torch.Tensor]:
+    """Every domain's item embeddings under theta(W), without gradients (frozen for the whole run when
+    item_refresh_every is 0); the model is left in the training mode coefficient learning uses."""
+    model.eval()
+    with torch.no_grad():
+        params = merger.merged_params(W.detach())
+        out = {d: encode_items(model, params, src, cfg.item_batch_size) for d, src in enumerate(domains)}
+    model.train(cfg.dropout)
+    return out
+
+
+def _step_message(step: int, steps: int, history: list[dict], holdout: list[dict], w: torch.Tensor) -> str:
+    return (f"step {step}/{steps} loss {history[-1]['loss']:.4f}"
+            + (f" holdout {holdout[-1]['loss']:.4f}" if holdout else "")
+            + f" W mean {float(w.mean()):.4f} [{float(w.min()):.4f}, {float(w.max()):.4f}]")
+
+
 def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
                        vectors: Sequence[Mapping[str, torch.Tensor]], group_of: Callable[[str], str],
                        domains: Sequence[DomainBatchSource], cfg: CoefficientConfig, progress: bool = True, *,
@@ -286,22 +342,13 @@ def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
     restored). ``vectors``: the processed v_d, one per task (the D rows of W; need not equal len(domains)).
     ``method``: the init method's name, for the default init when ``cfg.init`` is None.
     """
-    names = {n for n, _ in model.named_parameters()}
-    if names != set(base):
-        diff = sorted(names ^ set(base))
-        raise ValueError(f"model parameters and base state differ, e.g. {diff[:3]}")
-    if not domains:
-        raise ValueError("no domains")
-    if cfg.loss == "mergerec":
-        missing = [s.name or i for i, s in enumerate(domains) if s.teacher is None]
-        if missing:
-            raise ValueError(f"mergerec loss needs teacher logits for every domain; missing for {missing}")
+    _check_inputs(model, base, domains, cfg)
     device = next(iter(model.parameters())).device
     merger = CoefficientMerger(base, vectors, group_of, cfg.granularity, device=device)
     W = merger.initial(initial_value(cfg, method, merger.num_tasks))
     opt = torch.optim.Adam([W], lr=cfg.lr)
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    train_rows, hold_rows = _split_rows(domains, cfg.holdout_fraction, gen)
+    train_rows, hold_rows = split_rows(domains, cfg.holdout_fraction, gen)
     batches = _Batches(train_rows, cfg.batch_size, gen)
     use_holdout = any(r.numel() for r in hold_rows)
 
@@ -309,30 +356,11 @@ def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
     cache: dict[int, torch.Tensor] = {}
     cache_step: dict[int, int] = {}
 
-    def encode_frozen(w: torch.Tensor) -> dict[int, torch.Tensor]:
-        model.eval()
-        with torch.no_grad():
-            params = merger.merged_params(w.detach())
-            out = {d: encode_items(model, params, src, cfg.item_batch_size) for d, src in enumerate(domains)}
-        model.train(cfg.dropout)
-        return out
-
     def holdout_loss() -> float:
-        model.eval()
-        items = cache if cfg.item_refresh_every == 0 else None
-        total, count = 0.0, 0
-        with torch.no_grad():
-            params = merger.merged_params(W.detach())
-            for d, rows in enumerate(hold_rows):
-                if not rows.numel():
-                    continue
-                emb = items[d] if items is not None else encode_items(model, params, domains[d], cfg.item_batch_size)
-                for s in range(0, rows.numel(), 256):
-                    losses = pseudo_user_losses(model, params, domains[d], rows[s:s + 256], emb, cfg)
-                    total += float(losses.sum())
-                    count += losses.numel()
+        loss = mean_loss(model, merger.merged_params(W.detach()), domains, hold_rows, cfg,
+                         cache if cfg.item_refresh_every == 0 else None)
         model.train(cfg.dropout)
-        return total / max(count, 1)
+        return loss
 
     history: list[dict] = []
     holdout: list[dict] = []
@@ -340,7 +368,7 @@ def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
     try:
         model.train(cfg.dropout)
         if cfg.item_refresh_every == 0:
-            cache.update(encode_frozen(W))
+            cache.update(_encode_all(model, merger, W, domains, cfg))
         if use_holdout:
             h = holdout_loss()
             holdout.append({"step": 0, "loss": h})
@@ -349,21 +377,13 @@ def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
                    leave=False)
         for step in bar:
             batch = batches.next()
-            items: dict[int, torch.Tensor] = {}
-            fresh: list[int] = []
-            for d, _ in batch:
-                if cfg.item_refresh_every == 0:
-                    items[d] = cache[d]
-                elif d in cache and step - cache_step[d] < cfg.item_refresh_every:
-                    items[d] = cache[d]
-                else:
-                    fresh.append(d)  # encoded inside the step's graph, then cached detached
-            params = merger.merged_params(W)
-            for d in fresh:
-                items[d] = encode_items(model, params, domains[d], cfg.item_batch_size)
-                cache[d], cache_step[d] = items[d].detach(), step
-            per = [pseudo_user_losses(model, params, domains[d], rows, items[d], cfg) for d, rows in batch]
-            loss = torch.cat(per).mean()
+            # cached item embeddings where still fresh; the others are encoded inside the step's graph
+            items = {d: cache[d] for d, _ in batch if cfg.item_refresh_every == 0
+                     or (d in cache and step - cache_step[d] < cfg.item_refresh_every)}
+            encoded: dict[int, torch.Tensor] = {}
+            loss = batch_loss(model, merger, W, domains, batch, cfg, items, encoded)
+            for d, e in encoded.items():
+                cache[d], cache_step[d] = e.detach(), step
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -374,11 +394,7 @@ def _learn_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
                 if h < best[0]:
                     best = (h, step, W.detach().clone())
             if step % cfg.log_every == 0 or step == cfg.steps:
-                w = W.detach()
-                msg = (f"step {step}/{cfg.steps} loss {history[-1]['loss']:.4f}"
-                       + (f" holdout {holdout[-1]['loss']:.4f}" if holdout else "")
-                       + f" W mean {float(w.mean()):.4f} [{float(w.min()):.4f}, {float(w.max()):.4f}]")
-                log.info(msg)
+                log.info(_step_message(step, cfg.steps, history, holdout, W.detach()))
                 bar.set_postfix_str(f"loss {history[-1]['loss']:.4f}")
         bar.close()
     finally:

@@ -11,22 +11,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 Strategy = Literal["all", "random", "kmeans"]
-
-
-class PseudoUserConfig(BaseModel):
-    """How the server picks pseudo-users per domain."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    strategy: Strategy = "all"
-    n: PositiveInt | None = Field(None, description="random/kmeans: how many (None or >= N: all items)")
-    seed: int = 0
-    kmeans_iters: PositiveInt = 10
-    kmeans_init: Literal["kmeans++", "random"] = "kmeans++"
-    chunk_size: PositiveInt = 4096
 
 
 def select_pseudo_users(num_items: int, strategy: Strategy = "all", n: int | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 State = dict[str, torch.Tensor]
@@ -70,6 +71,16 @@ def add_vector(base: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tens
     """``base + scale * vector`` per parameter (a new state; the inputs are not modified)."""
     check_compatible(vector, base, "vector")
     return {n: base[n] + scale * vector[n] for n in base}
+
+
+def state_to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A state as float32 numpy arrays (what a message carries)."""
+    return {n: t.detach().cpu().to(torch.float32).numpy() for n, t in state.items()}
+
+
+def state_from_numpy(named: Mapping[str, np.ndarray]) -> State:
+    """Arrays from a message back to float32 tensors (copies: message buffers may be read-only)."""
+    return {n: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in named.items()}
 
 
 Weight = float | Mapping[str, float]

@@ -1,0 +1,62 @@
+"""Run-configuration keys read by both the ServerApp and the ClientApp (where the run directory and the
+simulated silos' data live, how long to wait for SuperNodes), with their defaults.
+
+Where defaults live: here for these keys, and in the pydantic models for every other key (PipelineConfig,
+TrainConfig, CoefficientConfig, BackboneConfig; server/config.py maps run-config keys onto them). pyproject's
+[tool.flwr.app.config] lists every key, because Flower accepts `--run-config` overrides only of listed keys,
+with the value "" = "the default": a value given there or with `--run-config` is an explicit setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def given(rc: dict) -> dict:
+    """The keys actually set: "" (pyproject's "use the default") counts as not given."""
+    return {k: v for k, v in dict(rc).items() if not (isinstance(v, str) and v.strip() == "")}
+
+
+def comma_list(v) -> list[str]:
+    if isinstance(v, (list, tuple)):
+        return [str(x).strip() for x in v if str(x).strip()]
+    return [x.strip() for x in str(v).split(",") if x.strip()]
+
+
+class RunOptions(BaseModel):
+    """Options of the run itself (not of the method): validated from the run-config, unknown keys ignored
+    here (server/config.py rejects keys that nothing reads)."""
+
+    model_config = ConfigDict(extra="ignore", alias_generator=kebab, populate_by_name=True)
+
+    run_dir: Path = Field(Path("runs/latest"), description="checkpoints, report, model/ (same dir again = resume)")
+    domains: list[str] = Field(["garden", "kitchen", "outdoor"],
+                               description="simulation: partition i is domains[i] (comma list)")
+    data_root: Path = Field(Path(".cache/demo-data"), description="simulation: <data-root>/<domain> is a silo's data")
+    silo_state_root: Path | None = Field(None, description="simulation: where silos keep fine-tuned weights "
+                                         "(default .cache/silo-state)")
+    cache_dir: Path | None = Field(None, description="item-embedding cache (default .cache)")
+    min_nodes: int = Field(0, ge=0, description="SuperNodes to wait for before starting (0 = one per domain "
+                           "in `domains`, or the federation's own count)")
+    node_wait_s: float = Field(300.0, gt=0, description="how long to wait for them")
+    record_messages: Path | None = Field(None, description="write every message both ways to this folder (audits)")
+    expect_domains: list[str] = Field([], description="domains that must take part; each one missing is reported")
+
+    @field_validator("domains", "expect_domains", mode="before")
+    @classmethod
+    def _lists(cls, v):
+        return comma_list(v)
+
+    @classmethod
+    def from_run_config(cls, rc: dict) -> "RunOptions":
+        keys = {kebab(n) for n in cls.model_fields}
+        return cls.model_validate({k: v for k, v in given(rc).items() if k in keys})
+
+
+OPTION_KEYS = frozenset(kebab(n) for n in RunOptions.model_fields)

@@ -1,0 +1,184 @@
+"""The run's outputs people use: the shipped model folder (with its model card), report.json, report.md and
+plots. Called by the pipeline's last stage (`Pipeline.artifacts`).
+
+Which MergeRec variant is shipped (`select_variant`): the learned variant (task-wise or layer-wise
+coefficients) with the higher mean validation NDCG@10 over the silos that took part. Test metrics never
+enter the choice; a tie keeps the variant listed first in `granularities`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from common.files import atomic_write
+from common.merging.task_vectors import fingerprint
+from common.model_folder import ModelConfig, save_model_folder
+from common.report import markdown_table
+
+log = logging.getLogger(__name__)
+
+SELECT_RULE = ("the MergeRec variant (task-wise or layer-wise coefficients) with the higher mean validation "
+               "NDCG@10 over the participating domains; test data is never used for the choice, and a tie "
+               "keeps the variant listed first in the run's `granularities`")
+CITATION = ("Kim, Moon, Park, Lee. MergeRec: Model Merging for Data-Isolated Cross-Domain Sequential Recommendation. KDD 2026, "
+            "arXiv:2601.01753, https://arxiv.org/abs/2601.01753")
+
+
+def mean_metric(per_domain: dict, model: str, metric: str = "ndcg@10") -> float | None:
+    """Mean of `metric` for `model` over the domains of a {domain: {model: {"values": ...}}} table."""
+    vals = [m[model]["values"][metric] for m in per_domain.values() if model in m]
+    return sum(vals) / len(vals) if vals else None
+
+
+def select_variant(candidates: list[str], val_metrics: dict) -> tuple[str, dict[str, float | None]]:
+    """(chosen model name, mean validation NDCG@10 per candidate). Candidates without validation numbers
+    score None; when none has any, the first candidate is chosen."""
+    scores = {c: mean_metric(val_metrics, c) for c in candidates}
+    known = [c for c in candidates if scores[c] is not None]
+    if not known:
+        return candidates[0], scores
+    return max(known, key=lambda c: (scores[c], -candidates.index(c))), scores
+
+
+def _metric_rows(metrics: dict, models: list[str], metric: str) -> list[dict]:
+    domains = sorted(metrics)
+    rows = []
+    for model in models:
+        row = {"model": model, **{d: metrics[d].get(model, {}).get("values", {}).get(metric, "") for d in domains}}
+        row["mean"] = mean_metric(metrics, model, metric)
+        rows.append(row)
+    return rows
+
+
+def metrics_table(metrics: dict, metric: str = "recall@10") -> str:
+    """Markdown table: one row per model, one column per domain (+ mean)."""
+    models = list(dict.fromkeys(m for d in sorted(metrics) for m in metrics[d]))
+    return markdown_table(_metric_rows(metrics, models, metric), ["model", *sorted(metrics), "mean"])
+
+
+def coefficient_tables(learned: dict) -> str:
+    parts = []
+    for gran, c in learned.items():
+        rows = [{"domain": d, **{g: w for g, w in zip(c["groups"], ws)}} for d, ws in zip(c["domains"], c["W"])]
+        parts.append(f"**{gran}-wise** (final loss {c.get('final_loss') or float('nan'):.4f})\n\n"
+                     + markdown_table(rows, ["domain", *c["groups"]]))
+    return "\n\n".join(parts)
+
+
+def model_card(info: dict) -> str:
+    """README.md of the shipped model folder (Hugging Face style front matter + sections)."""
+    val = info["val_scores"]
+    lines = [
+        "---", "license: apache-2.0", "library_name: mergerec-fed", "tags:", "- recommendation",
+        "- sequential-recommendation", "- model-merging", "- federated-learning", "---", "",
+        f"# {info['method']}: merged sequential recommender for {', '.join(info['domains'])}", "",
+        "## Method",
+        f"Each domain fine-tuned the same ID-free, text-based sequential recommender ({info['backbone']} backbone) "
+        "in its own silo and sent only the change of its weights (a task vector). The server merged the task "
+        f"vectors, starting from {info['init']}, and learned the merging coefficients ({info['method']}) by "
+        "distillation: pseudo-users built from the item catalogs alone, each silo's top-k scores for them as "
+        "targets. No user data left any silo.", "",
+        f"Shipped variant: `{info['method']}`, chosen by this rule: {SELECT_RULE}. Mean validation NDCG@10: "
+        + ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in val.items()) + ".", "",
+        "## Learned coefficients", coefficient_tables(info["coefficients"]), "",
+        "## Metrics (test split, full ranking over each domain's catalog)",
+        "Recall@10:", "", metrics_table(info["test"], "recall@10"), "", "NDCG@10:", "",
+        metrics_table(info["test"], "ndcg@10"), "",
+        "## Data", "Trained on the interaction histories of these domains, which never left their silos: "
+        + ", ".join(f"{d} ({n} items)" for d, n in info["catalog_sizes"].items())
+        + ". Split: leave-one-out per user (last item test, second last validation).", "",
+        "## Intended use",
+        "Next-item recommendation from a user's recent item history, in the domains above and, since items "
+        "enter only through their text (title, brand, category), in other catalogs of similar products. "
+        "Measure it on a new domain's own validation data first (`mergerec evaluate`).", "",
+        "## Limits",
+        "- Quality depends on the item texts; items with empty or uninformative titles are hard to rank.",
+        "- Learned on the domains above; on unrelated catalogs it may do no better than text similarity.",
+        "- The metrics above come from the run's own test splits and may not transfer to other traffic.",
+        "- Popularity and exposure biases in the training histories are carried into the recommendations.", "",
+        "## Files",
+        "`config.json` (backbone configuration, seed, base and weights fingerprints), `model.safetensors` "
+        "(weights; the same configuration in its metadata). Load with "
+        "`MergedRecommender.from_pretrained(<this folder>)` or `mergerec recommend --model <this folder>`.", "",
+        "## Citation", CITATION, "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model(p, learned: dict, metrics: dict, val_metrics: dict) -> tuple[Path, str, dict]:
+    """Select the variant, write run_dir/model/ (config.json, model.safetensors, README.md)."""
+    candidates = [f"mergerec-{g}" for g in p.cfg.granularities]
+    chosen, scores = select_variant(candidates, val_metrics)
+    log.info("shipping %s (mean validation NDCG@10: %s)", chosen, json.dumps(scores))
+    state = p.mergerec_states()[chosen]
+    gran = chosen.removeprefix("mergerec-")
+    cfg = ModelConfig(backbone=p.cfg.backbone, seed=p.cfg.seed, base_fingerprint=p.base_fp,
+                      fingerprint=fingerprint(state), method=chosen, domains=learned[gran]["domains"])
+    info = {"method": chosen, "domains": cfg.domains, "backbone": p.cfg.backbone.kind, "init": p.cfg.init_method,
+            "val_scores": scores, "coefficients": learned, "test": metrics,
+            "catalog_sizes": {d: len(p.catalogs[d]) for d in cfg.domains if d in p.catalogs}}
+    folder = save_model_folder(p.run_dir / "model", state, cfg, model_card(info))
+    return folder, chosen, scores
+
+
+def report_markdown(report: dict, plots: list[Path]) -> str:
+    timings = [{"stage": s, "seconds": t} for s, t in report["timings"].items()]
+    nbytes = [{"silo": d, "sent to silo (MB)": b["sent_to_silo"] / 1e6, "received from silo (MB)":
+               b["received_from_silo"] / 1e6} for d, b in sorted(report["bytes"].items())]
+    sel = report["selection"]
+    parts = [
+        f"# Run report: {', '.join(report['active'])}", "",
+        f"Shipped model: `{sel['chosen']}` in `model/` (rule: {sel['rule']}).", "",
+        "## Test Recall@10 (full ranking)", metrics_table(report["metrics"], "recall@10"), "",
+        "## Test NDCG@10", metrics_table(report["metrics"], "ndcg@10"), "",
+        "## Validation NDCG@10 of the MergeRec variants", metrics_table(report.get("metrics_val") or {}, "ndcg@10")
+        if report.get("metrics_val") else "(not computed in this run)", "",
+        "## Learned coefficients", coefficient_tables(report["coefficients"]), "",
+        "## Stage timings", markdown_table(timings, ["stage", "seconds"]), "",
+        "## Bytes per silo", markdown_table(nbytes, ["silo", "sent to silo (MB)", "received from silo (MB)"]), "",
+    ]
+    if report["dropped"]:
+        parts += ["## Dropped silos", markdown_table(report["dropped"], ["domain", "stage", "reason"]), ""]
+    if plots:
+        parts += ["## Plots", *[f"![{q.stem}](plots/{q.name})" for q in plots], ""]
+    return "\n".join(parts)
+
+
+def write_artifacts(p) -> dict:
+    """Model folder, report.json, report.md and plots of pipeline `p` (whose evaluate stage is done)."""
+    run = p.run_dir
+    metrics = json.loads((run / "metrics.json").read_text())
+    val_path = run / "metrics_val.json"
+    val_metrics = json.loads(val_path.read_text()) if val_path.exists() else {}
+    learned = json.loads((run / "coefficients.json").read_text())
+    folder, chosen, scores = write_model(p, learned, metrics, val_metrics)
+    report = {"run_dir": str(run), "config": p.cfg.model_dump(mode="json"), "base_fingerprint": p.base_fp,
+              "domains": p.state["domains"], "active": p.active(), "dropped": p.state["dropped"],
+              "metrics": metrics, "metrics_val": val_metrics, "validation": p.state["val"],
+              "finetune": p.state["finetune"],
+              "coefficients": {g: {k: v for k, v in c.items() if k not in ("history", "holdout")}
+                               for g, c in learned.items()},
+              "selection": {"chosen": chosen, "rule": SELECT_RULE, "mean_val_ndcg@10": scores},
+              "timings": p.state["timings"], "bytes": p.state["bytes"], "model": str(folder / "model.safetensors")}
+    plots = []
+    try:
+        from server.plots import write_plots
+
+        plots = write_plots(run / "plots", metrics, learned)
+    except Exception as exc:  # a plotting problem must not cost the run its model and report
+        log.warning("plots not written: %s: %s", type(exc).__name__, exc)
+    for name, text in (("report.md", report_markdown(report, plots)), ("report.json", json.dumps(report, indent=1))):
+        atomic_write(run / name, text)
+    return report
+
+
+def results_table(report: dict, k: int = 10) -> str:
+    """Every (domain, model) test Recall@k / NDCG@k of a run report, as a markdown table (the console summary)."""
+    rows = []
+    for domain, per_model in sorted(report["metrics"].items()):
+        for model, m in per_model.items():
+            rows.append({"domain": domain, "model": model, f"recall@{k}": m["values"][f"recall@{k}"],
+                         f"ndcg@{k}": m["values"][f"ndcg@{k}"], "users": m["users"]})
+    return markdown_table(rows, ["domain", "model", f"recall@{k}", f"ndcg@{k}", "users"])

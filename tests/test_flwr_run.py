@@ -1,0 +1,98 @@
+"""`flwr run .` on a fresh copy of the repository, as the README shows it: Flower's own local simulation
+(its default federation), no demo data prepared beforehand. The run must pass, write the model folder,
+report.md and the plots, and its streamed log must show progress for every stage with little
+third-party request chatter."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from server.procs import flwr_env, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_LINES = ["handshake: silos", "epoch 1 loss", "val NDCG@10", "stage finetune done", "fine-tuned", "stage teacher done", "step 20/20",
+               "stage coefficients done", "evaluate: silo", "stage evaluate done", "shipping mergerec-"]
+
+
+def _fresh_copy(dest: Path) -> Path:
+    """The files a clone would have: tracked and not-ignored files of the working tree."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def _stop_local_superlink(home: Path) -> None:
+    """`flwr run` leaves its local SuperLink running; stop the one started for this FLWR_HOME (by its pid)."""
+    import time
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "flower-superlink" in cmd and str(home) in cmd:
+            pids.append(int(proc.name))
+            try:
+                os.kill(pids[-1], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 15
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+        time.sleep(0.3)
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1]
+    except (OSError, IndexError):
+        return "Z"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_flwr_run_dot_on_a_fresh_copy(tmp_path):
+    repo = _fresh_copy(tmp_path / "repo")
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = flwr_env(home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+                   FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    try:
+        proc = subprocess.run(["flwr", "run", ".", "--run-config", "epochs=2 coef-steps=20", "--stream"], cwd=repo,
+                              env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        _stop_local_superlink(home)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    run = repo / "runs" / "latest"
+    report = json.loads((run / "report.json").read_text())
+    assert len(report["active"]) >= 2 and report["dropped"] == []
+    assert (repo / ".cache" / "demo-data" / report["active"][0] / "smap.json").exists()
+    for rel in ("report.md", "model/config.json", "model/model.safetensors", "model/README.md",
+                "plots/recall_at_10.png", "plots/coefficients.png", "plots/coefficient_loss.png"):
+        assert (run / rel).stat().st_size > 0, rel
+    lines = [line for line in log.splitlines() if line.strip()]
+    chatter = [line for line in lines if "HTTP Request:" in line]
+    assert len(chatter) < 0.05 * len(lines), f"{len(chatter)} of {len(lines)} lines are request logs"
+    missing = [s for s in STAGE_LINES if s not in log]
+    assert not missing, f"no progress line for {missing}:\n{log[-3000:]}"
