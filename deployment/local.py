@@ -4,7 +4,7 @@ Command line (from the repository root):
 
     python -m deployment.local --smoke                       # the tiny check app in deployment/smoke
     python -m deployment.local --app . --data-root DIR [--domains garden,kitchen,outdoor]
-                               [--run-config 'epochs=2 max-users=200'] [--timeout 3600] [--run-dir DIR]
+                               [--run-config 'epochs=2 max-users=200'] [--timeout S (0: none)] [--run-dir DIR]
 
 What it does: makes certificates and node keys (deployment/certs.py), starts `flower-superlink` with
 --ssl-* and --enable-supernode-auth on a free 127.0.0.1 port, writes a `flwr` connection into a private

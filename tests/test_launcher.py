@@ -112,13 +112,13 @@ def test_signal_stops_every_process(world, tmp_path, sig):
 
 def test_timeout_stops_every_process(world, tmp_path):
     root, enc = world
-    proc, run_id = start_launcher(root, enc, tmp_path, "--timeout", "90")
+    proc, run_id = start_launcher(root, enc, tmp_path, "--timeout", "120")
     try:
         before = wait_for_runtime(proc, run_id)
-        code = proc.wait(timeout=180)
+        code = proc.wait(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
     out = (tmp_path / "launcher.log").read_text()
-    assert code == 1 and "did not finish within --timeout 90" in out, out[-2000:]
+    assert code == 1 and "did not finish within --timeout 120" in out, out[-2000:]
     assert_all_gone(run_id, before)
