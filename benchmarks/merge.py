@@ -39,7 +39,7 @@ from common.backbones import shared_state
 from common.data import load_silo
 from common.merging import methods as mm
 from common.merging.coefficients import mean_loss, split_rows
-from common.report import markdown_table
+from common.report import markdown_table, write_results
 from common.train import refit
 from server.config import app_defaults, parse_overrides, pipeline_config
 from server.pipeline import Pipeline
@@ -252,8 +252,6 @@ def write(bench: Bench, report: dict, args, command: str, done: bool) -> str:
            "mergerec_vs_training_free": compare(summary), "targets": targets(summary),
            "bytes_note": "every method needs the task vector; only MergeRec also needs the teacher logits",
            "complete": done}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
     md = []
     for scenario in dict.fromkeys(r["scenario"] for r in summary):
         part = [r for r in summary if r["scenario"] == scenario]
@@ -267,7 +265,7 @@ def write(bench: Bench, report: dict, args, command: str, done: bool) -> str:
         md.append("### bytes per silo (whole run)\n\n" + markdown_table(
             [{"domain": d, **v} for d, v in report["bytes"].items()], ["domain", "sent_to_silo", "received_from_silo"]))
     text = "\n\n".join(md) + "\n"
-    args.out.with_suffix(".md").write_text(text)
+    write_results(args.out, doc, text)
     return text
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.core import RESULTS
-from common.report import markdown_table
+from common.report import markdown_table, write_results
 from server.procs import ProcessSet, marked_pids
 from server.simulate import ROOT, run_simulation
 
@@ -154,9 +154,7 @@ def main(argv=None) -> int:
     cmd = "python -m benchmarks.pipeline " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": cmd, "domains": domains, "data_root": str(data_root), "run_config": rc,
               "cpus": os.cpu_count(), "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
+    write_results(args.out, result, markdown(result))
     print(markdown(result))
     return 0
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks.core import RESULTS
 from benchmarks.overhead import in_process, parse_overrides
-from common.report import markdown_table
+from common.report import results_page, write_results
 from server.simulate import DEMO_ROOT
 
 
@@ -114,14 +114,12 @@ def main(argv=None) -> int:
             ref = {(r["domain"], r["model"]): r["recall@10"] for r in rows}
         print(f"{variant}: {seconds[variant]:.0f} s", file=sys.stderr)
     cmd = "python -m benchmarks.teacher_wire " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": cmd, "domains": domains, "run_config": rc, "rows": rows,
-                                    "seconds": seconds}, indent=1))
     cols = ["variant", "domain", "model", "recall@10", "ndcg@10", "recall@10_rel_change", "teacher_dtypes",
             "teacher_bytes", "task_vector_bytes", "upload_bytes"]
-    table = markdown_table(rows, cols)
-    args.out.with_suffix(".md").write_text(f"# Teacher wire encoding\n\nCommand: `{cmd}`\n\n{table}\n")
-    print(table)
+    page = results_page("Teacher wire encoding", cmd, rows, cols)
+    write_results(args.out, {"command": cmd, "domains": domains, "run_config": rc, "rows": rows,
+                             "seconds": seconds}, page)
+    print(page)
     return 0
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks.core import RESULTS
-from common.report import markdown_table
+from common.report import results_page, write_results
 
 
 def run_one(domain: str, data_root: Path, cache_dir: Path, val_users: int, args) -> dict:
@@ -60,13 +60,11 @@ def main(argv=None) -> int:
         rows.append(run_one(args.domain, args.data_root.resolve(), args.cache_dir, v, args))
         print(json.dumps({k: x for k, x in rows[-1].items() if k != "val_history"}), file=sys.stderr)
     cmd = "python -m benchmarks.val_subsample " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": cmd, "rows": rows}, indent=1))
     cols = ["domain", "val_users", "fine_tune_s", "epochs", "refit_epochs", "val_ndcg@10", "test_ndcg@10",
             "test_recall@10", "test_users"]
-    table = markdown_table(rows, cols)
-    args.out.with_suffix(".md").write_text(f"# Validation subsample\n\nCommand: `{cmd}`\n\n{table}\n")
-    print(table)
+    page = results_page("Validation subsample", cmd, rows, cols)
+    write_results(args.out, {"command": cmd, "rows": rows}, page)
+    print(page)
     return 0
 
 

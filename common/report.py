@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from common.files import atomic_write
+
 
 def _fmt(v) -> str:
     if isinstance(v, float):
@@ -15,3 +20,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
+
+
+def write_results(out: Path, doc: dict, markdown: str) -> None:
+    """A benchmark's results: `doc` as `out` (JSON) and `markdown` beside it (`out` with suffix .md)."""
+    atomic_write(out, json.dumps(doc, indent=1))
+    atomic_write(out.with_suffix(".md"), markdown if markdown.endswith("\n") else markdown + "\n")
+
+
+def results_page(title: str, command: str, rows: list[dict], columns: list[str]) -> str:
+    """A titled results page: the command that produced it, then the table."""
+    return f"# {title}\n\nCommand: `{command}`\n\n{markdown_table(rows, columns)}\n"
