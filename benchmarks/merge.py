@@ -86,7 +86,9 @@ def compare(summary: list[dict]) -> list[dict]:
     at the picked lambda included) against MergeRec task- and layer-wise, by average test Recall@10."""
     free = set(FREE_LABELS.values()) | {"task_arithmetic@picked"}
     out = []
-    for label, keep in (("in-domain", lambda s: s == "in-domain"), ("unseen (mean of 3)", lambda s: s.startswith("unseen-"))):
+    n_unseen = len({r["scenario"] for r in summary if r["scenario"].startswith("unseen-")})
+    for label, keep in (("in-domain", lambda s: s == "in-domain"),
+                        (f"unseen (mean of {n_unseen})", lambda s: s.startswith("unseen-"))):
         scen = [r for r in summary if keep(r["scenario"])]
         by_method: dict[str, list[float]] = {}
         for r in scen:
@@ -156,6 +158,7 @@ class Bench:
         self.p, self.stage = pipe, stage
         self.rows: list[dict] = []
         self.coefficients: dict = {}
+        self.bytes: dict = {}
 
     def record(self, scenario: str, metrics: dict, extra: dict | None = None, label=lambda m: m) -> None:
         """metrics: domain -> model name -> AggregateMetrics dict (a pipeline report / `evaluate_at`)."""
@@ -165,6 +168,8 @@ class Bench:
                                   **{k: m["values"][k] for k in METRICS}, "users": m["users"], **(extra or {})})
 
     def pipeline_rows(self, report: dict) -> None:
+        # the federation's own traffic, before the benchmark's extra evaluations add to the run's counters
+        self.bytes = copy.deepcopy(report["bytes"])
         self.record("in-domain", report["metrics"], label=lambda m: FREE_LABELS.get(m, m))
         for gran, c in report["coefficients"].items():
             self.coefficients[f"in-domain/mergerec-{gran}"] = {"groups": c["groups"], "W": c["W"],
@@ -175,6 +180,8 @@ class Bench:
         p = self.p
         sources = p.coefficient_sources(merged)
         _, held = split_rows(sources, holdout, torch.Generator().manual_seed(p.cfg.seed))
+        if not any(h.numel() for h in held):
+            raise ValueError(f"{scenario}: no held-out pseudo-users to pick lambda on (too few pseudo-users)")
         tvs = p.task_vectors(merged)
         plan = mm.process([tvs[d] for d in merged], "task_arithmetic", seed=p.cfg.seed)
         losses = {lam: mean_loss(p.base, mm.merge(p.base_state, plan.vectors, [lam] * len(merged)), sources,
@@ -248,7 +255,7 @@ def write(bench: Bench, report: dict, args, command: str, done: bool) -> str:
            "base": {"spec": bench.p.cfg.backbone.base, "fingerprint": bench.p.base_fp},
            "run_config": bench.p.cfg.model_dump(mode="json"), "run_dir": str(args.run_dir),
            "fine_tuning": report.get("finetune"), "validation": report.get("validation"),
-           "coefficients": bench.coefficients, "bytes_per_silo": report.get("bytes"),
+           "coefficients": bench.coefficients, "bytes_per_silo": bench.bytes,
            "mergerec_vs_training_free": compare(summary), "targets": targets(summary),
            "bytes_note": "every method needs the task vector; only MergeRec also needs the teacher logits",
            "complete": done}
@@ -261,9 +268,9 @@ def write(bench: Bench, report: dict, args, command: str, done: bool) -> str:
         if table:
             md.append(f"### {title}\n\n" + markdown_table(table, list(dict.fromkeys(k for r in table for k in r))))
     md.append("### stages\n\n" + markdown_table(bench.stage.rows, ["stage", "seconds", "peak_rss_mb"]))
-    if report.get("bytes"):
-        md.append("### bytes per silo (whole run)\n\n" + markdown_table(
-            [{"domain": d, **v} for d, v in report["bytes"].items()], ["domain", "sent_to_silo", "received_from_silo"]))
+    if bench.bytes:
+        md.append("### bytes per silo (the federated run)\n\n" + markdown_table(
+            [{"domain": d, **v} for d, v in bench.bytes.items()], ["domain", "sent_to_silo", "received_from_silo"]))
     text = "\n\n".join(md) + "\n"
     write_results(args.out, doc, text)
     return text
@@ -289,6 +296,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         ap.error(f"data folder not found: {args.data}")
+    if "picked" in args.extras and not 0 < args.holdout < 1:
+        ap.error("--holdout must be in (0, 1) to pick lambda on held-out pseudo-users")
     return args
 
 

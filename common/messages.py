@@ -114,6 +114,14 @@ class FinetuneRequest(Header):
     base: BaseSpec
     train: TrainConfig
 
+    @model_validator(mode="after")
+    def _aggregates_only(self):
+        """The per-epoch validation metrics a silo returns must average over enough users."""
+        v = self.train.val_max_users
+        if v is not None and v < MIN_USERS_FOR_METRICS:
+            raise ValueError(f"train.val_max_users must be at least {MIN_USERS_FOR_METRICS} (got {v})")
+        return self
+
 
 class EpochProgress(Header):
     """One epoch of a silo's fine-tuning, aggregates only (shown in the ServerApp's log as progress)."""
@@ -170,7 +178,8 @@ class EvaluateRequest(Header):
     base: BaseSpec
     split: Literal["val", "test"] = "test"
     models: list[str] = Field(min_length=1)
-    max_users: int | None = Field(None, ge=1)
+    max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, description="a seeded subsample; never "
+                                  "fewer users than an aggregate needs, so no metric describes a single user")
     seed: int = 0
 
     def array_groups(self) -> set[str]:

@@ -155,9 +155,13 @@ def verify(st: dict, run_dir: Path, expected: list[str], check) -> None:
                 problem = f"unreadable or invalid ({type(exc).__name__}: {str(exc)[:120]})"
         if problem is None:
             continue
-        log.error("stored file %s is %s: stage %s is redone for it", path, problem, stage)
         path.unlink(missing_ok=True)
         st["files"].pop(rel, None)
+        if rel.startswith("merges/"):  # a stored merge is recomputed from the task vectors when next needed
+            log.error("stored merge %s is %s: it is recomputed", path, problem)
+            st.get("merges", {}).pop(Path(rel).stem, None)
+            continue
+        log.error("stored file %s is %s: stage %s is redone for it", path, problem, stage)
         later = STAGES[STAGES.index(stage):]
         if stage == "finetune":  # that silo's teacher file came from the model being redone
             teacher = f"teacher/{Path(rel).stem}.npz"

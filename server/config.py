@@ -80,7 +80,7 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
             continue
         if key in _LIST_KEYS:
             value = comma_list(value)
-        if key in _ZERO_IS_NONE and value == 0:
+        if key in _ZERO_IS_NONE and str(value).strip() == "0":
             value = None
         if key == "timeout-s" and isinstance(value, str) and value.strip().lower() == "auto":
             value = None  # sized from the data (server/limits.py)

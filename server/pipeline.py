@@ -38,6 +38,7 @@ from common.merging.pseudo_users import select_pseudo_users
 from common.merging.task_vectors import add_vector, fingerprint, state_from_numpy, state_to_numpy
 from common.merging.teacher import TopKLogits
 from common.messages import (
+    MIN_USERS_FOR_METRICS,
     EVALUATE,
     FINETUNE,
     HANDSHAKE,
@@ -74,7 +75,7 @@ class PipelineConfig(Strict):
     pseudo_users_n: int | None = Field(None, ge=1)
     teacher_top_k: int | None = Field(64, ge=1)
     evaluate_finetuned: bool = True
-    eval_max_users: int | None = Field(None, ge=1)
+    eval_max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS)  # silos refuse fewer (aggregates only)
     catalog_root: Path | None = Field(None, description="server's own catalog view: <root>/<domain>/{meta_data,smap}.json")
     min_silos: int = Field(2, ge=1)
     retries: int = Field(1, ge=0)
@@ -86,6 +87,9 @@ class PipelineConfig(Strict):
     @model_validator(mode="after")
     def _known_names(self):
         check_config(self)
+        v = self.train.val_max_users
+        if v is not None and v < MIN_USERS_FOR_METRICS:  # silos refuse it: per-epoch metrics must be aggregates
+            raise ValueError(f"val-max-users: must be at least {MIN_USERS_FOR_METRICS} (got {v})")
         return self
 
     def fingerprint(self) -> str:

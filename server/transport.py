@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from common.files import atomic_path, atomic_write
 from common.messages import Arrays, ContractError, Header, SiloReplyError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -173,13 +174,14 @@ class MessageRecorder:
         stem = f"{self.count:05d}-{direction}-{message_type}-{silo}"
         self.count += 1
         if isinstance(content, str):  # direction "error": the error text a silo's reply carried
-            (self.folder / f"{stem}.json").write_text(json.dumps({"error": content}))
+            atomic_write(self.folder / f"{stem}.json", json.dumps({"error": content}))
             return
         records = {"config": {k: _plain(dict(v)) for k, v in content.config_records.items()},
                    "metric": {k: _plain(dict(v)) for k, v in content.metric_records.items()}}
-        (self.folder / f"{stem}.json").write_text(json.dumps(records))
+        atomic_write(self.folder / f"{stem}.json", json.dumps(records))
         arrays = {f"{g}/{n}": a.numpy() for g, rec in content.array_records.items() for n, a in rec.items()}
-        np.savez(self.folder / f"{stem}.npz", **arrays)
+        with atomic_path(self.folder / f"{stem}.npz", suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
 
 
 def _plain(value):

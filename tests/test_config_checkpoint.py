@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
@@ -195,3 +196,25 @@ def test_damaged_or_edited_file_is_named_and_its_stage_redone(world, tmp_path, c
     assert report["coefficients"]["task"]["W"] != [] and sorted(report["active"]) == sorted(before["active"])
     if rel == "coefficients.json":
         assert report["coefficients"] == before["coefficients"]  # recomputed, not the edited values
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "mergerec-task"])
+def test_damaged_stored_merge_is_recomputed_without_redoing_a_stage(world, tmp_path, caplog, name):
+    """Each merge is computed once and stored in merges/; a damaged one is named, dropped and recomputed from
+    the stored task vectors and coefficients (the same weights), and no stage or silo is asked again."""
+    from safetensors.torch import load_file
+
+    run = _copy(world, tmp_path)
+    before = json.loads((run / "checkpoint.json").read_text())
+    assert f"merges/{name}.safetensors" in before["files"] and name in before["merges"]
+    shipped = load_file(str(run / "model" / "model.safetensors"))
+    _truncate(run / "merges" / f"{name}.safetensors")
+    calls = []
+    with caplog.at_level("ERROR"):
+        Pipeline(_transport(world, calls), _cfg(world), run).run()
+    assert any(f"{name}.safetensors" in r.getMessage() and "recomputed" in r.getMessage() for r in caplog.records)
+    assert {mt for mt, _ in calls} == {"query.handshake"}, calls  # only the handshake of a resume
+    after = json.loads((run / "checkpoint.json").read_text())
+    assert after["completed"] == before["completed"]
+    again = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.equal(again[n], shipped[n]) for n in shipped)

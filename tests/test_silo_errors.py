@@ -112,3 +112,20 @@ def test_no_user_data_on_the_server_side(broken_run):
     n, findings = find_leaks(texts, [dirs[0], *intact, dirs[3]])
     assert not findings, findings[:5]
     assert not [label for label, text, _ in texts if "ZZZ-U99999" in text]  # the broken silo's extra user key
+
+
+def test_requests_for_metrics_of_too_few_users_are_refused():
+    """A curious server cannot ask a silo for metrics (test, validation or per-epoch) over fewer users than an
+    aggregate needs: the contract refuses the request, so the silo answers with a contract error."""
+    from common.messages import MIN_USERS_FOR_METRICS, BaseSpec, ContractError, EvaluateRequest, FinetuneRequest
+    from common.messages import decode, encode
+
+    spec = BaseSpec(backbone=BackboneConfig(), seed=0, fingerprint="0" * 64)
+    EvaluateRequest(base=spec, models=["m"], max_users=MIN_USERS_FOR_METRICS)
+    bad = EvaluateRequest.model_construct(base=spec, split="test", models=["m"], max_users=MIN_USERS_FOR_METRICS - 1,
+                                          seed=0)  # what a curious server could send, bypassing its own checks
+    with pytest.raises(ContractError, match="max_users"):
+        decode(encode(bad, {"m": {}}), EvaluateRequest)
+    FinetuneRequest(base=spec, train=TrainConfig(val_max_users=MIN_USERS_FOR_METRICS))
+    with pytest.raises(ValueError, match="val_max_users must be at least"):
+        FinetuneRequest(base=spec, train=TrainConfig(val_max_users=1))
