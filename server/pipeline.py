@@ -133,7 +133,8 @@ class Pipeline:
         checkpoint.record(self.state, self.run_dir, path)
 
     def _save(self) -> None:
-        atomic_write(self.ckpt_path, json.dumps(self.state, indent=1))
+        """The run state goes to disk only as a valid, versioned Checkpoint (server/checkpoint.py)."""
+        atomic_write(self.ckpt_path, checkpoint.Checkpoint.model_validate(self.state).model_dump_json(indent=1))
 
     def _done(self, stage: str, seconds: float) -> None:
         self.state["completed"].append(stage)
