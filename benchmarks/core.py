@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.report import write_results
+
 RESULTS = Path(__file__).parent / "results"
 MODELS = ["popularity", "light-zero-shot", "light-fine-tuned", "encoder-zero-shot", "encoder-fine-tuned"]
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "amazon"
@@ -167,12 +169,10 @@ def main(argv=None) -> int:
                         | {"command": "python -m benchmarks.core " + " ".join(argv or sys.argv[1:])})
             rows.sort(key=lambda r: (r["domain"], MODELS.index(r["model"])))
             logging.info("%s", rows[-1])
-            args.out.parent.mkdir(parents=True, exist_ok=True)
             report = {"command": "python -m benchmarks.core " + " ".join(argv or sys.argv[1:]),
                       "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
                       "rows": rows}
-            args.out.write_text(json.dumps(report, indent=1))
-            args.out.with_suffix(".md").write_text(table(rows) + "\n")
+            write_results(args.out, report, table(rows))
     print(table(rows))
     return 0
 

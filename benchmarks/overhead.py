@@ -12,7 +12,6 @@ benchmarks/results/overhead.json and overhead.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ import tomllib
 from pathlib import Path
 
 from benchmarks.core import RESULTS
-from common.report import markdown_table
+from common.report import markdown_table, write_results
 from server.simulate import DEMO_ROOT, ROOT, run_simulation
 
 
@@ -73,12 +72,10 @@ def main(argv=None) -> int:
     out = {"command": "python -m benchmarks.overhead " + " ".join(argv or sys.argv[1:]), "rows": rows,
            "ratio": round(flower_s / local_s, 2), "bytes_per_silo": flower["bytes"],
            "bytes_per_silo_in_process": local["bytes"], "metrics_identical": same}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
     md = (markdown_table(rows, ["mode", "wall_s", *stage_cols]) + f"\n\nwall-time ratio flower / in-process: "
           f"{out['ratio']}; NDCG@10 identical in both modes: {same}\n\n" + markdown_table(
               [{"silo": d, **b} for d, b in flower["bytes"].items()], ["silo", "sent_to_silo", "received_from_silo"]))
-    args.out.with_suffix(".md").write_text(md + "\n")
+    write_results(args.out, out, md)
     print(md)
     return 0
 

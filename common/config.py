@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+
+#: no metric a silo reports may average over fewer users (it would describe individuals)
+MIN_USERS_FOR_METRICS = 5
 
 
 class Strict(BaseModel):
@@ -59,10 +62,18 @@ class TrainConfig(Strict):
     max_steps_per_epoch: PositiveInt | None = None
     eval_batch_size: PositiveInt = 256
     val_max_users: PositiveInt | None = Field(2000, description="early stopping validates on a seeded subsample "
-                                              "of this many users (speed; None = all)")
+                                              "of this many users (speed; None = all; at least "
+                                              "MIN_USERS_FOR_METRICS: its per-epoch metrics leave the silo)")
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+
+    @field_validator("val_max_users")
+    @classmethod
+    def _aggregates_only(cls, v):
+        if v is not None and v < MIN_USERS_FOR_METRICS:
+            raise ValueError(f"val_max_users must be at least {MIN_USERS_FOR_METRICS}")
+        return v
 
     @classmethod
     def for_backbone(cls, kind: str, **overrides) -> "TrainConfig":

@@ -11,11 +11,18 @@ from pathlib import Path
 from typing import Iterator
 
 
-def default_mode() -> int:
-    """What a plain open() would create: 0o666 less this process's umask."""
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, not while other threads create files
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def default_mode() -> int:
+    """What a plain open() would create: 0o666 less the process's umask (as read at import)."""
+    return 0o666 & ~_UMASK
 
 
 @contextmanager

@@ -18,9 +18,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.config import BackboneConfig, TrainConfig
+from common.config import MIN_USERS_FOR_METRICS, BackboneConfig, TrainConfig  # noqa: F401 (re-exported)
 
-MIN_USERS_FOR_METRICS = 5
 _METRIC = re.compile(r"^(recall|ndcg)@\d{1,3}$")
 
 # message types (Flower: "query.<name>", "train.<name>", "evaluate.<name>")
@@ -112,15 +111,7 @@ class HandshakeReply(Header):
 
 class FinetuneRequest(Header):
     base: BaseSpec
-    train: TrainConfig
-
-    @model_validator(mode="after")
-    def _aggregates_only(self):
-        """The per-epoch validation metrics a silo returns must average over enough users."""
-        v = self.train.val_max_users
-        if v is not None and v < MIN_USERS_FOR_METRICS:
-            raise ValueError(f"train.val_max_users must be at least {MIN_USERS_FOR_METRICS} (got {v})")
-        return self
+    train: TrainConfig  # its val_max_users is at least MIN_USERS_FOR_METRICS (TrainConfig checks it)
 
 
 class EpochProgress(Header):
