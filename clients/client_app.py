@@ -26,12 +26,14 @@ from common.messages import (
     FINETUNE,
     HANDSHAKE,
     TEACHER,
+    WEAVE,
     ContractError,
     EvaluateRequest,
     FinetuneRequest,
     HandshakeRequest,
     SiloReplyError,
     TeacherRequest,
+    WeaveRequest,
     decode,
     encode,
 )
@@ -47,7 +49,9 @@ _ROUTES = {
     FINETUNE: (FinetuneRequest, "finetune"),
     TEACHER: (TeacherRequest, "teacher"),
     EVALUATE: (EvaluateRequest, "evaluate"),
+    WEAVE: (WeaveRequest, "weave"),
 }
+_WITH_ARRAYS = {"evaluate", "weave"}  # handlers whose requests carry array groups (their headers name them)
 _workers: dict[tuple, SiloWorker] = {}
 
 
@@ -88,8 +92,8 @@ def handle(worker: SiloWorker, message_type: str, content):
         raise ContractError(f"unexpected message type {message_type!r}")
     req_type, method = _ROUTES[message_type]
     header, arrays = decode(content, req_type)
-    if method == "evaluate":
-        reply, out_arrays = worker.evaluate(header, arrays)
+    if method in _WITH_ARRAYS:
+        reply, out_arrays = getattr(worker, method)(header, arrays)
     else:
         if arrays:
             raise ContractError(f"{message_type} carries no arrays, got {sorted(arrays)}")

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from common import lora
 from common.backbones import Recommender, build_backbone, shared_state
+from common.config import TrainConfig
 from common.data import SiloData, load_silo
 from common.files import atomic_path
-from common.merging.task_vectors import fingerprint, state_to_numpy, task_vector
+from common.merging.task_vectors import add_vector, fingerprint, state_to_numpy, task_vector
 from common.merging.teacher import teacher_topk
 from common.model_folder import ModelConfig, weights_metadata
 from common.messages import (
@@ -38,9 +40,11 @@ from common.messages import (
     HandshakeRequest,
     TeacherReply,
     TeacherRequest,
+    WeaveReply,
+    WeaveRequest,
     check_state_arrays,
 )
-from common.train import evaluate_split, fine_tune
+from common.train import evaluate_split, fine_tune, refit
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +112,59 @@ class SiloWorker:
         return HandshakeReply(domain=self.domain, num_items=len(cat), catalog_fingerprint=cat.fingerprint(),
                               base_fingerprint=self._base_fp, catalog=items), {}
 
+    def _lora_targets(self, train: TrainConfig) -> list[str]:
+        """The base's parameter names the request's lora_targets select (a bad pattern is the request's fault)."""
+        try:
+            return lora.resolve_targets({n: tuple(p.shape) for n, p in self._base.named_parameters()},
+                                        train.lora_targets)
+        except ValueError as exc:
+            raise ContractError(str(exc)) from None
+
     def finetune(self, req: FinetuneRequest) -> tuple[FinetuneReply, Arrays]:
+        """Mode "full": sends the dense task vector. Mode "lora": trains and sends only the LoRA factors; the
+        silo's own fine-tuned weights are base + the materialised delta (as the server computes it)."""
         base = self._require_base(req.base)
         model = copy.deepcopy(base)
-        res = fine_tune(model, self.silo, self._dom, req.train)
+        cfg = req.train
+        targets = self._lora_targets(cfg) if cfg.finetune == "lora" else []
+        if targets:
+            lora.attach(model, targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+        res = fine_tune(model, self.silo, self._dom, cfg)
+        base_state = shared_state(base)
+        if targets:
+            sent = {"lora": lora.factors(model, targets)}
+            tv = lora.materialise(sent["lora"], base_state, cfg.lora_rank, cfg.lora_alpha)
+            state = add_vector(base_state, tv)
+        else:
+            state = res.state
+            sent = {"task_vector": state_to_numpy(task_vector(state, base_state))}
         card = ModelConfig(backbone=req.base.backbone, seed=req.base.seed, base_fingerprint=self._base_fp,
-                           fingerprint=fingerprint(res.state), method=f"finetuned-{self.domain}", domains=[self.domain])
+                           fingerprint=fingerprint(state), method=f"finetuned-{self.domain}", domains=[self.domain])
         # the configuration in the metadata makes this file loadable on its own (mergerec evaluate / recommend)
         with atomic_path(self._finetuned_path(self._base_fp), mode=0o600) as tmp:  # the silo's own weights
-            save_file({n: t.contiguous() for n, t in res.state.items()}, str(tmp), metadata=weights_metadata(card))
-        base_state = shared_state(base)
-        tv = task_vector(res.state, base_state)
-        reply = FinetuneReply(domain=self.domain, base_fingerprint=self._base_fp,
+            save_file({n: t.contiguous() for n, t in state.items()}, str(tmp), metadata=weights_metadata(card))
+        reply = FinetuneReply(domain=self.domain, base_fingerprint=self._base_fp, mode=cfg.finetune,
                               val=AggregateMetrics.from_result(res.val), epochs=res.epochs,
                               refit_epochs=res.refit_epochs, seconds=res.seconds,
                               history=[EpochProgress(epoch=h["epoch"], loss=h.get("loss"), val_ndcg10=h["val_ndcg@10"])
                                        for h in res.history])
-        return reply, {"task_vector": state_to_numpy(tv)}
+        return reply, sent
+
+    def weave(self, req: WeaveRequest, arrays: Arrays) -> tuple[WeaveReply, Arrays]:
+        """One weaving hop: another domain's LoRA module (`arrays["lora"]`), trained `req.epochs` epochs on this
+        silo's train + validation items from base + module; only the updated factors go back."""
+        base = self._require_base(req.base)
+        cfg = req.train
+        targets = self._lora_targets(cfg)
+        shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+        lora.check_factors(arrays.get("lora", {}), lora.factor_shapes(shapes, targets, cfg.lora_rank),
+                           f"module {req.module}")
+        model = copy.deepcopy(base)
+        lora.attach(model, targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed, factors=arrays["lora"])
+        _, seconds = refit(model, self.silo, self._dom, cfg, req.epochs)
+        reply = WeaveReply(domain=self.domain, base_fingerprint=self._base_fp, module=req.module, round=req.round,
+                           epochs=req.epochs, seconds=seconds)
+        return reply, {"lora": lora.factors(model, targets)}
 
     def teacher(self, req: TeacherRequest) -> tuple[TeacherReply, Arrays]:
         self._require_base(req.base)

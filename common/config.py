@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 #: no metric a silo reports may average over fewer users (it would describe individuals)
 MIN_USERS_FOR_METRICS = 5
+#: default LoRA targets (glob patterns over parameter names) of the light backbone: attention in/out
+#: projections and the feed-forward linears (common/lora.py)
+LORA_TARGETS = ["*.self_attn.in_proj_weight", "*.self_attn.out_proj.weight", "*.linear1.weight", "*.linear2.weight"]
 
 
 class Strict(BaseModel):
@@ -58,6 +61,14 @@ class TrainConfig(Strict):
                         "pull toward the shared base that keeps task vectors small and mergeable (0 = off)")
     freeze: list[str] = Field(default_factory=list, description="parameter-name prefixes kept at the base's "
                               "values (e.g. 'adaptor', 'position'): their task-vector entries stay zero")
+    finetune: Literal["full", "lora"] = Field("full", description="'full': every parameter is trained and the "
+                                              "silo sends a dense task vector; 'lora': only low-rank factors of "
+                                              "the lora_targets are trained and sent (common/lora.py)")
+    lora_rank: PositiveInt = Field(8, le=1024, description="LoRA rank r (finetune='lora')")
+    lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="LoRA scale alpha: delta = "
+                              "(alpha / r) * B @ A")
+    lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1, description="glob "
+                                    "patterns over parameter names of the 2-D weights LoRA adapts")
     max_users: PositiveInt | None = Field(None, description="train on a seeded subsample of users")
     max_steps_per_epoch: PositiveInt | None = None
     eval_batch_size: PositiveInt = 256

@@ -27,6 +27,7 @@ HANDSHAKE = "query.handshake"
 FINETUNE = "train.finetune"
 TEACHER = "query.teacher"
 EVALUATE = "evaluate.merged"
+WEAVE = "train.weave"
 
 
 class ContractError(ValueError):
@@ -123,9 +124,11 @@ class EpochProgress(Header):
 
 
 class FinetuneReply(Header):
-    """Arrays: group "task_vector" = {parameter name: float32 array}."""
+    """Arrays: group "task_vector" = {parameter name: float32 array} (mode "full"), or group "lora" =
+    {"<target>.lora_A": float32 [r, in], "<target>.lora_B": float32 [out, r]} (mode "lora", common/lora.py)."""
 
     domain: str
+    mode: Literal["full", "lora"] = "full"
     base_fingerprint: str
     val: AggregateMetrics  # the selection run's best epoch, on validation
     epochs: int = Field(ge=0)  # epochs of the selection run
@@ -134,7 +137,41 @@ class FinetuneReply(Header):
     history: list[EpochProgress] = Field(default_factory=list, max_length=10_000)  # selection run, per epoch
 
     def array_groups(self) -> set[str]:
-        return {"task_vector"}
+        return {"task_vector"} if self.mode == "full" else {"lora"}
+
+
+class WeaveRequest(Header):
+    """One weaving hop (server/weaving.py): train domain `module`'s LoRA module for `epochs` epochs on this
+    silo's own data, starting from base + module. Arrays: group "lora" (as FinetuneReply's), the module."""
+
+    base: BaseSpec
+    train: TrainConfig  # finetune must be "lora"; rank, alpha and targets say what the module is
+    module: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    round: int = Field(ge=1, le=10_000)
+    epochs: int = Field(ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _lora(self):
+        if self.train.finetune != "lora":
+            raise ValueError("weaving moves LoRA modules: train.finetune must be 'lora'")
+        return self
+
+    def array_groups(self) -> set[str]:
+        return {"lora"}
+
+
+class WeaveReply(Header):
+    """Arrays: group "lora", the module's updated factors. Nothing else of the silo's training leaves it."""
+
+    domain: str
+    base_fingerprint: str
+    module: str
+    round: int = Field(ge=1)
+    epochs: int = Field(ge=0)
+    seconds: float = Field(ge=0)
+
+    def array_groups(self) -> set[str]:
+        return {"lora"}
 
 
 class TeacherRequest(Header):

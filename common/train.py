@@ -222,13 +222,17 @@ def warmup_steps(cfg: TrainConfig, rows: list[list]) -> int:
 
 
 def _optimiser(model: Recommender, cfg: TrainConfig, rows: list[list]):
-    """AdamW over every parameter not frozen by `cfg.freeze` (frozen ones get requires_grad False)."""
+    """AdamW over every parameter not frozen by `cfg.freeze` (frozen ones get requires_grad False). A model with
+    LoRA factors attached (common/lora.py) trains only those factors: everything else stays at the base."""
+    from common.lora import is_lora_param
+
     names = [n for n, _ in model.named_parameters()]
     for prefix in cfg.freeze:
         if not any(n.startswith(prefix) for n in names):
             raise ValueError(f"freeze: no parameter name starts with {prefix!r}")
+    lora = any(is_lora_param(n) for n in names)
     for n, p in model.named_parameters():
-        p.requires_grad_(not any(n.startswith(prefix) for prefix in cfg.freeze))
+        p.requires_grad_(not any(n.startswith(prefix) for prefix in cfg.freeze) and (not lora or is_lora_param(n)))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     warm = max(1, warmup_steps(cfg, rows))
