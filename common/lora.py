@@ -151,6 +151,24 @@ def check_factors(named: Mapping[str, np.ndarray], expected: Mapping[str, tuple[
             raise ContractError(f"{what}: factor {n} has non-finite values")
 
 
+def dense_bytes(base: Mapping[str, torch.Tensor]) -> int:
+    """float32 bytes of a full task vector of `base` (what finetune = full sends)."""
+    return int(sum(t.numel() for t in base.values()) * 4)
+
+
 def nbytes(named: Mapping[str, np.ndarray]) -> int:
     """Raw float bytes of a set of arrays (the payload a reply carries, before record overhead)."""
     return int(sum(np.asarray(a).nbytes for a in named.values()))
+
+
+class LoraSpec:
+    """What a run's LoRA modules are: resolved target names, rank, alpha and the factor shapes, from a
+    TrainConfig and the base's parameter shapes (a bad lora-targets pattern is a ValueError naming the key)."""
+
+    def __init__(self, train, shapes: Mapping[str, tuple[int, ...]]):
+        self.rank, self.alpha = int(train.lora_rank), float(train.lora_alpha)
+        self.targets = resolve_targets(shapes, list(train.lora_targets))
+        self.shapes = factor_shapes(shapes, self.targets, self.rank)
+
+    def materialise(self, named: Mapping[str, np.ndarray], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return materialise(named, base, self.rank, self.alpha)

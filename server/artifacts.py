@@ -157,7 +157,7 @@ def write_artifacts(p) -> dict:
     report = {"run_dir": str(run), "config": p.cfg.model_dump(mode="json"), "base_fingerprint": p.base_fp,
               "domains": p.state["domains"], "active": p.active(), "dropped": p.state["dropped"],
               "metrics": metrics, "metrics_val": val_metrics, "validation": p.state["val"],
-              "finetune": p.state["finetune"],
+              "finetune": p.state["finetune"], "weave": p.state.get("weave") or None,
               "coefficients": {g: {k: v for k, v in c.items() if k not in ("history", "holdout")}
                                for g, c in learned.items()},
               "selection": {"chosen": chosen, "rule": SELECT_RULE, "mean_val_ndcg@10": scores},

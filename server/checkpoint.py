@@ -20,16 +20,17 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 log = logging.getLogger(__name__)
 
-STAGES = ["handshake", "finetune", "merge_init", "pseudo_users", "teacher", "coefficients", "evaluate", "artifacts"]
+STAGES = ["handshake", "finetune", "weave", "merge_init", "pseudo_users", "teacher", "coefficients", "evaluate", "artifacts"]
 
 # the PipelineConfig fields each stage's output depends on (its own and those of the stages it reads from);
 # fields listed nowhere and not in NO_EFFECT count for every stage
-_OWN = {"finetune": {"backbone", "train", "seed"}, "merge_init": {"baselines"},
+_OWN = {"finetune": {"backbone", "train", "seed"}, "weave": {"weave_rounds", "weave_epochs"},
+        "merge_init": {"baselines"},
         "pseudo_users": {"pseudo_users", "pseudo_users_n"}, "teacher": {"teacher_top_k"},
         "coefficients": {"init_method", "granularities", "coefficients"},
         "evaluate": {"baselines", "eval_max_users", "evaluate_finetuned"}}
-_READS = {"teacher": ["pseudo_users"], "coefficients": ["teacher", "pseudo_users"],
-          "evaluate": ["coefficients", "teacher", "pseudo_users"]}
+_READS = {"merge_init": ["weave"], "teacher": ["pseudo_users"], "coefficients": ["teacher", "pseudo_users", "weave"],
+          "evaluate": ["coefficients", "teacher", "pseudo_users", "weave"]}
 NO_EFFECT = {"min_silos", "retries", "timeout_s", "max_task_vector_ratio", "catalog_root"}
 
 
@@ -58,6 +59,7 @@ class Checkpoint(BaseModel):
     finetune: dict[str, dict] = {}
     files: dict[str, str] = {}  # path relative to the run directory -> SHA-256
     merges: dict[str, list[str]] = {}  # stored merge (merges/<name>.safetensors) -> the domains it merged
+    weave: dict = {}  # weaving progress (server/weaving.py): rounds done, holders, hops, skipped silos
 
 
 def stage_fingerprints(cfg) -> dict[str, str]:
@@ -129,7 +131,7 @@ def record(st: dict, run_dir: Path, path: Path) -> None:
 def stage_of(rel: str) -> str:
     if rel.startswith("merges/"):  # stored merges: the learned ones come from the coefficients stage
         return "coefficients" if rel.startswith("merges/mergerec-") else "merge_init"
-    return {"task_vectors": "finetune", "teacher": "teacher", "pseudo_users.json": "pseudo_users",
+    return {"task_vectors": "finetune", "lora": "finetune", "woven": "weave", "teacher": "teacher", "pseudo_users.json": "pseudo_users",
             "coefficients.json": "coefficients", "metrics.json": "evaluate",
             "metrics_val.json": "evaluate"}.get(rel.split("/")[0], "")
 
@@ -163,10 +165,10 @@ def verify(st: dict, run_dir: Path, expected: list[str], check) -> None:
             continue
         log.error("stored file %s is %s: stage %s is redone for it", path, problem, stage)
         later = STAGES[STAGES.index(stage):]
-        if stage == "finetune":  # that silo's teacher file came from the model being redone
-            teacher = f"teacher/{Path(rel).stem}.npz"
-            (run_dir / teacher).unlink(missing_ok=True)
-            st["files"].pop(teacher, None)
+        if stage == "finetune":  # that silo's teacher file (and task vector) came from the model being redone
+            for other in (f"teacher/{Path(rel).stem}.npz", f"task_vectors/{Path(rel).stem}.safetensors"):
+                (run_dir / other).unlink(missing_ok=True)
+                st["files"].pop(other, None)
         st["completed"] = [s for s in st["completed"] if s not in later]
         if stage == "pseudo_users":
             invalidate(st, run_dir, ["teacher"])
@@ -178,6 +180,10 @@ def verify_run(p) -> None:
     expected = list(st["files"])
     if "finetune" in done:
         expected += [str(p._tv_path(d).relative_to(p.run_dir)) for d in p.active()]
+        if p.lora is not None:
+            expected += [f"lora/{d}.safetensors" for d in p.active()]
+    if "weave" in done and p.cfg.weave_rounds:
+        expected += [f"woven/{d}.safetensors" for d in p.active()]
     if "teacher" in done:
         expected += [str(p._teacher_path(d).relative_to(p.run_dir)) for d in p.active()]
     expected += [f for f, s in (("pseudo_users.json", "pseudo_users"), ("coefficients.json", "coefficients"),
@@ -192,9 +198,12 @@ def _check_file(p, rel: str, path: Path) -> None:
     import numpy as np
     from safetensors.numpy import load_file
 
-    from server.validation import check_task_vector, check_teacher_top, expected_k
+    from server.validation import check_lora_module, check_task_vector, check_teacher_top, expected_k
 
-    if rel.startswith("task_vectors/"):
+    if rel.startswith(("lora/", "woven/")):
+        check_lora_module(load_file(str(path)), p.lora, p.base_state, p.base_norm, p.cfg.max_task_vector_ratio,
+                          f"stored {rel}")
+    elif rel.startswith("task_vectors/"):
         check_task_vector(load_file(str(path)), p.shapes, p.base_norm, p.cfg.max_task_vector_ratio, f"stored {rel}")
     elif rel.startswith("teacher/") and path.stem in p.catalogs:
         chosen = json.loads((p.run_dir / "pseudo_users.json").read_text())

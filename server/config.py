@@ -23,14 +23,17 @@ PIPELINE_KEYS = {
     "epochs": ("train", "epochs"), "batch-size": ("train", "batch_size"), "lr": ("train", "lr"),
     "patience": ("train", "patience"), "refit-on-val": ("train", "refit_on_val"), "l2sp": ("train", "l2sp"),
     "freeze": ("train", "freeze"), "max-users": ("train", "max_users"), "val-max-users": ("train", "val_max_users"),
+    "finetune": ("train", "finetune"), "lora-rank": ("train", "lora_rank"), "lora-alpha": ("train", "lora_alpha"),
+    "lora-targets": ("train", "lora_targets"),
     "coef-steps": ("coefficients", "steps"), "coef-lr": ("coefficients", "lr"),
     "coef-batch-size": ("coefficients", "batch_size"),
     **{k: ("", k.replace("-", "_")) for k in (
         "catalog-root", "baselines", "init-method", "granularities", "pseudo-users", "pseudo-users-n",
-        "teacher-top-k", "eval-max-users", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed")},
+        "teacher-top-k", "eval-max-users", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed",
+        "weave-rounds", "weave-epochs")},
 }
 _ZERO_IS_NONE = {"max-users", "val-max-users", "pseudo-users-n", "teacher-top-k", "eval-max-users"}  # 0 = no limit
-_LIST_KEYS = {"freeze", "baselines", "granularities"}
+_LIST_KEYS = {"freeze", "baselines", "granularities", "lora-targets"}
 _FIELD_KEY = {v: k for k, v in PIPELINE_KEYS.items()}
 KNOWN_KEYS = frozenset(PIPELINE_KEYS) | OPTION_KEYS
 
@@ -122,6 +125,11 @@ HELP = {
     "coef-lr": "coefficient-learning lr", "coef-batch-size": "pseudo-users per step",
     "pseudo-users": "all | random | kmeans", "pseudo-users-n": "0 = all items", "teacher-top-k": "0 = all items",
     "eval-max-users": "0 = every test user", "seed": "base, fine-tuning and coefficient learning",
+    "finetune": "full (dense task vector) | lora (silos train and send LoRA factors)",
+    "lora-rank": "LoRA rank r", "lora-alpha": "LoRA scale: delta = (alpha / r) * B @ A",
+    "lora-targets": "glob patterns of the 2-D weights LoRA adapts",
+    "weave-rounds": "LoRA modules travel the ring of silos before merging (0 = off)",
+    "weave-epochs": "local epochs per weaving hop",
 }
 
 

@@ -1,6 +1,6 @@
 """The MergeRec stages on the server side, each a small function, checkpointed in a run directory.
 
-handshake -> finetune -> merge_init -> pseudo_users -> teacher -> coefficients -> evaluate -> artifacts
+handshake -> finetune -> weave -> merge_init -> pseudo_users -> teacher -> coefficients -> evaluate -> artifacts
 
 The transport (server/transport.py) is Flower or in-process; the stages do not care. After each stage the
 state is written to `run_dir/checkpoint.json` (+ files), so starting again with the same run directory
@@ -35,7 +35,8 @@ from common.merging.coefficients import (
     merge_with_coefficients,
 )
 from common.merging.pseudo_users import select_pseudo_users
-from common.merging.task_vectors import add_vector, fingerprint, state_from_numpy, state_to_numpy
+from common.lora import dense_bytes
+from common.merging.task_vectors import add_vector, fingerprint, state_to_numpy
 from common.merging.teacher import TopKLogits
 from common.messages import (
     MIN_USERS_FOR_METRICS,
@@ -55,7 +56,7 @@ from common.messages import (
 )
 from server.silo_caller import PipelineError, SiloCaller
 from server.transport import Transport
-from server import checkpoint
+from server import checkpoint, weaving
 from server.limits import stage_timeout
 from server.validation import check_config, check_evaluate, check_finetune, check_teacher, silo_name, state_norm
 
@@ -82,6 +83,9 @@ class PipelineConfig(Strict):
     timeout_s: float | None = Field(None, gt=0)  # per stage and attempt; None: sized from the data (server/limits.py)
     max_task_vector_ratio: float = Field(10.0, gt=0, description="a task vector whose L2 norm exceeds this "
                                          "many times the base model's norm is refused")
+    weave_rounds: int = Field(0, ge=0, le=1000, description="LoRA modules travel the ring of silos this many "
+                              "rounds before merging (server/weaving.py; 0 = off; needs finetune = lora)")
+    weave_epochs: int = Field(1, ge=1, le=1000, description="local epochs per weaving hop")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -111,6 +115,7 @@ class Pipeline:
         self.base_norm = state_norm(self.base_state)
         self.shapes = {n: tuple(t.shape) for n, t in self.base_state.items()}
         self.spec = BaseSpec(backbone=cfg.backbone, seed=cfg.seed, fingerprint=self.base_fp)
+        self.lora, self.base_bytes = weaving.lora_spec(cfg, self.shapes), dense_bytes(self.base_state)
         self.catalogs: dict[str, CatalogView] = {}
         self.calls = SiloCaller(transport, self.state, retries=cfg.retries, min_silos=cfg.min_silos,
                                 save=self._save, timeout=self._timeout, rehandshake=self._rehandshake)
@@ -235,15 +240,16 @@ class Pipeline:
 
         def validate(domain, o):
             check_finetune(o.header, o.arrays, domain=domain, base_fp=self.base_fp, shapes=self.shapes,
-                           base_norm=self.base_norm, max_ratio=self.cfg.max_task_vector_ratio)
+                           base_norm=self.base_norm, max_ratio=self.cfg.max_task_vector_ratio, lora=self.lora,
+                           base_state=self.base_state)
 
         def store(d, o):  # as soon as the reply is validated: a crash later loses only unfinished silos
             with atomic_path(self._tv_path(d)) as tmp:
-                save_file(state_from_numpy(o.arrays["task_vector"]), str(tmp))
+                save_file(weaving.received_task_vector(self, d, o), str(tmp))
             self._record(self._tv_path(d))
             self.state["val"][d] = o.header.val.model_dump()
-            self.state["finetune"][d] = {"epochs": o.header.epochs, "refit_epochs": o.header.refit_epochs,
-                                         "seconds": round(o.header.seconds, 2)}
+            self.state["finetune"][d].update({"epochs": o.header.epochs, "refit_epochs": o.header.refit_epochs,
+                                              "seconds": round(o.header.seconds, 2)})
             for h in o.header.history:  # the silo's per-epoch progress, in the ServerApp's log in any deployment
                 log.info("finetune: silo %s epoch %d loss %s val NDCG@10 %.4f", d, h.epoch,
                          "-" if h.loss is None else f"{h.loss:.4f}", h.val_ndcg10)
@@ -255,7 +261,17 @@ class Pipeline:
         self._done("finetune", time.perf_counter() - t0)
 
     def task_vectors(self, domains: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-        return {d: load_file(str(self._tv_path(d))) for d in (self.active() if domains is None else domains)}
+        """The vectors merges use: the fine-tuned ones, or the woven LoRA modules once the weave stage ran."""
+        domains = self.active() if domains is None else domains
+        if self.cfg.weave_rounds and "weave" in self.state["completed"]:
+            return weaving.woven_task_vectors(self, domains)
+        return {d: load_file(str(self._tv_path(d))) for d in domains}
+
+    def weave(self) -> None:
+        """Optional stage (weave-rounds > 0): LoRA modules travel the ring of silos (server/weaving.py)."""
+        t0 = time.perf_counter()
+        weaving.run_weave(self)
+        self._done("weave", time.perf_counter() - t0)
 
     def merged_states(self, domains: list[str] | None = None,
                       methods: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -459,7 +475,7 @@ class Pipeline:
 
     def stages(self) -> list[tuple[str, Callable[[], object]]]:
         """The stages after the handshake, in order; their names are the checkpoint's (server/checkpoint.py)."""
-        order = [("finetune", self.finetune), ("merge_init", self.merge_init), ("pseudo_users", self.pseudo_users),
+        order = [("finetune", self.finetune), ("weave", self.weave), ("merge_init", self.merge_init), ("pseudo_users", self.pseudo_users),
                  ("teacher", self.teacher), ("coefficients", self.coefficients), ("evaluate", self.evaluate),
                  ("artifacts", self.artifacts)]
         assert [n for n, _ in order] == STAGES[1:], "stage list and checkpoint.STAGES disagree"

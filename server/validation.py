@@ -19,6 +19,7 @@ from common.messages import (
     EvaluateReply,
     FinetuneReply,
     TeacherReply,
+    WeaveReply,
     check_state_arrays,
     check_teacher_arrays,
 )
@@ -50,16 +51,49 @@ def _same(got: str, want: str, field: str) -> None:
         raise ContractError(f"{field} differs from the handshake's (expected {want[:16]})")
 
 
-def check_finetune(reply: FinetuneReply, arrays, *, domain: str, base_fp: str, shapes: dict, base_norm: float,
-                   max_ratio: float) -> None:
-    _same(reply.domain, domain, "domain")
-    _same(reply.base_fingerprint, base_fp, "base fingerprint")
-    for name in ("seconds", "epochs", "refit_epochs"):
+def check_lora_module(named, spec, base_state: dict, base_norm: float, max_ratio: float, what: str) -> None:
+    """A LoRA module (common/lora.py): exactly the expected factor names, float32, shapes [r, in] / [out, r],
+    finite; and its materialised delta within the task-vector norm bound (max-task-vector-ratio)."""
+    from common.lora import check_factors
+
+    check_factors(named, spec.shapes, what)
+    norm = state_norm(spec.materialise(named, base_state))
+    if not math.isfinite(norm) or norm > max_ratio * base_norm:
+        raise ContractError(f"{what}: norm {norm:.3g} exceeds {max_ratio:g} x the base model's norm "
+                            f"{base_norm:.3g} (max-task-vector-ratio)")
+
+
+def _finite(reply, names: tuple[str, ...]) -> None:
+    for name in names:
         v = getattr(reply, name)
         if not math.isfinite(v) or v < 0:
             raise ContractError(f"{name} must be finite and >= 0")
+
+
+def check_finetune(reply: FinetuneReply, arrays, *, domain: str, base_fp: str, shapes: dict, base_norm: float,
+                   max_ratio: float, lora=None, base_state: dict | None = None) -> None:
+    """`lora`: the run's LoraSpec when finetune = lora (the reply must then carry factors), else None."""
+    _same(reply.domain, domain, "domain")
+    _same(reply.base_fingerprint, base_fp, "base fingerprint")
+    _finite(reply, ("seconds", "epochs", "refit_epochs"))
     check_metrics(reply.val, "validation metrics")
-    check_task_vector(arrays["task_vector"], shapes, base_norm, max_ratio, f"task vector of {domain}")
+    if reply.mode != ("full" if lora is None else "lora"):
+        raise ContractError(f"mode must be {'full' if lora is None else 'lora'} (the run's finetune)")
+    if lora is None:
+        check_task_vector(arrays["task_vector"], shapes, base_norm, max_ratio, f"task vector of {domain}")
+    else:
+        check_lora_module(arrays["lora"], lora, base_state, base_norm, max_ratio, f"LoRA module of {domain}")
+
+
+def check_weave(reply: WeaveReply, arrays, *, domain: str, base_fp: str, module: str, round_: int, lora,
+                base_state: dict, base_norm: float, max_ratio: float) -> None:
+    """A weaving hop's reply: the silo and module asked, its base, the round, finite numbers, a valid module."""
+    _same(reply.domain, domain, "domain")
+    _same(reply.base_fingerprint, base_fp, "base fingerprint")
+    if reply.module != module or reply.round != round_:
+        raise ContractError(f"module/round differ from the request's ({module}, round {round_})")
+    _finite(reply, ("seconds", "epochs"))
+    check_lora_module(arrays["lora"], lora, base_state, base_norm, max_ratio, f"module {module} from {domain}")
 
 
 def check_metrics(m: AggregateMetrics, what: str) -> None:
@@ -128,6 +162,8 @@ def check_config(cfg) -> None:
                          f"use one of {sorted({*DEFAULT_INIT, 'weight_average'})}")
     if len(set(cfg.granularities)) != len(cfg.granularities):
         raise ValueError("granularities: a granularity is listed twice")
+    if cfg.weave_rounds and cfg.train.finetune != "lora":
+        raise ValueError("weave-rounds: weaving moves LoRA modules; set finetune = lora (or weave-rounds = 0)")
 
 
 def silo_name(handle: str, error: str) -> str:

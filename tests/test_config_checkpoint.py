@@ -32,6 +32,8 @@ DEFAULTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"][
     ("pseudo-users-n", -1), ("pseudo-users", "bogus"), ("coef-steps", -1), ("coef-lr", 0.0), ("epochs", -2),
     ("batch-size", 0), ("lr", -1.0), ("min-silos", 0), ("retries", -1), ("timeout-s", 0),
     ("max-task-vector-ratio", 0), ("backbone", "huge"), ("min-nodes", -1), ("node-wait-s", "soon"),
+    ("finetune", "partial"), ("lora-rank", 0), ("lora-alpha", 0), ("lora-targets", ","), ("weave-rounds", -1),
+    ("weave-rounds", 2), ("weave-epochs", 0),
 ])
 def test_bad_config_names_the_key(key, value):
     with pytest.raises(ConfigError, match=f"(^|[ ;]){key}: "):

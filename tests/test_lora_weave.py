@@ -1,0 +1,233 @@
+"""LoRA task vectors and weaving (common/lora.py, server/weaving.py) on tiny demo silos, in process: the factors
+and their materialised delta, every merge method on LoRA deltas, a LoRA + weave run end to end (bytes, privacy,
+resume), a silo failing mid-weave, hostile LoRA replies, and a bad lora-targets pattern."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+from safetensors.numpy import load_file as load_numpy
+
+from clients.client_app import in_process_endpoint
+from clients.silo import SiloWorker
+from common import lora
+from common.backbones import build_backbone
+from common.config import BackboneConfig, TrainConfig
+from common.demo import make_demo
+from common.merging import methods as merge_methods
+from common.merging.coefficients import CoefficientConfig
+from server.pipeline import Pipeline, PipelineConfig, PipelineError
+from server.transport import InProcessTransport, MessageRecorder
+
+from helpers import make_tiny_encoder
+from privacy import assert_no_user_data, recorded_messages
+
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    enc = make_tiny_encoder(root / "enc")
+    dirs = make_demo(root / "data", n_domains=3, n_items=50, n_users=40, seed=3)
+    return root, enc, dirs
+
+
+def _cfg(world, **kw) -> PipelineConfig:
+    root, enc, _ = world
+    bb = BackboneConfig(kind="light", encoder=str(enc), layers=1, heads=2, cache_dir=root / "cache")
+    train = TrainConfig(epochs=3, lr=3e-3, batch_size=32, progress=False, warmup_steps=2, finetune="lora", lora_rank=RANK,
+                        **kw.pop("train", {}))
+    base = dict(backbone=bb, train=train, coefficients=CoefficientConfig(steps=3, batch_size=8),
+                baselines=["task_arithmetic"], granularities=["task"], evaluate_finetuned=False, teacher_top_k=8,
+                min_silos=2, retries=0, timeout_s=60, weave_rounds=2, weave_epochs=1)
+    return PipelineConfig(**{**base, **kw})
+
+
+def _transport(world, observer=None, wrap: dict | None = None) -> InProcessTransport:
+    root, _, dirs = world
+    endpoints = {}
+    for d in dirs:
+        fn = in_process_endpoint(SiloWorker(d.name, d, state_dir=root / "state" / d.name, cache_dir=root / "cache"))
+        endpoints[d.name] = wrap[d.name](fn) if wrap and d.name in wrap else fn
+    return InProcessTransport(endpoints, observer)
+
+
+@pytest.fixture(scope="module")
+def woven_run(world):
+    """One LoRA + weave run (2 rounds over 3 silos), every message recorded."""
+    root = world[0]
+    rec = MessageRecorder(root / "messages")
+    report = Pipeline(_transport(world, observer=rec), _cfg(world), root / "run").run()
+    return root / "run", report
+
+
+# ------------------------------------------------------------------------------------------ the module itself
+def test_materialised_delta_is_scaled_b_at_a_and_attach_applies_it():
+    shapes = {"w": (3, 2), "b": (3,)}
+    a = np.array([[1.0, 2.0]], np.float32)  # [r=1, in=2]
+    b = np.array([[1.0], [0.0], [-2.0]], np.float32)  # [out=3, r=1]
+    base = {"w": torch.ones(3, 2), "b": torch.zeros(3)}
+    delta = lora.materialise({"w.lora_A": a, "w.lora_B": b}, base, rank=1, alpha=3.0)
+    hand = 3.0 * np.array([[1, 2], [0, 0], [-2, -4]], np.float32)
+    assert np.array_equal(delta["w"].numpy(), hand) and not delta["b"].any()
+    assert lora.factor_shapes(shapes, ["w"], 1) == {"w.lora_A": (1, 2), "w.lora_B": (3, 1)}
+    lin = torch.nn.Linear(2, 3)
+    before = lin.weight.detach().clone()
+    lora.attach(lin, ["weight"], rank=1, alpha=3.0, factors={"weight.lora_A": a, "weight.lora_B": b})
+    assert torch.allclose(lin.weight, before + torch.from_numpy(hand))
+    assert sorted(n for n, _ in lin.named_parameters() if lora.is_lora_param(n)) == [
+        "parametrizations.weight.0.lora_A", "parametrizations.weight.0.lora_B"]
+    lora.detach(lin, ["weight"])
+    assert torch.equal(lin.weight, before) and sorted(n for n, _ in lin.named_parameters()) == ["bias", "weight"]
+
+
+def test_bad_lora_targets_stop_the_run_naming_the_key(world, tmp_path):
+    for pattern, why in (("*.nothing_here", "matches no parameter"), ("*.norm1.weight", "not a 2-D weight")):
+        with pytest.raises(PipelineError, match=f"lora-targets: .*{why}"):
+            Pipeline(_transport(world), _cfg(world, train={"lora_targets": [pattern]}), tmp_path / pattern[2:])
+
+
+# ------------------------------------------------------------------------------------------ LoRA + weave run
+def test_lora_delta_is_low_rank_on_targets_only_and_uploads_less(world, woven_run):
+    run, report = woven_run
+    root, enc, dirs = world
+    base = build_backbone(_cfg(world).backbone, seed=0)
+    targets = lora.resolve_targets({n: tuple(p.shape) for n, p in base.named_parameters()}, _cfg(world).train.lora_targets)
+    assert len(targets) == 4
+    for d in dirs:
+        tv = load_numpy(str(run / "task_vectors" / f"{d.name}.safetensors"))
+        factors = load_numpy(str(run / "lora" / f"{d.name}.safetensors"))
+        for n, delta in tv.items():
+            if n not in targets:
+                assert not delta.any(), n  # only the targets move
+                continue
+            assert 0 < np.linalg.matrix_rank(delta) <= RANK, n
+            hand = (16.0 / RANK) * factors[f"{n}.lora_B"] @ factors[f"{n}.lora_A"]
+            assert np.allclose(delta, hand, atol=1e-7), n
+        info = report["finetune"][d.name]
+        assert 0 < info["upload_bytes"] < info["dense_task_vector_bytes"] / 5, info
+
+
+def test_weaving_changes_every_module_and_merges_use_the_woven_ones(world, woven_run):
+    run, report = woven_run
+    dirs = world[2]
+    weave = report["weave"]
+    assert weave["rounds"] == 2 and len(weave["hops"]) == 6 and weave["skipped"] == []
+    # round 1: each module moved to the next silo of the ring; round 2: to the one after
+    ring = sorted(d.name for d in dirs)
+    assert {(h["round"], h["module"], h["silo"]) for h in weave["hops"]} == {
+        (r, m, ring[(ring.index(m) + r) % 3]) for r in (1, 2) for m in ring}
+    p = Pipeline(_transport(world), _cfg(world), run)
+    for d in ring:
+        before, after = load_numpy(str(run / "lora" / f"{d}.safetensors")), load_numpy(str(run / "woven" / f"{d}.safetensors"))
+        assert any(not np.allclose(before[n], after[n]) for n in before), d
+        woven = p.task_vectors([d])[d]
+        assert all(torch.equal(woven[n], t) for n, t in p.lora.materialise(after, p.base_state).items())
+    assert sorted(report["metrics"]) == ring and "mergerec-task" in report["metrics"][ring[0]]
+
+
+def test_every_merge_method_runs_on_lora_deltas(world, woven_run):
+    run, _ = woven_run
+    p = Pipeline(_transport(world), _cfg(world), run)
+    names = merge_methods.method_names()
+    merged = p.merged_states(methods=names)
+    assert set(merged) == set(names) and len(names) >= 6
+    for name, state in merged.items():
+        assert all(torch.isfinite(t).all() for t in state.values()), name
+        assert any(not torch.equal(state[n], p.base_state[n]) for n in p.lora.targets), name
+
+
+def test_no_user_data_in_lora_and_weave_messages(world, woven_run):
+    root, _, dirs = world
+    msgs = root / "messages"
+    types = {f.name.split("-")[2] for f in msgs.glob("*.json")}
+    assert types == {"query.handshake", "train.finetune", "train.weave", "query.teacher", "evaluate.merged"}
+    weave_up = sorted(msgs.glob("*-up-train.weave-*.npz"))
+    assert len(weave_up) == 6 and all(k.startswith("arrays.lora/") for k in np.load(weave_up[0]).files)
+    assert assert_no_user_data(recorded_messages(msgs), dirs) >= 30
+
+
+def test_resume_after_weave_does_not_weave_again(world, woven_run):
+    run, report = woven_run
+    sent = []
+    again = Pipeline(_transport(world, observer=lambda dr, s, mt, c: sent.append(mt)), _cfg(world), run).run()
+    assert set(sent) == {"query.handshake"} and again["metrics"] == report["metrics"]
+
+
+# ------------------------------------------------------------------------------------------ faults
+def _raise_on(message_type):
+    def wrap(fn):
+        def call(mt, content):
+            if mt == message_type:
+                raise RuntimeError("silo crashed mid-weave")
+            return fn(mt, content)
+        return call
+    return wrap
+
+
+def test_silo_failing_mid_weave_is_skipped_and_the_run_finishes(world, tmp_path):
+    dirs = world[2]
+    ring = sorted(d.name for d in dirs)
+    bad = ring[1]
+    report = Pipeline(_transport(world, wrap={bad: _raise_on("train.weave")}), _cfg(world), tmp_path / "run").run()
+    weave = report["weave"]
+    assert [(s["domain"], s["round"]) for s in weave["skipped"]] == [(bad, 1)]
+    assert all(h["silo"] != bad for h in weave["hops"])
+    # the module that was to go to the failed silo moved on to the next live one in the same round
+    first = ring[0]
+    assert {"round": 1, "module": first, "silo": ring[2]} in [{k: h[k] for k in ("round", "module", "silo")}
+                                                               for h in weave["hops"]]
+    assert sorted(report["active"]) == ring and report["dropped"] == []  # out of the weave, not out of the run
+    assert sorted(report["metrics"]) == ring
+
+
+def _corrupt_lora(update):
+    def wrap(fn):
+        def call(mt, content):
+            out = fn(mt, content)
+            if mt != "train.finetune":
+                return out
+            named = {n: a.numpy().copy() for n, a in out.array_records["arrays.lora"].items()}
+            update(named)
+            fixed = RecordDict()
+            for k, v in out.items():
+                fixed[k] = v
+            fixed["arrays.lora"] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in named.items()})
+            return fixed
+        return call
+    return wrap
+
+
+def _first_b(named, fn):
+    n = sorted(k for k in named if k.endswith("lora_B"))[0]
+    named[n] = fn(named[n])
+
+
+HOSTILE = {
+    "wrong shape": (lambda t: _first_b(t, lambda a: np.zeros((a.shape[0], a.shape[1] + 1), np.float32)), "expected float32"),
+    "NaN": (lambda t: _first_b(t, lambda a: np.full_like(a, np.nan)), "non-finite"),
+    "unknown name": (lambda t: t.__setitem__("adaptor.weight.lora_A", np.zeros((RANK, 2), np.float32)), "unexpected"),
+    "missing factor": (lambda t: t.pop(sorted(t)[0]), "missing LoRA factors"),
+    "float64": (lambda t: _first_b(t, lambda a: a.astype(np.float64)), "expected float32"),
+    "huge delta": (lambda t: _first_b(t, lambda a: np.full_like(a, 1e18)), "max-task-vector-ratio"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_lora_reply_is_refused(world, tmp_path, name):
+    update, why = HOSTILE[name]
+    bad = world[2][0].name
+    p = Pipeline(_transport(world, wrap={bad: _corrupt_lora(update)}), _cfg(world, weave_rounds=0), tmp_path / "run")
+    p.handshake()
+    p.finetune()
+    assert [(d["domain"], d["stage"]) for d in p.state["dropped"]] == [(bad, "finetune")]
+    reason = p.state["dropped"][0]["reason"]
+    assert reason.startswith("invalid reply") and why in reason, reason
+    assert not (tmp_path / "run" / "task_vectors" / f"{bad}.safetensors").exists()
+    assert math.isfinite(sum(float(t.abs().sum()) for tv in p.task_vectors().values() for t in tv.values()))
