@@ -87,6 +87,26 @@ def test_materialised_delta_is_scaled_b_at_a_and_attach_applies_it():
     assert torch.equal(lin.weight, before) and sorted(n for n, _ in lin.named_parameters()) == ["bias", "weight"]
 
 
+def test_only_the_factors_train(world):
+    """fine_tune on a model with LoRA attached: every base parameter stays exactly at the base, factors move."""
+    from common.data import load_silo
+    from common.train import fine_tune
+
+    cfg = _cfg(world)
+    model = build_backbone(cfg.backbone, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    targets = lora.resolve_targets({n: tuple(p.shape) for n, p in model.named_parameters()}, cfg.train.lora_targets)
+    lora.attach(model, targets, RANK, 16.0, seed=0)
+    start = lora.factors(model, targets)
+    silo = load_silo(world[2][1])
+    fine_tune(model, silo, model.domain_inputs(silo.catalog), cfg.train.model_copy(update={"refit_on_val": False}))
+    moved = lora.factors(model, targets)
+    assert any(not np.array_equal(start[n], moved[n]) for n in start)
+    lora.detach(model, targets)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
 def test_bad_lora_targets_stop_the_run_naming_the_key(world, tmp_path):
     for pattern, why in (("*.nothing_here", "matches no parameter"), ("*.norm1.weight", "not a 2-D weight")):
         with pytest.raises(PipelineError, match=f"lora-targets: .*{why}"):
