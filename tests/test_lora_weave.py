@@ -168,9 +168,9 @@ def test_no_user_data_in_lora_and_weave_messages(world, woven_run):
     msgs = root / "messages"
     types = {f.name.split("-")[2] for f in msgs.glob("*.json")}
     assert types == {"query.handshake", "train.finetune", "train.weave", "query.teacher", "evaluate.merged"}
+    assert assert_no_user_data(recorded_messages(msgs), dirs) >= 30
     weave_up = sorted(msgs.glob("*-up-train.weave-*.npz"))
     assert len(weave_up) == 6 and all(k.startswith("arrays.lora/") for k in np.load(weave_up[0]).files)
-    assert assert_no_user_data(recorded_messages(msgs), dirs) >= 30
 
 
 def test_resume_after_weave_does_not_weave_again(world, woven_run):
