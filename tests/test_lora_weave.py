@@ -207,11 +207,11 @@ def test_silo_failing_mid_weave_is_skipped_and_the_run_finishes(world, tmp_path)
     assert sorted(report["metrics"]) == ring
 
 
-def _corrupt_lora(update):
+def _corrupt_lora(update, message_type="train.finetune"):
     def wrap(fn):
         def call(mt, content):
             out = fn(mt, content)
-            if mt != "train.finetune":
+            if mt != message_type:
                 return out
             named = {n: a.numpy().copy() for n, a in out.array_records["arrays.lora"].items()}
             update(named)
@@ -251,3 +251,39 @@ def test_hostile_lora_reply_is_refused(world, tmp_path, name):
     assert reason.startswith("invalid reply") and why in reason, reason
     assert not (tmp_path / "run" / "task_vectors" / f"{bad}.safetensors").exists()
     assert math.isfinite(sum(float(t.abs().sum()) for tv in p.task_vectors().values() for t in tv.values()))
+
+
+def test_hostile_weave_reply_is_skipped(world, tmp_path):
+    """A NaN module back from a hop: that silo is out of the weave, the module keeps its factors."""
+    ring = sorted(d.name for d in world[2])
+    bad = ring[2]
+    nan = _corrupt_lora(HOSTILE["NaN"][0], "train.weave")
+    report = Pipeline(_transport(world, wrap={bad: nan}), _cfg(world, weave_rounds=1), tmp_path / "run").run()
+    skipped = report["weave"]["skipped"]
+    assert [(s["domain"], s["round"]) for s in skipped] == [(bad, 1)] and "non-finite" in skipped[0]["reason"]
+    for d in ring:
+        woven = load_numpy(str(tmp_path / "run" / "woven" / f"{d}.safetensors"))
+        assert all(np.isfinite(a).all() for a in woven.values())
+
+
+class Killed(BaseException):
+    """Stands in for kill -9 of the server: nothing in the pipeline may catch it."""
+
+
+def test_weave_resumes_after_the_last_stored_round(world, tmp_path):
+    def kill_in_round_2(fn):
+        def call(mt, content):
+            if mt == "train.weave" and json.loads(content.config_records["header"]["json"])["round"] == 2:
+                raise Killed()
+            return fn(mt, content)
+        return call
+
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        Pipeline(_transport(world, wrap={d.name: kill_in_round_2 for d in world[2]}), _cfg(world), run).run()
+    ck = json.loads((run / "checkpoint.json").read_text())
+    assert ck["weave"]["rounds"] == 1 and "weave" not in ck["completed"]
+    sent = []
+    report = Pipeline(_transport(world, observer=lambda dr, s, mt, c: sent.append((dr, mt))), _cfg(world), run).run()
+    assert sent.count(("down", "train.finetune")) == 0 and sent.count(("down", "train.weave")) == 3
+    assert report["weave"]["rounds"] == 2 and len(report["weave"]["hops"]) == 6
