@@ -117,7 +117,7 @@ def _hop(p, r: int, batch: dict[str, str], modules: dict, st: dict) -> dict[str,
     result = {}
     for m, s in batch.items():
         o = got.get(s)
-        err = "silo not connected" if s not in by_handle else "no reply" if o is None else o.error
+        err = "silo not connected" if s not in by_handle.values() else "no reply" if o is None else o.error
         if o is not None:
             p.calls.count(o, s)
         if err is None:

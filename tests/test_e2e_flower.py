@@ -98,6 +98,32 @@ def test_deployment_matches_in_process_and_leaks_nothing(world, tmp_path):
     assert n >= 24 and _finetune_requests(tmp_path / "messages") == 3
 
 
+def test_lora_and_weaving_through_flower(world, tmp_path):
+    """finetune = lora with one weaving round over real SuperNodes: the train.weave action reaches every silo,
+    the metrics equal the in-process pipeline's, and no recorded message leaks user data."""
+    root, enc = world
+    rc = run_config(root, enc, tmp_path / "run", **{"record-messages": str(tmp_path / "messages"),
+                                                    "finetune": "lora", "lora-rank": 4, "weave-rounds": 1,
+                                                    "epochs": 2, "coef-steps": 10, "baselines": "task_arithmetic",
+                                                    "granularities": "task"})
+    with start_stack(DOMAINS, root / "data", run_dir=tmp_path / "stack") as stack:
+        res = stack.run_app(ROOT, run_config=rc, timeout=900)
+        assert res.ok, f"{res.status}: {res.details}\n{stack.log_tails()}"
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert sorted(report["active"]) == DOMAINS and report["dropped"] == []
+    assert len(report["weave"]["hops"]) == 3 and report["weave"]["skipped"] == []
+    for d in DOMAINS:
+        assert report["finetune"][d]["upload_bytes"] < report["finetune"][d]["dense_task_vector_bytes"] / 5
+    reference = in_process_report(root, rc, tmp_path / "in-process")
+    for d in DOMAINS:
+        for model, m in reference["metrics"][d].items():
+            got = report["metrics"][d][model]["values"]
+            assert got == pytest.approx(m["values"], abs=1e-6), f"{d}/{model}"
+    msgs = tmp_path / "messages"
+    assert len(list(msgs.glob("*-up-train.weave-*.json"))) == 3
+    assert assert_no_user_data(recorded_messages(msgs), [root / "data" / d for d in DOMAINS]) >= 27
+
+
 def _wait_for(predicate, timeout: float, what: str) -> None:
     t0 = time.monotonic()
     while not predicate():

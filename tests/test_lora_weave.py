@@ -54,7 +54,8 @@ def _transport(world, observer=None, wrap: dict | None = None) -> InProcessTrans
     endpoints = {}
     for d in dirs:
         fn = in_process_endpoint(SiloWorker(d.name, d, state_dir=root / "state" / d.name, cache_dir=root / "cache"))
-        endpoints[d.name] = wrap[d.name](fn) if wrap and d.name in wrap else fn
+        # handles are not domain names (as through Flower, where they are node ids)
+        endpoints[f"node-{d.name}"] = wrap[d.name](fn) if wrap and d.name in wrap else fn
     return InProcessTransport(endpoints, observer)
 
 
