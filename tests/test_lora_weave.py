@@ -288,3 +288,33 @@ def test_weave_resumes_after_the_last_stored_round(world, tmp_path):
     report = Pipeline(_transport(world, observer=lambda dr, s, mt, c: sent.append((dr, mt))), _cfg(world), run).run()
     assert sent.count(("down", "train.finetune")) == 0 and sent.count(("down", "train.weave")) == 3
     assert report["weave"]["rounds"] == 2 and len(report["weave"]["hops"]) == 6
+
+
+@pytest.mark.parametrize("rel,finetunes,weaves", [("woven/garden.safetensors", 0, 6),
+                                                 ("lora/garden.safetensors", 1, 6)])
+def test_damaged_lora_or_woven_file_is_redone_on_resume(world, woven_run, tmp_path, rel, finetunes, weaves):
+    """A stored module is checked on resume like a fresh reply: a damaged woven module redoes the weave; a
+    damaged LoRA module refits that silo only (its task vector goes with it), then weaves again."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(woven_run[0], run)
+    raw = bytearray((run / rel).read_bytes())
+    raw[-8:] = b"\xff" * 8
+    (run / rel).write_bytes(bytes(raw))
+    sent = []
+    report = Pipeline(_transport(world, observer=lambda dr, s, mt, c: sent.append((dr, mt))), _cfg(world), run).run()
+    assert sent.count(("down", "train.finetune")) == finetunes and sent.count(("down", "train.weave")) == weaves
+    assert report["weave"]["rounds"] == 2 and report["dropped"] == []
+
+
+def test_new_weave_epochs_redo_weave_and_merges_only(world, woven_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(woven_run[0], run)
+    sent = []
+    Pipeline(_transport(world, observer=lambda dr, s, mt, c: sent.append((dr, mt))), _cfg(world, weave_epochs=2),
+             run).run()
+    asked = {mt for dr, mt in sent if dr == "down"}
+    assert asked == {"query.handshake", "train.weave", "evaluate.merged"}
