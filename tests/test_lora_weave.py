@@ -313,8 +313,14 @@ def test_new_weave_epochs_redo_weave_and_merges_only(world, woven_run, tmp_path)
 
     run = tmp_path / "run"
     shutil.copytree(woven_run[0], run)
+    files = lambda: json.loads((run / "checkpoint.json").read_text())["files"]  # noqa: E731
+    before = files()
     sent = []
     Pipeline(_transport(world, observer=lambda dr, s, mt, c: sent.append((dr, mt))), _cfg(world, weave_epochs=2),
              run).run()
     asked = {mt for dr, mt in sent if dr == "down"}
     assert asked == {"query.handshake", "train.weave", "evaluate.merged"}
+    after = files()
+    for rel in ("woven/garden.safetensors", "merges/task_arithmetic.safetensors", "merges/mergerec-task.safetensors"):
+        assert after[rel] != before[rel], rel  # merged again from the newly woven modules
+    assert after["task_vectors/garden.safetensors"] == before["task_vectors/garden.safetensors"]
