@@ -62,15 +62,28 @@ class Checkpoint(BaseModel):
     weave: dict = {}  # weaving progress (server/weaving.py): rounds done, holders, hops, skipped silos
 
 
-def stage_fingerprints(cfg) -> dict[str, str]:
+def _dump(cfg) -> dict:
+    """The config as fingerprinted: LoRA and weaving fields are left out while off (finetune = full,
+    weave-rounds = 0), so run directories made before those options existed still resume."""
     dump = cfg.model_dump(mode="json")
+    if dump["train"].get("finetune") == "full":
+        for k in ("finetune", "lora_rank", "lora_alpha", "lora_targets"):
+            dump["train"].pop(k, None)
+    if not dump.get("weave_rounds"):
+        for k in ("weave_rounds", "weave_epochs"):
+            dump.pop(k, None)
+    return dump
+
+
+def stage_fingerprints(cfg) -> dict[str, str]:
+    dump = _dump(cfg)
     everywhere = set(dump) - NO_EFFECT - set().union(*_OWN.values())
     out = {}
     for stage in _OWN:
         fields = set(_OWN["finetune"]) | _OWN[stage] | everywhere
         for dep in _READS.get(stage, []):
             fields |= _OWN[dep]
-        text = json.dumps({k: dump[k] for k in sorted(fields)}, sort_keys=True)
+        text = json.dumps({k: dump[k] for k in sorted(fields) if k in dump}, sort_keys=True)
         out[stage] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return out
 

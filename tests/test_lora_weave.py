@@ -324,3 +324,18 @@ def test_new_weave_epochs_redo_weave_and_merges_only(world, woven_run, tmp_path)
     for rel in ("woven/garden.safetensors", "merges/task_arithmetic.safetensors", "merges/mergerec-task.safetensors"):
         assert after[rel] != before[rel], rel  # merged again from the newly woven modules
     assert after["task_vectors/garden.safetensors"] == before["task_vectors/garden.safetensors"]
+
+
+def test_stage_fingerprints_ignore_lora_and_weaving_while_off():
+    """Run directories made before LoRA and weaving existed still resume: while off, those fields are not
+    fingerprinted; switching LoRA on changes fine-tuning's fingerprint, weaving changes the merges'."""
+    from server.checkpoint import stage_fingerprints
+
+    off = stage_fingerprints(PipelineConfig())
+    same = stage_fingerprints(PipelineConfig(train=TrainConfig(lora_rank=2), weave_epochs=3))
+    assert off == same
+    lora_on = stage_fingerprints(PipelineConfig(train=TrainConfig(finetune="lora")))
+    assert lora_on["finetune"] != off["finetune"]
+    woven = stage_fingerprints(PipelineConfig(train=TrainConfig(finetune="lora"), weave_rounds=1))
+    assert woven["finetune"] == lora_on["finetune"] and woven["teacher"] == lora_on["teacher"]
+    assert all(woven[s] != lora_on[s] for s in ("weave", "merge_init", "coefficients", "evaluate"))
