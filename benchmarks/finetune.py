@@ -1,7 +1,7 @@
 """Fine-tuning levers: wall time and test quality of a silo's fine-tuning under different TrainConfig settings.
 
     python -m benchmarks.finetune --domains Sports,Toys --variants "full:" "s1024:negatives=sampled,num_negatives=1024"
-                                  [--data-root DIR] [--train KEY=VALUE,...] [--test-users 5000] [--out FILE]
+                                  [--data-root DIR] [--train KEY=VALUE,...] [--backbone KEY=VALUE,...] [--test-users 5000] [--out FILE]
 
 Each variant is NAME:KEY=VALUE,... (TrainConfig fields, on top of the silo defaults and `--train`). A driver,
 not a second implementation: it fine-tunes exactly as a silo does (common.train.fine_tune: early stopping,
@@ -43,7 +43,8 @@ def run_one(domain: str, name: str, settings: dict, args) -> dict:
 
     torch.set_num_threads(args.threads)
     silo = load_silo(args.data_root / domain, domain)
-    model = build_backbone(BackboneConfig(cache_dir=args.cache_dir, base=args.base), seed=0)
+    model = build_backbone(BackboneConfig(**{"cache_dir": args.cache_dir, "base": args.base,
+                                             **parse_settings(args.backbone)}), seed=0)
     dom = model.domain_inputs(silo.catalog)
     cfg = TrainConfig(**{"progress": False, **parse_settings(args.train), **settings})
     t0 = time.perf_counter()
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--domains", default="Beauty,Sports,Toys")
     ap.add_argument("--variants", nargs="+", default=["full:"], help="NAME:KEY=VALUE,... (TrainConfig fields)")
     ap.add_argument("--train", default="", help="settings shared by every variant, KEY=VALUE,...")
+    ap.add_argument("--backbone", default="", help="BackboneConfig settings, KEY=VALUE,... (e.g. center_items=true)")
     ap.add_argument("--test-users", type=int, default=5000, help="seeded test subsample (0 = every user)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--base", default="init", help="light base: init | bundled | a base file")

@@ -27,6 +27,9 @@ class BackboneConfig(Strict):
     ff_mult: PositiveInt = 2
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     max_items: PositiveInt = Field(50, description="at most this many most recent history items")
+    center_items: bool = Field(False, description="light: subtract the catalog's mean item-text embedding and "
+                               "re-normalise before the adaptor (removes the direction all of one catalog's "
+                               "items share, which differs from catalog to catalog)")
     # text backbone / item features
     item_value_tokens: PositiveInt = Field(32, description="each of title/brand/category cut to this many tokens")
     item_max_tokens: PositiveInt = 128

@@ -20,6 +20,7 @@ from server.pipeline import PipelineConfig
 #: run-config key -> (model, field) it sets; model "" is PipelineConfig itself
 PIPELINE_KEYS = {
     "backbone": ("backbone", "kind"), "encoder": ("backbone", "encoder"), "base": ("backbone", "base"),
+    "center-items": ("backbone", "center_items"),
     "epochs": ("train", "epochs"), "batch-size": ("train", "batch_size"), "lr": ("train", "lr"),
     "patience": ("train", "patience"), "refit-on-val": ("train", "refit_on_val"), "l2sp": ("train", "l2sp"),
     "selection": ("train", "selection"), "negatives": ("train", "negatives"),
@@ -114,7 +115,8 @@ HELP = {
     "min-silos": "go on without failed silos while at least this many remain", "retries": "per stage and silo",
     "timeout-s": "per stage and attempt; (none) or auto = sized from the data", "max-task-vector-ratio": "refuse a task vector whose norm exceeds this x the base's",
     "backbone": "light | text", "encoder": "'minilm' (bundled) or a local model folder",
-    "base": "light base: init | bundled | a base file", "epochs": "at most; early stopping on validation NDCG@10",
+    "base": "light base: init | bundled | a base file",
+    "center-items": "light: centre each catalog's item-text embeddings before the adaptor", "epochs": "at most; early stopping on validation NDCG@10",
     "batch-size": "fine-tuning batch", "lr": "fine-tuning learning rate", "patience": "epochs without a validation gain",
     "refit-on-val": "retrain on train + validation items for the chosen epochs", "l2sp": "pull toward the base",
     "selection": "refit (select, then retrain on train + val) | held-out-users (one run)",
