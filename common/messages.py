@@ -16,7 +16,7 @@ import re
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from common.config import MIN_USERS_FOR_METRICS, BackboneConfig, TrainConfig  # noqa: F401 (re-exported)
 
@@ -163,8 +163,24 @@ class TeacherReply(Header):
         return {"teacher"}
 
 
+#: most domain models an integrated model may carry (bounds what a request can make a silo allocate)
+MAX_INTEGRATED_DOMAINS = 32
+MAX_GATE_HIDDEN = 1024
+
+
+class IntegratedSpec(Header):
+    """An integrated (X-Cross) model: K domain versions of every transformer block mixed by per-layer gates
+    (common/integration.py). The spec and the base fix every array's name and shape; the silo requires
+    exactly those (`IntegratedRecommender.skeleton(base, spec)`)."""
+
+    kind: Literal["xcross"] = "xcross"
+    num_domains: int = Field(ge=1, le=MAX_INTEGRATED_DOMAINS)
+    gate_hidden: int = Field(0, ge=0, le=MAX_GATE_HIDDEN, description="0: linear gate; H: MLP with H hidden units")
+
+
 class EvaluateRequest(Header):
-    """Arrays: one group per model name = {parameter name: float32 array} (full weights)."""
+    """Arrays: one group per model name = {parameter name: float32 array}: full weights, or for a model named
+    in `integrated` the integrated model's parameters (shared non-block weights, K block sets, gates)."""
 
     base: BaseSpec
     split: Literal["val", "test"] = "test"
@@ -172,6 +188,14 @@ class EvaluateRequest(Header):
     max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, description="a seeded subsample; never "
                                   "fewer users than an aggregate needs, so no metric describes a single user")
     seed: int = 0
+    integrated: dict[str, IntegratedSpec] = Field(default_factory=dict)
+
+    @field_validator("integrated")
+    @classmethod
+    def _integrated_are_models(cls, v: dict, info: ValidationInfo) -> dict:
+        if set(v) - set(info.data.get("models") or []):
+            raise ValueError("integrated names a model that is not in models")
+        return v
 
     def array_groups(self) -> set[str]:
         return set(self.models)
