@@ -155,8 +155,13 @@ class SiloWorker:
         for name in req.models:
             if name not in arrays:
                 raise ContractError(f"model {name!r} has no weights in the message")
-            check_state_arrays(arrays[name], shapes, f"model {name}")
-            model = self._model_with(arrays[name])
+            if name in req.integrated:  # an integrated model: K block sets + gates (common/integration.py)
+                from common.integration import from_arrays
+
+                model = from_arrays(base, req.integrated[name], arrays[name], f"model {name}")
+            else:
+                check_state_arrays(arrays[name], shapes, f"model {name}")
+                model = self._model_with(arrays[name])
             res = evaluate_split(model, self.silo, self._dom, req.split, max_users=req.max_users, seed=req.seed)
             metrics[name] = AggregateMetrics.from_result(res)
         return EvaluateReply(domain=self.domain, metrics=metrics), {}

@@ -181,3 +181,18 @@ def inference_cost(model: Recommender, dom: DomainInputs, *, batch: int = 256, l
     times = sorted(times[1:])
     return {"seconds_per_batch": times[len(times) // 2], "batch": batch, "history_length": length,
             "parameters": parameter_count(model)}
+
+
+def from_arrays(base: Recommender, spec: IntegratedSpec, named: Mapping, what: str) -> IntegratedRecommender:
+    """The integrated model a silo evaluates, from a request's array group: exactly the names and shapes that
+    `spec` and the silo's own base imply, float32, finite (ContractError otherwise, before anything runs)."""
+    import numpy as np
+
+    from common.messages import ContractError, check_state_arrays
+
+    if not isinstance(base, LightRecommender):
+        raise ContractError(f"{what}: integrated models need the light backbone")
+    model = IntegratedRecommender.skeleton(base, spec)
+    check_state_arrays(named, {n: tuple(p.shape) for n, p in model.named_parameters()}, what)
+    load_exact(model, {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in named.items()})
+    return model.eval()
