@@ -181,3 +181,30 @@ def test_hostile_integrated_requests_are_refused(world, models, tmp_path):
             IntegratedSpec(**spec)
     with pytest.raises(ContractError):
         from_arrays(base, IntegratedSpec(num_domains=2), bad_shape, "model xcross")
+
+
+@pytest.mark.parametrize("key,value", [("integration", "moe"), ("integration-steps", -1), ("integration-lr", 0.0),
+                                       ("gate-hidden", -2), ("gate-hidden", 5000)])
+def test_bad_integration_config_names_the_key(key, value):
+    from server.config import ConfigError, app_defaults, pipeline_config
+
+    with pytest.raises(ConfigError, match=f"(^|[ ;]){key}: "):
+        pipeline_config({**app_defaults(), key: value})
+
+
+def test_turning_integration_on_redoes_only_integration_and_evaluation(world, tmp_path):
+    root, enc, dirs = world
+    calls = []
+    run = tmp_path / "run"
+    kw = dict(baselines=[], granularities=["task"])
+    first = Pipeline(_transport(dirs, root), _cfg(enc, root, **kw), run).run()
+    assert "xcross" not in first["metrics"][dirs[0].name] and first["integration"] is None
+    on = _cfg(enc, root, **kw, integration=IntegrationConfig(kind="xcross", steps=5, gate_hidden=4))
+    report = Pipeline(_transport(dirs, root, observer=lambda dr, s, mt, c: calls.append((dr, mt))), on, run).run()
+    asked = {mt for dr, mt in calls if dr == "down"}
+    assert asked == {"query.handshake", "evaluate.merged"}  # no fine-tuning, no teacher again
+    assert all("xcross" in report["metrics"][d.name] for d in dirs)
+    assert report["integration"]["spec"] == {"kind": "xcross", "num_domains": 3, "gate_hidden": 4}
+    # the stored integrated model is checked on resume like every other stored file
+    ck = json.loads((run / "checkpoint.json").read_text())
+    assert "integration/xcross.safetensors" in ck["files"] and "integration" in ck["completed"]
