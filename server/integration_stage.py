@@ -65,8 +65,10 @@ def run(p) -> None:
             "single_merged": inference_cost(single, dom, seed=p.cfg.seed), "domain": domains[0]}
     cost["time_ratio"] = cost["integrated"]["seconds_per_batch"] / max(cost["single_merged"]["seconds_per_batch"], 1e-12)
     cost["parameter_ratio"] = cost["integrated"]["parameters"] / cost["single_merged"]["parameters"]
-    log.info("integration: %s over %s, held-out loss %s, %.1fx the time and %.2fx the parameters of one model",
-             NAME, ", ".join(domains), [round(h["loss"], 4) for h in res.holdout[:1] + res.holdout[-1:]],
+    curve = res.holdout or res.history  # held-out loss when coefficient learning holds pseudo-users out
+    log.info("integration: %s over %s, %s loss %s -> %s, %.1fx the time and %.2fx the parameters of one model",
+             NAME, ", ".join(domains), "held-out" if res.holdout else "training",
+             *(f"{c['loss']:.4f}" if c else "-" for c in (curve[:1] or [None]) + (curve[-1:] or [None])),
              cost["time_ratio"], cost["parameter_ratio"])
     info = {"name": NAME, "spec": model.spec.model_dump(), "domains": domains, "config": icfg.model_dump(),
             "shared": f"mergerec-{p.cfg.granularities[0]}", "chosen_step": res.chosen_step,
