@@ -27,6 +27,7 @@ HANDSHAKE = "query.handshake"
 FINETUNE = "train.finetune"
 TEACHER = "query.teacher"
 EVALUATE = "evaluate.merged"
+TUNE_GATES = "train.gates"
 
 
 class ContractError(ValueError):
@@ -204,6 +205,36 @@ class EvaluateRequest(Header):
 class EvaluateReply(Header):
     domain: str
     metrics: dict[str, AggregateMetrics]
+
+
+#: the parameters a silo may train in a GateTuneRequest: only the gates (common/integration.py names)
+GATE_FROZEN_PREFIXES = ("adaptor", "position", "experts")
+
+
+class GateTuneRequest(Header):
+    """X-Cross's "new domain with less data": a silo (typically one that took no part) fine-tunes only the gates
+    of an integrated model on a seeded `user_fraction` of its training users (common.train.fine_tune with
+    every non-gate parameter frozen; `train.freeze` and `train.max_users` are set by the silo). Arrays: group
+    "model" = the integrated model's parameters, checked as in EvaluateRequest. The tuned model stays in the
+    silo; only aggregate test metrics before and after come back (`GateTuneReply`)."""
+
+    base: BaseSpec
+    spec: IntegratedSpec
+    train: TrainConfig
+    user_fraction: float = Field(gt=0, le=1)
+    max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, description="evaluation subsample")
+    seed: int = 0
+
+    def array_groups(self) -> set[str]:
+        return {"model"}
+
+
+class GateTuneReply(Header):
+    domain: str
+    before: AggregateMetrics  # test split, the integrated model as received
+    after: AggregateMetrics  # test split, after tuning its gates
+    epochs: int = Field(ge=0)
+    seconds: float = Field(ge=0)
 
 
 Arrays = dict[str, dict[str, np.ndarray]]

@@ -208,3 +208,35 @@ def test_turning_integration_on_redoes_only_integration_and_evaluation(world, tm
     # the stored integrated model is checked on resume like every other stored file
     ck = json.loads((run / "checkpoint.json").read_text())
     assert "integration/xcross.safetensors" in ck["files"] and "integration" in ck["completed"]
+
+
+def test_new_domain_tunes_only_the_gates_and_sends_aggregates(world, models, tmp_path):
+    """X-Cross "new domain with less data": the silo fine-tunes the gates on a fraction of its users; the tuned
+    model stays there; only before/after test aggregates come back. A bad fraction is refused."""
+    from safetensors.torch import load_file
+
+    from common.config import TrainConfig
+    from common.messages import TUNE_GATES, GateTuneReply, GateTuneRequest, decode
+
+    root, enc, dirs = world
+    base, bs, states, _ = models
+    bb = BackboneConfig(kind="light", encoder=str(enc), layers=2, heads=2, cache_dir=root / "cache")
+    spec = BaseSpec(backbone=bb, seed=0, fingerprint=fingerprint(shared_state(base)))
+    sent = IntegratedRecommender.from_states(base, bs, states[:2], 0)
+    arrays = {"model": state_to_numpy({n: p.detach() for n, p in sent.named_parameters()})}
+    worker = SiloWorker(dirs[2].name, dirs[2], state_dir=tmp_path / "state", cache_dir=root / "cache")
+    call = in_process_endpoint(worker)
+    train = TrainConfig(epochs=3, batch_size=16, lr=0.05, warmup_steps=1, patience=3, refit_on_val=False,
+                        progress=False, val_max_users=None, freeze=[])  # freeze=[]: the silo still freezes
+    req = GateTuneRequest(base=spec, spec=sent.spec, train=train, user_fraction=0.5)
+    reply, out = decode(call(TUNE_GATES, encode(req, arrays)), GateTuneReply)
+    assert out == {} and reply.domain == dirs[2].name and reply.before.users == reply.after.users >= 5
+    assert assert_no_user_data([("reply", reply.model_dump_json(), {})], dirs) >= 1
+    tuned = load_file(str(next((tmp_path / "state").glob("integrated-tuned-*.safetensors"))))
+    sent_state = {n: p.detach() for n, p in sent.named_parameters()}
+    assert all(torch.equal(tuned[n], t) for n, t in sent_state.items() if not n.startswith("gates."))
+    assert any(not torch.equal(tuned[n], t) for n, t in sent_state.items() if n.startswith("gates."))
+    for bad in (0.0, 1.5):
+        hostile = GateTuneRequest.model_construct(**{**req.__dict__, "user_fraction": bad})
+        with pytest.raises(SiloReplyError, match="user_fraction"):
+            call(TUNE_GATES, encode(hostile, arrays))
