@@ -38,6 +38,7 @@ class DomainInputs:
     num_items: int
     features: torch.Tensor | None = None  # light: [N, F] frozen item-text embeddings
     texts: list[str] | None = None  # text: item texts, row = item id
+    feature_mean: torch.Tensor | None = None  # light, center_items: [F] the catalog mean subtracted from features
 
 
 def pad_histories(histories: list[list[int]], max_items: int) -> torch.Tensor:
@@ -98,7 +99,10 @@ class LightRecommender(Recommender):
                 blk.linear2.weight.zero_()
                 blk.linear2.bias.zero_()
 
-    def domain_inputs(self, catalog: CatalogView, *, features: torch.Tensor | None = None, **kw) -> DomainInputs:
+    def domain_inputs(self, catalog: CatalogView, *, features: torch.Tensor | None = None,
+                      center_like: DomainInputs | None = None, **kw) -> DomainInputs:
+        """The catalog's frozen item-text features [N, F] (cached), centred when `cfg.center_items`: on the
+        catalog's own mean, or on `center_like`'s (items added to an indexed catalog keep its geometry)."""
         if features is None:
             from common.item_cache import item_text_embeddings
 
@@ -112,7 +116,11 @@ class LightRecommender(Recommender):
             )
         if features.shape[0] != len(catalog):
             raise ValueError(f"{catalog.domain}: {features.shape[0]} feature rows for {len(catalog)} items")
-        return DomainInputs(catalog.domain, len(catalog), features=features)
+        mean = None
+        if self.cfg.center_items:
+            mean = center_like.feature_mean if center_like is not None else features.mean(0)
+            features = F.normalize(features - mean, dim=-1)
+        return DomainInputs(catalog.domain, len(catalog), features=features, feature_mean=mean)
 
     def _items(self, dom: DomainInputs, ids: torch.Tensor) -> torch.Tensor:
         feats = dom.features.to(self.adaptor.weight.device)

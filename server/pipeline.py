@@ -148,7 +148,7 @@ class Pipeline:
     def _timeout(self, stage: str, requests: dict) -> float:
         first = next(iter(requests.values()), (None, {}))
         return stage_timeout(stage, self.cfg.timeout_s, max_items=max(map(len, self.catalogs.values()), default=0),
-                             epochs=self.cfg.train.epochs, refit=self.cfg.train.refit_on_val, models=len(first[1]))
+                             epochs=self.cfg.train.epochs, refit=self.cfg.train.refits, models=len(first[1]))
 
     # ---------------------------------------------------------------- stages
     def handshake(self) -> None:
