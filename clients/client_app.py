@@ -26,9 +26,11 @@ from common.messages import (
     FINETUNE,
     HANDSHAKE,
     TEACHER,
+    TUNE_GATES,
     ContractError,
     EvaluateRequest,
     FinetuneRequest,
+    GateTuneRequest,
     HandshakeRequest,
     SiloReplyError,
     TeacherRequest,
@@ -47,6 +49,7 @@ _ROUTES = {
     FINETUNE: (FinetuneRequest, "finetune"),
     TEACHER: (TeacherRequest, "teacher"),
     EVALUATE: (EvaluateRequest, "evaluate"),
+    TUNE_GATES: (GateTuneRequest, "tune_gates"),
 }
 _workers: dict[tuple, SiloWorker] = {}
 
@@ -88,8 +91,8 @@ def handle(worker: SiloWorker, message_type: str, content):
         raise ContractError(f"unexpected message type {message_type!r}")
     req_type, method = _ROUTES[message_type]
     header, arrays = decode(content, req_type)
-    if method == "evaluate":
-        reply, out_arrays = worker.evaluate(header, arrays)
+    if method in ("evaluate", "tune_gates"):  # the requests that carry models
+        reply, out_arrays = getattr(worker, method)(header, arrays)
     else:
         if arrays:
             raise ContractError(f"{message_type} carries no arrays, got {sorted(arrays)}")

@@ -126,7 +126,9 @@ class LightRecommender(Recommender):
         feats = dom.features.to(self.adaptor.weight.device)
         return self.adaptor(feats[ids])
 
-    def _positions(self, dom: DomainInputs, hist: torch.Tensor) -> torch.Tensor:
+    def block_inputs(self, dom: DomainInputs, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [B, L, dim], attention mask [B * heads, L, L]): what the first transformer block receives.
+        Also used by `common.integration.IntegratedRecommender`, which has the same adaptor/position/cfg."""
         b, length = hist.shape
         valid = hist >= 0
         x = self._items(dom, hist.clamp_min(0)) * valid.unsqueeze(-1)
@@ -137,7 +139,10 @@ class LightRecommender(Recommender):
         allowed = causal & (valid.unsqueeze(1) | torch.eye(length, dtype=torch.bool, device=hist.device))
         mask = torch.zeros(b, length, length, device=x.device, dtype=x.dtype)
         mask.masked_fill_(~allowed, float("-inf"))
-        mask = mask.repeat_interleave(self.cfg.heads, dim=0)
+        return x, mask.repeat_interleave(self.cfg.heads, dim=0)
+
+    def _positions(self, dom: DomainInputs, hist: torch.Tensor) -> torch.Tensor:
+        x, mask = self.block_inputs(dom, hist)
         return self.blocks(x, mask=mask)
 
     def forward(self, dom: DomainInputs, kind: str, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from common.config import BackboneConfig, TrainConfig
+from common.integration import IntegrationConfig
 from common.merging.coefficients import CoefficientConfig
 from common.run_config import OPTION_KEYS, RunOptions, comma_list, given
 from server.pipeline import PipelineConfig
@@ -28,6 +29,8 @@ PIPELINE_KEYS = {
     "freeze": ("train", "freeze"), "max-users": ("train", "max_users"), "val-max-users": ("train", "val_max_users"),
     "coef-steps": ("coefficients", "steps"), "coef-lr": ("coefficients", "lr"),
     "coef-batch-size": ("coefficients", "batch_size"),
+    "integration": ("integration", "kind"), "integration-steps": ("integration", "steps"),
+    "integration-lr": ("integration", "lr"), "gate-hidden": ("integration", "gate_hidden"),
     **{k: ("", k.replace("-", "_")) for k in (
         "catalog-root", "baselines", "init-method", "granularities", "pseudo-users", "pseudo-users-n",
         "teacher-top-k", "eval-max-users", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed")},
@@ -72,12 +75,13 @@ def pipeline_config(rc: dict) -> tuple[PipelineConfig, Path, dict]:
     try:
         return _build(rc)
     except ValidationError as exc:
-        model = {"TrainConfig": "train", "CoefficientConfig": "coefficients", "BackboneConfig": "backbone"}
+        model = {"TrainConfig": "train", "CoefficientConfig": "coefficients", "BackboneConfig": "backbone",
+                 "IntegrationConfig": "integration"}
         raise _config_error(exc, model.get(exc.title, "")) from None
 
 
 def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
-    parts: dict[str, dict] = {"": {}, "backbone": {}, "train": {}, "coefficients": {}}
+    parts: dict[str, dict] = {"": {}, "backbone": {}, "train": {}, "coefficients": {}, "integration": {}}
     for key, value in rc.items():
         if key not in PIPELINE_KEYS:
             continue
@@ -97,7 +101,7 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
     backbone = BackboneConfig(**parts["backbone"])
     train = TrainConfig.for_backbone(backbone.kind, **parts["train"], progress=False)
     cfg = PipelineConfig(backbone=backbone, train=train, coefficients=CoefficientConfig(**parts["coefficients"]),
-                         **parts[""])
+                         integration=IntegrationConfig(**parts["integration"]), **parts[""])
     server = {"min_nodes": opts.min_nodes, "node_wait_s": opts.node_wait_s, "domains": opts.domains,
               "record_messages": str(opts.record_messages or ""), "expect_domains": opts.expect_domains}
     return cfg, opts.run_dir, server
@@ -126,6 +130,9 @@ HELP = {
     "baselines": "training-free merges to evaluate", "init-method": "MergeRec starts from this merge",
     "granularities": "MergeRec coefficients: task and/or layer", "coef-steps": "coefficient-learning steps",
     "coef-lr": "coefficient-learning lr", "coef-batch-size": "pseudo-users per step",
+    "integration": "none | xcross: also evaluate per-layer gated domain blocks",
+    "integration-steps": "gate-training steps", "integration-lr": "gate-training lr",
+    "gate-hidden": "integrated model: 0 = linear gate per layer, H = MLP with H hidden units",
     "pseudo-users": "all | random | kmeans", "pseudo-users-n": "0 = all items", "teacher-top-k": "0 = all items",
     "eval-max-users": "0 = every test user", "seed": "base, fine-tuning and coefficient learning",
 }
@@ -140,7 +147,8 @@ def _fmt(v) -> str:
 def defaults() -> dict[str, str]:
     """Each run-config key's default as text, read from the models (training keys: per backbone)."""
     light, text = TrainConfig.for_backbone("light"), TrainConfig.for_backbone("text")
-    models = {"": PipelineConfig(), "backbone": BackboneConfig(), "coefficients": CoefficientConfig()}
+    models = {"": PipelineConfig(), "backbone": BackboneConfig(), "coefficients": CoefficientConfig(),
+              "integration": IntegrationConfig()}
     out = {k.replace("_", "-"): _fmt(getattr(RunOptions(), k)) for k in RunOptions.model_fields}
     for key, (model, field) in PIPELINE_KEYS.items():
         if model == "train":
