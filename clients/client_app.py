@@ -27,9 +27,11 @@ from common.messages import (
     HANDSHAKE,
     TEACHER,
     WEAVE,
+    TUNE_GATES,
     ContractError,
     EvaluateRequest,
     FinetuneRequest,
+    GateTuneRequest,
     HandshakeRequest,
     SiloReplyError,
     TeacherRequest,
@@ -50,8 +52,9 @@ _ROUTES = {
     TEACHER: (TeacherRequest, "teacher"),
     EVALUATE: (EvaluateRequest, "evaluate"),
     WEAVE: (WeaveRequest, "weave"),
+    TUNE_GATES: (GateTuneRequest, "tune_gates"),
 }
-_WITH_ARRAYS = {"evaluate", "weave"}  # handlers whose requests carry array groups (their headers name them)
+_WITH_ARRAYS = {"evaluate", "weave", "tune_gates"}  # handlers whose requests carry array groups (models)
 _workers: dict[tuple, SiloWorker] = {}
 
 

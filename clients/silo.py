@@ -34,6 +34,9 @@ from common.messages import (
     EvaluateReply,
     EvaluateRequest,
     FinetuneReply,
+    GATE_FROZEN_PREFIXES,
+    GateTuneReply,
+    GateTuneRequest,
     FinetuneRequest,
     HandshakeReply,
     MIN_USERS_FOR_METRICS,
@@ -195,8 +198,32 @@ class SiloWorker:
         for name in req.models:
             if name not in arrays:
                 raise ContractError(f"model {name!r} has no weights in the message")
-            check_state_arrays(arrays[name], shapes, f"model {name}")
-            model = self._model_with(arrays[name])
+            if name in req.integrated:  # an integrated model: K block sets + gates (common/integration.py)
+                from common.integration import from_arrays
+
+                model = from_arrays(base, req.integrated[name], arrays[name], f"model {name}")
+            else:
+                check_state_arrays(arrays[name], shapes, f"model {name}")
+                model = self._model_with(arrays[name])
             res = evaluate_split(model, self.silo, self._dom, req.split, max_users=req.max_users, seed=req.seed)
             metrics[name] = AggregateMetrics.from_result(res)
         return EvaluateReply(domain=self.domain, metrics=metrics), {}
+
+    def tune_gates(self, req: GateTuneRequest, arrays: Arrays) -> tuple[GateTuneReply, Arrays]:
+        """Fine-tune only the gates of the integrated model in `arrays["model"]` on a seeded fraction of this
+        silo's training users; keep the tuned model here (state folder); reply with test aggregates only."""
+        from common.integration import from_arrays
+
+        base = self._require_base(req.base)
+        model = from_arrays(base, req.spec, arrays["model"], "model")
+        before = evaluate_split(model, self.silo, self._dom, "test", max_users=req.max_users, seed=req.seed)
+        users = max(MIN_USERS_FOR_METRICS, round(req.user_fraction * len(self.silo.users)))
+        cfg = req.train.model_copy(update={"freeze": list(GATE_FROZEN_PREFIXES), "max_users": users})
+        res = fine_tune(model, self.silo, self._dom, cfg)
+        after = evaluate_split(model, self.silo, self._dom, "test", max_users=req.max_users, seed=req.seed)
+        path = self.state_dir / f"integrated-tuned-{self._base_fp[:16]}.safetensors"
+        with atomic_path(path, mode=0o600) as tmp:  # trained on this silo's users: it stays here
+            save_file({n: t.contiguous() for n, t in res.state.items()}, str(tmp))
+        return GateTuneReply(domain=self.domain, before=AggregateMetrics.from_result(before),
+                             after=AggregateMetrics.from_result(after), epochs=res.epochs,
+                             seconds=res.seconds), {}

@@ -38,6 +38,7 @@ class DomainInputs:
     num_items: int
     features: torch.Tensor | None = None  # light: [N, F] frozen item-text embeddings
     texts: list[str] | None = None  # text: item texts, row = item id
+    feature_mean: torch.Tensor | None = None  # light, center_items: [F] the catalog mean subtracted from features
 
 
 def pad_histories(histories: list[list[int]], max_items: int) -> torch.Tensor:
@@ -98,7 +99,10 @@ class LightRecommender(Recommender):
                 blk.linear2.weight.zero_()
                 blk.linear2.bias.zero_()
 
-    def domain_inputs(self, catalog: CatalogView, *, features: torch.Tensor | None = None, **kw) -> DomainInputs:
+    def domain_inputs(self, catalog: CatalogView, *, features: torch.Tensor | None = None,
+                      center_like: DomainInputs | None = None, **kw) -> DomainInputs:
+        """The catalog's frozen item-text features [N, F] (cached), centred when `cfg.center_items`: on the
+        catalog's own mean, or on `center_like`'s (items added to an indexed catalog keep its geometry)."""
         if features is None:
             from common.item_cache import item_text_embeddings
 
@@ -112,13 +116,19 @@ class LightRecommender(Recommender):
             )
         if features.shape[0] != len(catalog):
             raise ValueError(f"{catalog.domain}: {features.shape[0]} feature rows for {len(catalog)} items")
-        return DomainInputs(catalog.domain, len(catalog), features=features)
+        mean = None
+        if self.cfg.center_items:
+            mean = center_like.feature_mean if center_like is not None else features.mean(0)
+            features = F.normalize(features - mean, dim=-1)
+        return DomainInputs(catalog.domain, len(catalog), features=features, feature_mean=mean)
 
     def _items(self, dom: DomainInputs, ids: torch.Tensor) -> torch.Tensor:
         feats = dom.features.to(self.adaptor.weight.device)
         return self.adaptor(feats[ids])
 
-    def _positions(self, dom: DomainInputs, hist: torch.Tensor) -> torch.Tensor:
+    def block_inputs(self, dom: DomainInputs, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [B, L, dim], attention mask [B * heads, L, L]): what the first transformer block receives.
+        Also used by `common.integration.IntegratedRecommender`, which has the same adaptor/position/cfg."""
         b, length = hist.shape
         valid = hist >= 0
         x = self._items(dom, hist.clamp_min(0)) * valid.unsqueeze(-1)
@@ -129,7 +139,10 @@ class LightRecommender(Recommender):
         allowed = causal & (valid.unsqueeze(1) | torch.eye(length, dtype=torch.bool, device=hist.device))
         mask = torch.zeros(b, length, length, device=x.device, dtype=x.dtype)
         mask.masked_fill_(~allowed, float("-inf"))
-        mask = mask.repeat_interleave(self.cfg.heads, dim=0)
+        return x, mask.repeat_interleave(self.cfg.heads, dim=0)
+
+    def _positions(self, dom: DomainInputs, hist: torch.Tensor) -> torch.Tensor:
+        x, mask = self.block_inputs(dom, hist)
         return self.blocks(x, mask=mask)
 
     def forward(self, dom: DomainInputs, kind: str, x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ BUNDLED = Path(__file__).parent / "assets" / "base_light.json"
 FORMAT = "mergerec-base-v1"
 #: BackboneConfig fields that define the architecture a checkpoint was trained for
 ARCH_FIELDS = ("kind", "encoder", "dim", "layers", "heads", "ff_mult", "max_items", "item_value_tokens",
-               "item_max_tokens")
+               "item_max_tokens", "center_items")
 
 
 class BaseFileError(ValueError):
@@ -116,7 +116,9 @@ def check_architecture(card: BaseCard | None, backbone, path: str) -> None:
     if card is None:
         return
     want = backbone.model_dump(mode="json", include=set(ARCH_FIELDS))
-    diff = {k: (card.architecture.get(k), v) for k, v in want.items() if card.architecture.get(k) != v}
+    # a field a card predates was at its default when the checkpoint was made
+    have = {k: card.architecture.get(k, type(backbone).model_fields[k].default) for k in want}
+    diff = {k: (have[k], v) for k, v in want.items() if have[k] != v}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
         raise BaseFileError(f"base checkpoint {path} was made for another backbone ({detail})")

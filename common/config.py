@@ -30,6 +30,9 @@ class BackboneConfig(Strict):
     ff_mult: PositiveInt = 2
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     max_items: PositiveInt = Field(50, description="at most this many most recent history items")
+    center_items: bool = Field(False, description="light: subtract the catalog's mean item-text embedding and "
+                               "re-normalise before the adaptor (removes the direction all of one catalog's "
+                               "items share, which differs from catalog to catalog)")
     # text backbone / item features
     item_value_tokens: PositiveInt = Field(32, description="each of title/brand/category cut to this many tokens")
     item_max_tokens: PositiveInt = 128
@@ -50,13 +53,21 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(100, ge=0, description="linear lr warm-up, capped at one epoch's steps (a small "
                               "silo or user subsample still reaches the configured lr)")
     tau: float = Field(0.05, gt=0)
-    negatives: Literal["full", "inbatch"] = "full"
+    negatives: Literal["full", "inbatch", "sampled"] = Field("full", description="training softmax over every "
+                                                           "item, the batch's targets, or sampled items")
+    num_negatives: PositiveInt = Field(2048, description="negatives='sampled': items drawn uniformly per batch")
     mask_current_item: bool = Field(True, description="leave the most recent input item out of the training "
                                     "softmax unless it is the target (evaluation always ranks every item)")
     patience: int = Field(5, ge=1, description="epochs without validation NDCG@10 gain before stopping (on Amazon "
                           "data validation NDCG@10 dips for a few epochs before it passes the untrained model)")
     refit_on_val: bool = Field(True, description="after early stopping, retrain from the start on train + "
                                "validation items for the chosen epoch count (the model tested and sent)")
+    selection: Literal["refit", "held-out-users"] = Field("refit", description="'refit': select the epoch count "
+                                                          "on validation items, then retrain on train + validation "
+                                                          "items (two runs); 'held-out-users': one run on train + "
+                                                          "validation items of every user except a seeded "
+                                                          "val-max-users subsample, whose validation items pick the "
+                                                          "epoch (its weights are final)")
     l2sp: float = Field(0.0, ge=0, description="L2-SP: weight of sum((theta - theta_start)^2) added to the loss, a "
                         "pull toward the shared base that keeps task vectors small and mergeable (0 = off)")
     freeze: list[str] = Field(default_factory=list, description="parameter-name prefixes kept at the base's "
@@ -85,6 +96,11 @@ class TrainConfig(Strict):
         if v is not None and v < MIN_USERS_FOR_METRICS:
             raise ValueError(f"val_max_users must be at least {MIN_USERS_FOR_METRICS}")
         return v
+
+    @property
+    def refits(self) -> bool:
+        """Whether fine-tuning trains twice: selection on validation items, then the final fit."""
+        return self.refit_on_val and self.selection == "refit"
 
     @classmethod
     def for_backbone(cls, kind: str, **overrides) -> "TrainConfig":

@@ -16,7 +16,7 @@ import re
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from common.config import MIN_USERS_FOR_METRICS, BackboneConfig, TrainConfig  # noqa: F401 (re-exported)
 
@@ -28,6 +28,7 @@ FINETUNE = "train.finetune"
 TEACHER = "query.teacher"
 EVALUATE = "evaluate.merged"
 WEAVE = "train.weave"
+TUNE_GATES = "train.gates"
 
 
 class ContractError(ValueError):
@@ -200,8 +201,24 @@ class TeacherReply(Header):
         return {"teacher"}
 
 
+#: most domain models an integrated model may carry (bounds what a request can make a silo allocate)
+MAX_INTEGRATED_DOMAINS = 32
+MAX_GATE_HIDDEN = 1024
+
+
+class IntegratedSpec(Header):
+    """An integrated (X-Cross) model: K domain versions of every transformer block mixed by per-layer gates
+    (common/integration.py). The spec and the base fix every array's name and shape; the silo requires
+    exactly those (`IntegratedRecommender.skeleton(base, spec)`)."""
+
+    kind: Literal["xcross"] = "xcross"
+    num_domains: int = Field(ge=1, le=MAX_INTEGRATED_DOMAINS)
+    gate_hidden: int = Field(0, ge=0, le=MAX_GATE_HIDDEN, description="0: linear gate; H: MLP with H hidden units")
+
+
 class EvaluateRequest(Header):
-    """Arrays: one group per model name = {parameter name: float32 array} (full weights)."""
+    """Arrays: one group per model name = {parameter name: float32 array}: full weights, or for a model named
+    in `integrated` the integrated model's parameters (shared non-block weights, K block sets, gates)."""
 
     base: BaseSpec
     split: Literal["val", "test"] = "test"
@@ -209,6 +226,14 @@ class EvaluateRequest(Header):
     max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, description="a seeded subsample; never "
                                   "fewer users than an aggregate needs, so no metric describes a single user")
     seed: int = 0
+    integrated: dict[str, IntegratedSpec] = Field(default_factory=dict)
+
+    @field_validator("integrated")
+    @classmethod
+    def _integrated_are_models(cls, v: dict, info: ValidationInfo) -> dict:
+        if set(v) - set(info.data.get("models") or []):
+            raise ValueError("integrated names a model that is not in models")
+        return v
 
     def array_groups(self) -> set[str]:
         return set(self.models)
@@ -217,6 +242,36 @@ class EvaluateRequest(Header):
 class EvaluateReply(Header):
     domain: str
     metrics: dict[str, AggregateMetrics]
+
+
+#: the parameters a silo may train in a GateTuneRequest: only the gates (common/integration.py names)
+GATE_FROZEN_PREFIXES = ("adaptor", "position", "experts")
+
+
+class GateTuneRequest(Header):
+    """X-Cross's "new domain with less data": a silo (typically one that took no part) fine-tunes only the gates
+    of an integrated model on a seeded `user_fraction` of its training users (common.train.fine_tune with
+    every non-gate parameter frozen; `train.freeze` and `train.max_users` are set by the silo). Arrays: group
+    "model" = the integrated model's parameters, checked as in EvaluateRequest. The tuned model stays in the
+    silo; only aggregate test metrics before and after come back (`GateTuneReply`)."""
+
+    base: BaseSpec
+    spec: IntegratedSpec
+    train: TrainConfig
+    user_fraction: float = Field(gt=0, le=1)
+    max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, description="evaluation subsample")
+    seed: int = 0
+
+    def array_groups(self) -> set[str]:
+        return {"model"}
+
+
+class GateTuneReply(Header):
+    domain: str
+    before: AggregateMetrics  # test split, the integrated model as received
+    after: AggregateMetrics  # test split, after tuning its gates
+    epochs: int = Field(ge=0)
+    seconds: float = Field(ge=0)
 
 
 Arrays = dict[str, dict[str, np.ndarray]]

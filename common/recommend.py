@@ -59,7 +59,7 @@ def catalog_from_items(items: list[HistoryItem], domain: str = "catalog") -> Cat
 def _concat(a: DomainInputs, b: DomainInputs) -> DomainInputs:
     feats = None if a.features is None else torch.cat([a.features, b.features.to(a.features.dtype)])
     texts = None if a.texts is None else [*a.texts, *b.texts]
-    return DomainInputs(a.domain, a.num_items + b.num_items, features=feats, texts=texts)
+    return DomainInputs(a.domain, a.num_items + b.num_items, features=feats, texts=texts, feature_mean=a.feature_mean)
 
 
 class MergedRecommender:
@@ -162,7 +162,8 @@ class MergedRecommender:
         dom = self.dom
         if new:
             keys = tuple(f"\0new-{i}" for i in range(len(new)))
-            extra_dom = self.model.domain_inputs(CatalogView(self.catalog.domain, keys, tuple(new)), progress=False)
+            extra_dom = self.model.domain_inputs(CatalogView(self.catalog.domain, keys, tuple(new)), progress=False,
+                                                 center_like=self.dom)
             dom = _concat(self.dom, extra_dom)
         return self.score_ids(ids, dom), ids
 

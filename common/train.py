@@ -9,12 +9,18 @@ By default the most recent input item is left out of the training softmax unless
 without the mask much of the early gradient only pushes histories away from their own last item.
 Evaluation ranks every item of the domain, history items included.
 
-Final fit (`TrainConfig.refit_on_val`, default on): early stopping on the validation item picks the epoch
-count E; the model is then retrained from its starting weights for E epochs on each user's train sequence
-plus their validation item, and that is the model a silo evaluates on test and sends. Real Amazon data drift
-over time (popularity ranks val items ~30% better than test items), and the validation item is each user's
-most recent interaction before the test one: without it, fine-tuning gains on validation may not reach test
-(docs/benchmarks.md). Test items are never trained on.
+Training on validation items (`TrainConfig.selection`). Real Amazon data drift over time (popularity ranks
+val items ~30% better than test items), and the validation item is each user's most recent interaction before
+the test one: without it, fine-tuning gains on validation may not reach test (docs/benchmarks.md). Two ways:
+- "refit": early stopping on the validation item picks the epoch count E; the model is then retrained from its
+  starting weights for E epochs on each user's train sequence plus their validation item (`refit_on_val`).
+- "held-out-users": one run on train + validation items of every user except a seeded subsample of
+  `val_max_users` users, whose validation items alone score the epochs; the best epoch's weights are final.
+Either way that is the model a silo evaluates on test and sends. Test items are never trained on.
+
+Negatives (`TrainConfig.negatives`): "full" scores every item of the domain at every position; "sampled" the
+target plus `num_negatives` items drawn uniformly per batch, with the log(N / num_negatives) correction that
+makes the sampled normaliser an unbiased estimate of the full one (on 18k items about 6x faster per epoch).
 """
 
 from __future__ import annotations
@@ -60,14 +66,15 @@ def _subsample(n: int, k: int | None, seed: int) -> torch.Tensor:
 
 
 def _training_rows(silo: SiloData, causal: bool, max_items: int, max_users: int | None, seed: int,
-                   with_val: bool = False):
+                   with_val: bool = False, held_out: frozenset[int] = frozenset()):
     """(inputs, targets) per training example. Causal: one row per user, targets per position.
-    with_val: each user's validation item is appended to their train sequence (the final fit)."""
+    with_val: each user's validation item is appended to their train sequence (the final fit), except for
+    the users (indices into silo.users) in `held_out`, whose validation items score the epochs."""
     keep = _subsample(len(silo.train), max_users, seed).tolist()
     rows = []
     for u in keep:
         seq = silo.train[u]
-        if with_val and silo.users[u] in silo.val:
+        if with_val and u not in held_out and silo.users[u] in silo.val:
             seq = [*seq, silo.val[silo.users[u]]]
         if len(seq) < 2:
             continue
@@ -88,7 +95,21 @@ def _length_buckets(rows, batch_size: int, gen: torch.Generator) -> list[list[in
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
+def _sampled_candidates(dom: DomainInputs, num: int, device) -> tuple[torch.Tensor, float]:
+    """`num` item ids drawn uniformly without replacement (torch's global RNG, seeded per run), shared by the
+    batch, and the log-weight each sampled non-target item carries in the softmax's normaliser: log(N / num),
+    so that the sampled sum estimates the sum over all N items without bias (0 when every item is drawn)."""
+    neg = torch.randperm(dom.num_items, device=device)[:num]
+    return neg, math.log(dom.num_items / num)
+
+
 def _batch_loss(model: Recommender, dom: DomainInputs, rows, cfg: TrainConfig, item_table, device) -> torch.Tensor:
+    """Mean cross-entropy of the next item over one batch of rows (see the module docstring).
+
+    negatives="full": softmax over every item of the domain; "inbatch": over the batch's distinct targets;
+    "sampled": over the target plus `cfg.num_negatives` items drawn uniformly for the batch (accidental hits
+    masked, each sampled logit shifted by log(N / num_negatives)); with num_negatives >= N it is the full
+    softmax exactly. 1/tau scales the queries, not the [P, N] logits (one pass fewer over the big matrix)."""
     inputs = pad_histories([r[0] for r in rows], model.cfg.max_items).to(device)
     if model.causal:
         targets = pad_histories([r[1] for r in rows], model.cfg.max_items).to(device)
@@ -99,6 +120,9 @@ def _batch_loss(model: Recommender, dom: DomainInputs, rows, cfg: TrainConfig, i
         queries = model(dom, "histories", inputs)
         tgt = torch.tensor([r[1][0] for r in rows], device=device)
         current = inputs[:, -1]
+    queries = queries / cfg.tau
+    if cfg.negatives == "sampled" and cfg.num_negatives < dom.num_items:
+        return _sampled_loss(model, dom, queries, tgt, current, cfg, device)
     if cfg.negatives == "inbatch":
         cands, tgt = torch.unique(tgt, return_inverse=True)
         items = model(dom, "items", cands)
@@ -106,14 +130,28 @@ def _batch_loss(model: Recommender, dom: DomainInputs, rows, cfg: TrainConfig, i
         current = torch.where(cands[pos] == current, pos, -1)  # not among the candidates: nothing to mask
     else:
         items = item_table if item_table is not None else model(dom, "items", torch.arange(dom.num_items, device=device))
-    logits = queries @ items.T / cfg.tau
+    logits = queries @ items.T
     if cfg.mask_current_item:
         # the item just seen is the nearest text neighbour of itself; unless it is the target, leave it out
         # of the softmax instead of teaching the model to move away from it
-        drop = (current >= 0) & (current != tgt)
-        rows_ = torch.nonzero(drop).squeeze(1)
-        logits = logits.index_put((rows_, current[rows_]), torch.tensor(float("-inf"), device=logits.device))
+        drop = torch.nonzero((current >= 0) & (current != tgt)).squeeze(1)
+        logits[drop, current[drop]] = float("-inf")  # in place: mm's backward needs its inputs, not its output
     return F.cross_entropy(logits, tgt)
+
+
+def _sampled_loss(model: Recommender, dom: DomainInputs, queries, tgt, current, cfg: TrainConfig, device):
+    """Sampled softmax: column 0 is each position's target, then the batch's shared uniform negatives.
+    queries [P, d] already divided by tau; tgt, current [P] item ids."""
+    neg, log_weight = _sampled_candidates(dom, cfg.num_negatives, device)
+    emb = model(dom, "items", torch.cat([tgt, neg]))
+    pos_logit = (queries * emb[: len(tgt)]).sum(-1, keepdim=True)
+    neg_logits = queries @ emb[len(tgt):].T + log_weight
+    hit = neg.unsqueeze(0) == tgt.unsqueeze(1)  # the target drawn as a negative: counted once, in column 0
+    if cfg.mask_current_item:
+        hit |= (neg.unsqueeze(0) == current.unsqueeze(1)) & ((current >= 0) & (current != tgt)).unsqueeze(1)
+    neg_logits = neg_logits.masked_fill(hit, float("-inf"))
+    logits = torch.cat([pos_logit, neg_logits], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(tgt), dtype=torch.long, device=device))
 
 
 @torch.no_grad()
@@ -240,6 +278,26 @@ def _optimiser(model: Recommender, cfg: TrainConfig, rows: list[list]):
     return opt, sched
 
 
+def held_out_users(silo: SiloData, cfg: TrainConfig) -> list[int]:
+    """Indices into silo.users of the validation users early stopping scores: a seeded subsample of
+    `cfg.val_max_users` of the users with a validation item (all of them when it is None), in user order."""
+    with_val = [i for i, u in enumerate(silo.users) if u in silo.val]
+    return [with_val[i] for i in _subsample(len(with_val), cfg.val_max_users, cfg.seed).tolist()]
+
+
+def _selection_data(silo: SiloData, model: Recommender, cfg: TrainConfig):
+    """(training rows, (validation histories, targets), validation subsample size) for one silo.
+    'refit': train items only, validation on a seeded subsample drawn at evaluation time; 'held-out-users':
+    train + validation items except for the held-out users, validated on exactly those users."""
+    if cfg.selection == "refit":
+        rows = _training_rows(silo, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed)
+        return rows, silo.eval_split("val"), cfg.val_max_users
+    held = held_out_users(silo, cfg)
+    rows = _training_rows(silo, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed, with_val=True,
+                          held_out=frozenset(held))
+    return rows, ([list(silo.train[u]) for u in held], [silo.val[silo.users[u]] for u in held]), None
+
+
 def _as_lists(silo, dom) -> tuple[list[SiloData], list[DomainInputs], str]:
     silos = silo if isinstance(silo, list) else [silo]
     doms = dom if isinstance(dom, list) else [dom]
@@ -298,18 +356,17 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
     t0 = time.perf_counter()
     device = _start(model, cfg)
     start_state = copy.deepcopy(model.state_dict())
-    rows = [_training_rows(s, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed) for s in silos]
+    rows, vals, val_users = zip(*[_selection_data(s, model, cfg) for s in silos])
     for s, r in zip(silos, rows):
         if not r:
             raise ValueError(f"{s.domain}: no training sequence has two or more items")
-    vals = [s.eval_split("val") for s in silos]
     opt, sched = _optimiser(model, cfg, rows)
     anchor = _anchor(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def validate() -> dict[str, float]:
-        results = [evaluate(model, d, h, t, batch_size=cfg.eval_batch_size, max_users=cfg.val_max_users,
-                            seed=cfg.seed) for d, (h, t) in zip(doms, vals)]
+        results = [evaluate(model, d, h, t, batch_size=cfg.eval_batch_size, max_users=n, seed=cfg.seed)
+                   for d, (h, t), n in zip(doms, vals, val_users)]
         return results[0] if len(results) == 1 else {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
     best = validate()
@@ -332,7 +389,7 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
             if stale >= cfg.patience:
                 break
     refit_epochs = 0
-    if cfg.refit_on_val and best_epoch > 0:
+    if cfg.refits and best_epoch > 0:
         model.load_state_dict(start_state)
         refit_steps, _ = refit(model, silos, doms, cfg, best_epoch)
         steps, refit_epochs = steps + refit_steps, best_epoch

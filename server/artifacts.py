@@ -16,6 +16,7 @@ from common.files import atomic_write
 from common.merging.task_vectors import fingerprint
 from common.model_folder import ModelConfig, save_model_folder
 from common.report import markdown_table
+from server.integration_stage import summary as integration_summary
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,22 @@ def write_model(p, learned: dict, metrics: dict, val_metrics: dict) -> tuple[Pat
     return folder, chosen, scores
 
 
+def integration_section(info: dict | None) -> list[str]:
+    """report.md lines for the integrated-model candidate: what it is and its inference cost ([] if none)."""
+    if not info:
+        return []
+    cost = info["cost"]
+    rows = [{"model": name, "seconds per batch": c["seconds_per_batch"], "parameters": c["parameters"]}
+            for name, c in (("one merged model", cost["single_merged"]), (info["name"], cost["integrated"]))]
+    return [f"## Integrated model `{info['name']}` ({info['spec']['num_domains']} domain block sets, gates "
+            f"trained {info['chosen_step']} steps; shared weights: {info['shared']})", "",
+            f"Inference cost: scoring a batch of {cost['single_merged']['batch']} histories of "
+            f"{cost['single_merged']['history_length']} items against every item of {cost['domain']} "
+            f"(median, server CPU): {cost['time_ratio']:.2f}x the time, {cost['parameter_ratio']:.2f}x the "
+            "parameters of one merged model.", "",
+            markdown_table(rows, ["model", "seconds per batch", "parameters"]), ""]
+
+
 def report_markdown(report: dict, plots: list[Path]) -> str:
     timings = [{"stage": s, "seconds": t} for s, t in report["timings"].items()]
     nbytes = [{"silo": d, "sent to silo (MB)": b["sent_to_silo"] / 1e6, "received from silo (MB)":
@@ -136,6 +153,7 @@ def report_markdown(report: dict, plots: list[Path]) -> str:
         "## Validation NDCG@10 of the MergeRec variants", metrics_table(report.get("metrics_val") or {}, "ndcg@10")
         if report.get("metrics_val") else "(not computed in this run)", "",
         "## Learned coefficients", coefficient_tables(report["coefficients"]), "",
+        *integration_section(report.get("integration")),
         "## Stage timings", markdown_table(timings, ["stage", "seconds"]), "",
         "## Bytes per silo", markdown_table(nbytes, ["silo", "sent to silo (MB)", "received from silo (MB)"]), "",
     ]
@@ -161,7 +179,8 @@ def write_artifacts(p) -> dict:
               "coefficients": {g: {k: v for k, v in c.items() if k not in ("history", "holdout")}
                                for g, c in learned.items()},
               "selection": {"chosen": chosen, "rule": SELECT_RULE, "mean_val_ndcg@10": scores},
-              "timings": p.state["timings"], "bytes": p.state["bytes"], "model": str(folder / "model.safetensors")}
+              "timings": p.state["timings"], "bytes": p.state["bytes"], "model": str(folder / "model.safetensors"),
+              "integration": integration_summary(run)}
     plots = []
     try:
         from server.plots import write_plots

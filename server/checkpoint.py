@@ -20,17 +20,19 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 log = logging.getLogger(__name__)
 
-STAGES = ["handshake", "finetune", "weave", "merge_init", "pseudo_users", "teacher", "coefficients", "evaluate", "artifacts"]
+STAGES = ["handshake", "finetune", "weave", "merge_init", "pseudo_users", "teacher", "coefficients", "integration",
+          "evaluate", "artifacts"]
 
 # the PipelineConfig fields each stage's output depends on (its own and those of the stages it reads from);
 # fields listed nowhere and not in NO_EFFECT count for every stage
 _OWN = {"finetune": {"backbone", "train", "seed"}, "weave": {"weave_rounds", "weave_epochs"},
         "merge_init": {"baselines"},
         "pseudo_users": {"pseudo_users", "pseudo_users_n"}, "teacher": {"teacher_top_k"},
-        "coefficients": {"init_method", "granularities", "coefficients"},
+        "coefficients": {"init_method", "granularities", "coefficients"}, "integration": {"integration"},
         "evaluate": {"baselines", "eval_max_users", "evaluate_finetuned"}}
 _READS = {"merge_init": ["weave"], "teacher": ["pseudo_users"], "coefficients": ["teacher", "pseudo_users", "weave"],
-          "evaluate": ["coefficients", "teacher", "pseudo_users", "weave"]}
+          "integration": ["coefficients", "teacher", "pseudo_users", "weave"],
+          "evaluate": ["integration", "coefficients", "teacher", "pseudo_users", "weave"]}
 NO_EFFECT = {"min_silos", "retries", "timeout_s", "max_task_vector_ratio", "catalog_root"}
 
 
@@ -144,8 +146,9 @@ def record(st: dict, run_dir: Path, path: Path) -> None:
 def stage_of(rel: str) -> str:
     if rel.startswith("merges/"):  # stored merges: the learned ones come from the coefficients stage
         return "coefficients" if rel.startswith("merges/mergerec-") else "merge_init"
-    return {"task_vectors": "finetune", "lora": "finetune", "woven": "weave", "teacher": "teacher", "pseudo_users.json": "pseudo_users",
-            "coefficients.json": "coefficients", "metrics.json": "evaluate",
+    return {"task_vectors": "finetune", "lora": "finetune", "woven": "weave", "teacher": "teacher",
+            "pseudo_users.json": "pseudo_users", "coefficients.json": "coefficients", "integration": "integration",
+            "integration.json": "integration", "metrics.json": "evaluate",
             "metrics_val.json": "evaluate"}.get(rel.split("/")[0], "")
 
 
@@ -228,5 +231,13 @@ def _check_file(p, rel: str, path: Path) -> None:
         stored = load_file(str(path))
         if {n: a.shape for n, a in stored.items()} != p.shapes or not all(np.isfinite(a).all() for a in stored.values()):
             raise ValueError("not a finite state of the base's shapes")
+    elif rel.startswith("integration/"):  # the integrated model: finite, and loadable as its spec says
+        from common.integration import IntegratedRecommender, load_exact
+        from common.messages import IntegratedSpec
+
+        spec = IntegratedSpec(**json.loads((p.run_dir / "integration.json").read_text())["spec"])
+        load_exact(IntegratedRecommender.skeleton(p.base, spec), load_file(str(path)))
+        if not all(np.isfinite(a).all() for a in load_file(str(path)).values()):
+            raise ValueError("non-finite parameters")
     elif rel.endswith(".json"):
         json.loads(path.read_text())

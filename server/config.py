@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from common.config import BackboneConfig, TrainConfig
+from common.integration import IntegrationConfig
 from common.merging.coefficients import CoefficientConfig
 from common.run_config import OPTION_KEYS, RunOptions, comma_list, given
 from server.pipeline import PipelineConfig
@@ -20,13 +21,18 @@ from server.pipeline import PipelineConfig
 #: run-config key -> (model, field) it sets; model "" is PipelineConfig itself
 PIPELINE_KEYS = {
     "backbone": ("backbone", "kind"), "encoder": ("backbone", "encoder"), "base": ("backbone", "base"),
+    "center-items": ("backbone", "center_items"),
     "epochs": ("train", "epochs"), "batch-size": ("train", "batch_size"), "lr": ("train", "lr"),
     "patience": ("train", "patience"), "refit-on-val": ("train", "refit_on_val"), "l2sp": ("train", "l2sp"),
+    "selection": ("train", "selection"), "negatives": ("train", "negatives"),
+    "num-negatives": ("train", "num_negatives"),
     "freeze": ("train", "freeze"), "max-users": ("train", "max_users"), "val-max-users": ("train", "val_max_users"),
     "finetune": ("train", "finetune"), "lora-rank": ("train", "lora_rank"), "lora-alpha": ("train", "lora_alpha"),
     "lora-targets": ("train", "lora_targets"),
     "coef-steps": ("coefficients", "steps"), "coef-lr": ("coefficients", "lr"),
     "coef-batch-size": ("coefficients", "batch_size"),
+    "integration": ("integration", "kind"), "integration-steps": ("integration", "steps"),
+    "integration-lr": ("integration", "lr"), "gate-hidden": ("integration", "gate_hidden"),
     **{k: ("", k.replace("-", "_")) for k in (
         "catalog-root", "baselines", "init-method", "granularities", "pseudo-users", "pseudo-users-n",
         "teacher-top-k", "eval-max-users", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed",
@@ -72,12 +78,13 @@ def pipeline_config(rc: dict) -> tuple[PipelineConfig, Path, dict]:
     try:
         return _build(rc)
     except ValidationError as exc:
-        model = {"TrainConfig": "train", "CoefficientConfig": "coefficients", "BackboneConfig": "backbone"}
+        model = {"TrainConfig": "train", "CoefficientConfig": "coefficients", "BackboneConfig": "backbone",
+                 "IntegrationConfig": "integration"}
         raise _config_error(exc, model.get(exc.title, "")) from None
 
 
 def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
-    parts: dict[str, dict] = {"": {}, "backbone": {}, "train": {}, "coefficients": {}}
+    parts: dict[str, dict] = {"": {}, "backbone": {}, "train": {}, "coefficients": {}, "integration": {}}
     for key, value in rc.items():
         if key not in PIPELINE_KEYS:
             continue
@@ -97,7 +104,7 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
     backbone = BackboneConfig(**parts["backbone"])
     train = TrainConfig.for_backbone(backbone.kind, **parts["train"], progress=False)
     cfg = PipelineConfig(backbone=backbone, train=train, coefficients=CoefficientConfig(**parts["coefficients"]),
-                         **parts[""])
+                         integration=IntegrationConfig(**parts["integration"]), **parts[""])
     server = {"min_nodes": opts.min_nodes, "node_wait_s": opts.node_wait_s, "domains": opts.domains,
               "record_messages": str(opts.record_messages or ""), "expect_domains": opts.expect_domains}
     return cfg, opts.run_dir, server
@@ -115,14 +122,20 @@ HELP = {
     "min-silos": "go on without failed silos while at least this many remain", "retries": "per stage and silo",
     "timeout-s": "per stage and attempt; (none) or auto = sized from the data", "max-task-vector-ratio": "refuse a task vector whose norm exceeds this x the base's",
     "backbone": "light | text", "encoder": "'minilm' (bundled) or a local model folder",
-    "base": "light base: init | bundled | a base file", "epochs": "at most; early stopping on validation NDCG@10",
+    "base": "light base: init | bundled | a base file",
+    "center-items": "light: centre each catalog's item-text embeddings before the adaptor", "epochs": "at most; early stopping on validation NDCG@10",
     "batch-size": "fine-tuning batch", "lr": "fine-tuning learning rate", "patience": "epochs without a validation gain",
     "refit-on-val": "retrain on train + validation items for the chosen epochs", "l2sp": "pull toward the base",
+    "selection": "refit (select, then retrain on train + val) | held-out-users (one run)",
+    "negatives": "training softmax: full | sampled | inbatch", "num-negatives": "negatives=sampled: items per batch",
     "freeze": "parameter prefixes kept at the base, e.g. adaptor", "max-users": "0 = all users",
     "val-max-users": "early stopping validates on this many users (0 = all)",
     "baselines": "training-free merges to evaluate", "init-method": "MergeRec starts from this merge",
     "granularities": "MergeRec coefficients: task and/or layer", "coef-steps": "coefficient-learning steps",
     "coef-lr": "coefficient-learning lr", "coef-batch-size": "pseudo-users per step",
+    "integration": "none | xcross: also evaluate per-layer gated domain blocks",
+    "integration-steps": "gate-training steps", "integration-lr": "gate-training lr",
+    "gate-hidden": "integrated model: 0 = linear gate per layer, H = MLP with H hidden units",
     "pseudo-users": "all | random | kmeans", "pseudo-users-n": "0 = all items", "teacher-top-k": "0 = all items",
     "eval-max-users": "0 = every test user", "seed": "base, fine-tuning and coefficient learning",
     "finetune": "full (dense task vector) | lora (silos train and send LoRA factors)",
@@ -142,7 +155,8 @@ def _fmt(v) -> str:
 def defaults() -> dict[str, str]:
     """Each run-config key's default as text, read from the models (training keys: per backbone)."""
     light, text = TrainConfig.for_backbone("light"), TrainConfig.for_backbone("text")
-    models = {"": PipelineConfig(), "backbone": BackboneConfig(), "coefficients": CoefficientConfig()}
+    models = {"": PipelineConfig(), "backbone": BackboneConfig(), "coefficients": CoefficientConfig(),
+              "integration": IntegrationConfig()}
     out = {k.replace("_", "-"): _fmt(getattr(RunOptions(), k)) for k in RunOptions.model_fields}
     for key, (model, field) in PIPELINE_KEYS.items():
         if model == "train":

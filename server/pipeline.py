@@ -1,6 +1,7 @@
 """The MergeRec stages on the server side, each a small function, checkpointed in a run directory.
 
-handshake -> finetune -> weave -> merge_init -> pseudo_users -> teacher -> coefficients -> evaluate -> artifacts
+handshake -> finetune -> weave -> merge_init -> pseudo_users -> teacher -> coefficients -> integration -> evaluate
+-> artifacts (optional: weave, server/weaving.py; integration, X-Cross-style, server/integration_stage.py)
 
 The transport (server/transport.py) is Flower or in-process; the stages do not care. After each stage the
 state is written to `run_dir/checkpoint.json` (+ files), so starting again with the same run directory
@@ -27,6 +28,7 @@ from common.backbones import build_backbone, shared_state
 from common.config import BackboneConfig, Strict, TrainConfig
 from common.data import CatalogView, ItemMeta, load_catalog
 from common.files import atomic_path, atomic_write
+from common.integration import IntegrationConfig
 from common.merging import methods as merge_methods
 from common.merging.coefficients import (
     CoefficientConfig,
@@ -72,6 +74,7 @@ class PipelineConfig(Strict):
     init_method: str = "task_arithmetic"
     granularities: list[Literal["task", "layer"]] = Field(default_factory=lambda: ["task", "layer"], min_length=1)
     coefficients: CoefficientConfig = CoefficientConfig()
+    integration: IntegrationConfig = IntegrationConfig()  # optional integrated-model candidate
     pseudo_users: Literal["all", "random", "kmeans"] = "all"
     pseudo_users_n: int | None = Field(None, ge=1)
     teacher_top_k: int | None = Field(64, ge=1)
@@ -83,9 +86,8 @@ class PipelineConfig(Strict):
     timeout_s: float | None = Field(None, gt=0)  # per stage and attempt; None: sized from the data (server/limits.py)
     max_task_vector_ratio: float = Field(10.0, gt=0, description="a task vector whose L2 norm exceeds this "
                                          "many times the base model's norm is refused")
-    weave_rounds: int = Field(0, ge=0, le=1000, description="LoRA modules travel the ring of silos this many "
-                              "rounds before merging (server/weaving.py; 0 = off; needs finetune = lora)")
-    weave_epochs: int = Field(1, ge=1, le=1000, description="local epochs per weaving hop")
+    weave_rounds: int = Field(0, ge=0, le=1000)  # LoRA weaving rounds before merging (server/weaving.py; 0 = off)
+    weave_epochs: int = Field(1, ge=1, le=1000)  # local epochs per weaving hop
     seed: int = 0
 
     @model_validator(mode="after")
@@ -150,7 +152,7 @@ class Pipeline:
     def _timeout(self, stage: str, requests: dict) -> float:
         first = next(iter(requests.values()), (None, {}))
         return stage_timeout(stage, self.cfg.timeout_s, max_items=max(map(len, self.catalogs.values()), default=0),
-                             epochs=self.cfg.train.epochs, refit=self.cfg.train.refit_on_val, models=len(first[1]))
+                             epochs=self.cfg.train.epochs, refit=self.cfg.train.refits, models=len(first[1]))
 
     # ---------------------------------------------------------------- stages
     def handshake(self) -> None:
@@ -388,6 +390,14 @@ class Pipeline:
         self._record(self.run_dir / "coefficients.json")
         self._done("coefficients", time.perf_counter() - t0)
 
+    def integration(self) -> None:
+        """Optional stage: train an integrated model's gates (server/integration_stage.py)."""
+        from server import integration_stage
+
+        t0 = time.perf_counter()
+        integration_stage.run(self)
+        self._done("integration", time.perf_counter() - t0)
+
     def mergerec_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """theta(W) for each learned granularity (over the domains W was learned on, even if one was dropped
         later: its vector is part of the merged model)."""
@@ -412,12 +422,15 @@ class Pipeline:
         return models
 
     def evaluate_at(self, models: dict[str, dict[str, torch.Tensor]], domains: list[str],
-                    split: str = "test") -> dict[str, dict[str, dict]]:
-        """Send `models` (name -> state) to the silos of `domains`; each evaluates them on its own `split` and
-        returns aggregate metrics only. Returns domain -> model name -> AggregateMetrics as a dict."""
-        arrays = {name: state_to_numpy(s) for name, s in models.items()}
-        req = EvaluateRequest(base=self.spec, split=split, models=list(models), max_users=self.cfg.eval_max_users,
-                              seed=self.cfg.seed)
+                    split: str = "test", integrated: dict | None = None) -> dict[str, dict[str, dict]]:
+        """Send `models` (name -> state) and `integrated` models (name -> (IntegratedSpec, parameters)) to the
+        silos of `domains`; each evaluates them on its own `split` and returns aggregate metrics only.
+        Returns domain -> model name -> AggregateMetrics as a dict."""
+        integrated = integrated or {}
+        arrays = {name: state_to_numpy(s) for name, s in {**models, **{n: s for n, (_, s) in integrated.items()}}.items()}
+        req = EvaluateRequest(base=self.spec, split=split, models=[*models, *integrated],
+                              max_users=self.cfg.eval_max_users, seed=self.cfg.seed,
+                              integrated={n: spec for n, (spec, _) in integrated.items()})
 
         def validate(domain, o):
             check_evaluate(o.header, o.arrays, domain=domain, models=req.models)
@@ -427,8 +440,10 @@ class Pipeline:
 
     def evaluate(self) -> None:
         t0 = time.perf_counter()
+        from server.integration_stage import candidates
+
         models = self.candidate_models()
-        metrics = self.evaluate_at(models, self.active())
+        metrics = self.evaluate_at(models, self.active(), integrated=candidates(self))
         for d, per in sorted(metrics.items()):
             log.info("evaluate: silo %s test NDCG@10: %s", d, ", ".join(f"{m} {v['values']['ndcg@10']:.4f}"
                                                                       for m, v in per.items() if "-" in m))
@@ -475,8 +490,9 @@ class Pipeline:
 
     def stages(self) -> list[tuple[str, Callable[[], object]]]:
         """The stages after the handshake, in order; their names are the checkpoint's (server/checkpoint.py)."""
-        order = [("finetune", self.finetune), ("weave", self.weave), ("merge_init", self.merge_init), ("pseudo_users", self.pseudo_users),
-                 ("teacher", self.teacher), ("coefficients", self.coefficients), ("evaluate", self.evaluate),
+        order = [("finetune", self.finetune), ("weave", self.weave), ("merge_init", self.merge_init),
+                 ("pseudo_users", self.pseudo_users), ("teacher", self.teacher), ("coefficients", self.coefficients),
+                 ("integration", self.integration), ("evaluate", self.evaluate),
                  ("artifacts", self.artifacts)]
         assert [n for n, _ in order] == STAGES[1:], "stage list and checkpoint.STAGES disagree"
         return order

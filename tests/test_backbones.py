@@ -125,3 +125,22 @@ def test_untrained_text_encoder_items_equal_cached_item_embeddings(tmp_path):
     assert evaluate_split(model, silo, dom, "test", item_embeddings=cached) == evaluate_split(model, silo, dom, "test")
     with pytest.raises(ValueError, match="item embeddings"):
         evaluate_split(model, silo, dom, "test", item_embeddings=cached[:-1])
+
+
+def test_center_items_subtracts_the_catalog_mean_and_new_items_keep_the_indexed_catalogs_mean():
+    from common.backbones import LightRecommender
+    from common.data import CatalogView, ItemMeta
+    from common.config import BackboneConfig
+
+    torch.manual_seed(0)
+    feats = F.normalize(torch.randn(6, 8) + 2.0, dim=-1)  # a strong shared direction, as real catalogs have
+    cat = CatalogView("d", tuple(f"k{i}" for i in range(6)), tuple(ItemMeta(title=f"t{i}") for i in range(6)))
+    plain = LightRecommender(BackboneConfig(dim=None, center_items=False), 8).domain_inputs(cat, features=feats)
+    assert torch.equal(plain.features, feats) and plain.feature_mean is None
+    model = LightRecommender(BackboneConfig(dim=None, center_items=True), 8)
+    dom = model.domain_inputs(cat, features=feats)
+    assert torch.allclose(dom.feature_mean, feats.mean(0))
+    assert torch.allclose(dom.features, F.normalize(feats - feats.mean(0), dim=-1))
+    new = CatalogView("d", ("n0",), (ItemMeta(title="t0"),))
+    extra = model.domain_inputs(new, features=feats[:1], center_like=dom)
+    assert torch.allclose(extra.features, dom.features[:1])  # the same item text gets the same feature

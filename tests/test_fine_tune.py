@@ -130,3 +130,24 @@ def test_l2sp_penalty_by_hand_and_it_shrinks_the_task_vector(setup):
 
     free, pulled = tv_norm(_cfg()), tv_norm(_cfg(l2sp=10.0))
     assert pulled < 0.8 * free
+
+
+def test_held_out_users_selection_trains_once_and_never_on_the_scored_validation_items(setup, monkeypatch):
+    """selection='held-out-users': one run on train + val items, except the held-out users' val items, which
+    are exactly what early stopping scores; the best epoch's weights are final (no refit)."""
+    silo, dom, base = setup
+    cfg = _cfg(selection="held-out-users", val_max_users=40)
+    held = train.held_out_users(silo, cfg)
+    assert len(held) == 40 == len(set(held))
+    rows = train._training_rows(silo, True, 50, None, 0, with_val=True, held_out=frozenset(held))
+    for u, (inputs, targets) in enumerate(rows):  # every demo user has >= 2 train items: row index = user index
+        has_val = targets[-1] == silo.val[silo.users[u]] and len(targets) == len(silo.train[u])
+        assert has_val == (u not in held)
+    scored = []
+    real_evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda m, d, h, t, **kw: scored.append(list(t)) or real_evaluate(m, d, h, t, **kw))
+    res = train.fine_tune(copy.deepcopy(base), silo, dom, cfg)
+    assert scored[0] == [silo.val[silo.users[u]] for u in held]
+    assert res.refit_epochs == 0 and res.best_epoch > 0
+    steps_per_epoch = -(-len(rows) // cfg.batch_size)
+    assert res.steps == res.epochs * steps_per_epoch  # one run: no second (refit) pass

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from common.backbones import DomainInputs, LightRecommender
 from common.config import BackboneConfig, TrainConfig
-from common.train import _batch_loss
+from common.train import _batch_loss, _sampled_loss
 
 
 @pytest.fixture
@@ -73,3 +73,42 @@ def test_inbatch_mask_only_hits_candidates(light):
         logits[1, 1] = -math.inf  # current 3, target 5
         logits[2, 2] = -math.inf  # current 5, target 0
     assert got == pytest.approx(float(F.cross_entropy(logits, torch.tensor([1, 2, 0]))), rel=1e-5)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_sampled_softmax_over_every_item_is_the_full_softmax(light, mask):
+    """negatives='sampled' drawing all N items: same candidates, zero log-weight, so exactly the full loss."""
+    model, dom = light
+    rows = [([0, 3, 5], [3, 5, 7]), ([2, 2], [2, 9]), ([11], [4])]
+    full = TrainConfig(tau=0.05, mask_current_item=mask)
+    sampled = TrainConfig(tau=0.05, mask_current_item=mask, negatives="sampled", num_negatives=dom.num_items)
+    inputs = torch.tensor([[0, 3, 5], [-1, 2, 2], [-1, -1, 11]])
+    with torch.no_grad():
+        want = float(_batch_loss(model, dom, rows, full, None, torch.device("cpu")))
+        out = model(dom, "positions", inputs)
+        targets = torch.tensor([[3, 5, 7], [-1, 2, 9], [-1, -1, 4]])
+        valid = inputs >= 0
+        got = float(_sampled_loss(model, dom, out[valid] / 0.05, targets[valid], inputs[valid], sampled,
+                                  torch.device("cpu")))
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_sampled_softmax_matches_a_hand_computed_estimate(light):
+    """A subset of items: the loss is -log of the target's share of exp(logit) over the target plus the drawn
+    non-target items, each of those weighted by N / num_negatives (and the current item left out)."""
+    model, dom = light
+    rows = [([0, 3], [3, 5])]
+    cfg = TrainConfig(tau=0.05, negatives="sampled", num_negatives=5, mask_current_item=True)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        got = float(_batch_loss(model, dom, rows, cfg, None, torch.device("cpu")))
+        torch.manual_seed(7)
+        drawn = torch.randperm(dom.num_items)[:5].tolist()
+        items = model(dom, "items", torch.arange(dom.num_items))
+        h = model(dom, "positions", torch.tensor([[0, 3]]))[0]
+    losses = []
+    for pos, (cur, tgt) in enumerate([(0, 3), (3, 5)]):
+        logit = lambda j: float(h[pos] @ items[j]) / 0.05
+        others = sum(math.exp(logit(j)) * dom.num_items / 5 for j in drawn if j not in (tgt, cur))
+        losses.append(-logit(tgt) + math.log(math.exp(logit(tgt)) + others))
+    assert got == pytest.approx(sum(losses) / 2, rel=1e-5)
