@@ -7,7 +7,8 @@ The transport (server/transport.py) is Flower or in-process; the stages do not c
 state is written to `run_dir/checkpoint.json` (+ files), so starting again with the same run directory
 resumes after the last completed stage (silos that already fine-tuned are not asked again: their task
 vectors are read back). A silo that errors or does not answer is retried `retries` times, then dropped for
-the rest of the run if at least `min_silos` remain; the report says which, where and why.
+the rest of the run if at least `min_silos` remain; the report says which, where and why. The merged models
+(computing, caching in merges/, evaluating at the silos) are the `MergeStore` mixin's (server/merge_store.py).
 """
 
 from __future__ import annotations
@@ -29,25 +30,15 @@ from common.config import BackboneConfig, Strict, TrainConfig
 from common.data import CatalogView, ItemMeta, load_catalog
 from common.files import atomic_path, atomic_write
 from common.integration import IntegrationConfig
-from common.merging import methods as merge_methods
-from common.merging.coefficients import (
-    CoefficientConfig,
-    DomainBatchSource,
-    learn_coefficients,
-    merge_with_coefficients,
-)
+from common.merging.coefficients import CoefficientConfig
 from common.merging.pseudo_users import select_pseudo_users
 from common.lora import dense_bytes
-from common.merging.task_vectors import add_vector, fingerprint, state_to_numpy
-from common.merging.teacher import TopKLogits
+from common.merging.task_vectors import fingerprint
 from common.messages import (
     MIN_USERS_FOR_METRICS,
-    EVALUATE,
     FINETUNE,
     HANDSHAKE,
     TEACHER,
-    EvaluateReply,
-    EvaluateRequest,
     FinetuneReply,
     FinetuneRequest,
     HandshakeReply,
@@ -56,11 +47,12 @@ from common.messages import (
     TeacherReply,
     TeacherRequest,
 )
+from server.merge_store import MergeStore
 from server.silo_caller import PipelineError, SiloCaller
 from server.transport import Transport
 from server import checkpoint, weaving
 from server.limits import stage_timeout
-from server.validation import check_config, check_evaluate, check_finetune, check_teacher, silo_name, state_norm
+from server.validation import check_config, check_finetune, check_teacher, silo_name, state_norm
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +93,7 @@ class PipelineConfig(Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class Pipeline:
+class Pipeline(MergeStore):
     def __init__(self, transport: Transport, cfg: PipelineConfig, run_dir: str | Path,
                  expected: list[str] | None = None):
         self.t = transport
@@ -275,39 +267,6 @@ class Pipeline:
         weaving.run_weave(self)
         self._done("weave", time.perf_counter() - t0)
 
-    def merged_states(self, domains: list[str] | None = None,
-                      methods: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-        """Training-free merges (`methods`, default the configured baselines) of the task vectors of `domains`
-        (default: the active silos). Cheap: recomputed on resume."""
-        own = domains is None and methods is None  # the run's own merges: computed once, in merge_init
-        out = {name: self._cached_merge(name) for name in self.cfg.baselines} if own else {}
-        todo = [n for n in (self.cfg.baselines if methods is None else methods) if out.get(n) is None]
-        if todo:
-            tvs = self.task_vectors(domains)
-            vecs = [tvs[d] for d in sorted(tvs)]
-            for name in todo:
-                plan = merge_methods.process(vecs, name, seed=self.cfg.seed)
-                out[name] = merge_methods.merge(self.base_state, plan.vectors, plan.weights)
-        return out
-
-    def _merge_path(self, name: str) -> Path:
-        return self.run_dir / "merges" / f"{name}.safetensors"
-
-    def _store_merge(self, name: str, state: dict[str, torch.Tensor], domains: list[str]) -> None:
-        with atomic_path(self._merge_path(name)) as tmp:
-            save_file({n: t.contiguous() for n, t in state.items()}, str(tmp))
-        self._record(self._merge_path(name))
-        self.state.setdefault("merges", {})[name] = list(domains)
-
-    def _cached_merge(self, name: str, domains: list[str] | None = None) -> dict[str, torch.Tensor] | None:
-        """A merge this run stored (recorded, so checked on resume) over `domains` (default: the active silos,
-        as merge_init saw them), else None."""
-        path = self._merge_path(name)
-        stored = self.state.get("merges", {}).get(name)
-        if str(path.relative_to(self.run_dir)) not in self.state["files"] or stored != (domains or self.active()):
-            return None
-        return load_file(str(path))
-
     def merge_init(self) -> None:
         """Every training-free merge of the configured baselines, computed once and stored in merges/."""
         t0 = time.perf_counter()
@@ -355,27 +314,6 @@ class Pipeline:
         self.calls.ask("teacher", TEACHER, reqs, TeacherReply, validate, store)
         self._done("teacher", time.perf_counter() - t0)
 
-    def coefficient_sources(self, domains: list[str]) -> list[DomainBatchSource]:
-        """Each domain's pseudo-users with the teacher top-k its silo returned (from the run directory)."""
-        chosen = json.loads((self.run_dir / "pseudo_users.json").read_text())
-        sources = []
-        for d in domains:
-            arr = np.load(self._teacher_path(d))
-            top = TopKLogits.from_arrays(chosen[d], arr["indices"], arr["values"], len(self.catalogs[d]))
-            sources.append(DomainBatchSource(dom_inputs=self._dom(d), pseudo_item_ids=torch.tensor(chosen[d]),
-                                             teacher=top, name=d))
-        return sources
-
-    def learn(self, domains: list[str], ccfg: CoefficientConfig, init_method: str | None = None):
-        """Merging coefficients learned over `domains` (their task vectors, pseudo-users and teachers), from
-        `init_method` (default the configured one). Returns (CoefficientResult, merged state theta(W))."""
-        init_method = init_method or self.cfg.init_method
-        tvs = self.task_vectors(domains)
-        plan = merge_methods.process([tvs[d] for d in domains], init_method, seed=self.cfg.seed)
-        res = learn_coefficients(self.base, self.base_state, plan.vectors, self.base.layer_of,
-                                 self.coefficient_sources(domains), ccfg, progress=False, method=init_method)
-        return res, merge_with_coefficients(self.base_state, plan.vectors, res.W, res.groups, self.base.layer_of)
-
     def coefficients(self) -> None:
         t0 = time.perf_counter()
         domains = sorted(self.active())
@@ -397,46 +335,6 @@ class Pipeline:
         t0 = time.perf_counter()
         integration_stage.run(self)
         self._done("integration", time.perf_counter() - t0)
-
-    def mergerec_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """theta(W) for each learned granularity (over the domains W was learned on, even if one was dropped
-        later: its vector is part of the merged model)."""
-        learned = json.loads((self.run_dir / "coefficients.json").read_text())
-        out = {}
-        for gran, c in learned.items():
-            cached = self._cached_merge(f"mergerec-{gran}", c["domains"])
-            if cached is not None:
-                out[f"mergerec-{gran}"] = cached
-                continue
-            tvs = self.task_vectors(c["domains"])
-            plan = merge_methods.process([tvs[d] for d in c["domains"]], self.cfg.init_method, seed=self.cfg.seed)
-            out[f"mergerec-{gran}"] = merge_with_coefficients(self.base_state, plan.vectors, torch.tensor(c["W"]),
-                                                              c["groups"], self.base.layer_of)
-        return out
-
-    def candidate_models(self) -> dict[str, dict[str, torch.Tensor]]:
-        models = {"pretrained": self.base_state, **self.merged_states(), **self.mergerec_states()}
-        if self.cfg.evaluate_finetuned:
-            for d, tv in self.task_vectors().items():
-                models[f"finetuned-{d}"] = add_vector(self.base_state, tv)
-        return models
-
-    def evaluate_at(self, models: dict[str, dict[str, torch.Tensor]], domains: list[str],
-                    split: str = "test", integrated: dict | None = None) -> dict[str, dict[str, dict]]:
-        """Send `models` (name -> state) and `integrated` models (name -> (IntegratedSpec, parameters)) to the
-        silos of `domains`; each evaluates them on its own `split` and returns aggregate metrics only.
-        Returns domain -> model name -> AggregateMetrics as a dict."""
-        integrated = integrated or {}
-        arrays = {name: state_to_numpy(s) for name, s in {**models, **{n: s for n, (_, s) in integrated.items()}}.items()}
-        req = EvaluateRequest(base=self.spec, split=split, models=[*models, *integrated],
-                              max_users=self.cfg.eval_max_users, seed=self.cfg.seed,
-                              integrated={n: spec for n, (spec, _) in integrated.items()})
-
-        def validate(domain, o):
-            check_evaluate(o.header, o.arrays, domain=domain, models=req.models)
-
-        results = self.calls.ask("evaluate", EVALUATE, {d: (req, arrays) for d in domains}, EvaluateReply, validate)
-        return {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}
 
     def evaluate(self) -> None:
         t0 = time.perf_counter()
