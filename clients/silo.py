@@ -46,6 +46,7 @@ from common.messages import (
     WeaveReply,
     WeaveRequest,
     check_state_arrays,
+    fraction_users,
 )
 from common.train import evaluate_split, fine_tune, refit
 
@@ -217,7 +218,7 @@ class SiloWorker:
         base = self._require_base(req.base)
         model = from_arrays(base, req.spec, arrays["model"], "model")
         before = evaluate_split(model, self.silo, self._dom, "test", max_users=req.max_users, seed=req.seed)
-        users = max(MIN_USERS_FOR_METRICS, round(req.user_fraction * len(self.silo.users)))
+        users = fraction_users(req.user_fraction, len(self.silo.users))
         cfg = req.train.model_copy(update={"freeze": list(GATE_FROZEN_PREFIXES), "max_users": users})
         res = fine_tune(model, self.silo, self._dom, cfg)
         after = evaluate_split(model, self.silo, self._dom, "test", max_users=req.max_users, seed=req.seed)

@@ -266,6 +266,13 @@ class GateTuneRequest(Header):
         return {"model"}
 
 
+def fraction_users(fraction: float, num_users: int) -> int:
+    """How many training users a silo trains on for `fraction` of its `num_users` (never fewer than an aggregate
+    needs): what `GateTuneRequest.user_fraction` means, and what a benchmark sets as `TrainConfig.max_users` for
+    the same fraction (the same seeded subsample, common.train)."""
+    return max(MIN_USERS_FOR_METRICS, round(fraction * num_users))
+
+
 class GateTuneReply(Header):
     domain: str
     before: AggregateMetrics  # test split, the integrated model as received

@@ -24,8 +24,10 @@ from safetensors.torch import load_file, save_file
 from common.files import atomic_path, atomic_write
 from common.integration import IntegratedRecommender, inference_cost
 from common.merging.integration_train import train_gates
-from common.merging.task_vectors import add_vector
-from common.messages import IntegratedSpec
+from common.merging.task_vectors import add_vector, state_to_numpy
+from common.messages import TUNE_GATES, ContractError, GateTuneReply, GateTuneRequest, IntegratedSpec
+from server.silo_caller import PipelineError
+from server.validation import check_metrics
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,28 @@ def _paths(p):
     return p.run_dir / "integration" / f"{NAME}.safetensors", p.run_dir / "integration.json"
 
 
-def build(p, domains: list[str]) -> IntegratedRecommender:
-    """The untrained integrated model of pipeline `p` over `domains` (uniform gates)."""
-    shared_name = f"mergerec-{p.cfg.granularities[0]}"
-    shared = p.mergerec_states()[shared_name]
+def build(p, domains: list[str], shared: dict[str, torch.Tensor] | None = None) -> IntegratedRecommender:
+    """The untrained integrated model of pipeline `p` over `domains` (uniform gates); shared non-block weights
+    from `shared` (default: the run's MergeRec merge of the first granularity)."""
+    if shared is None:
+        shared = p.mergerec_states()[f"mergerec-{p.cfg.granularities[0]}"]
     tvs = p.task_vectors(domains)
     experts = [add_vector(p.base_state, tvs[d]) for d in domains]
     return IntegratedRecommender.from_states(p.base, shared, experts, p.cfg.integration.gate_hidden)
+
+
+def train(p, domains: list[str], shared: dict[str, torch.Tensor] | None = None):
+    """The integrated model over `domains` with its gates trained on their pseudo-users and teachers (the
+    run's stored ones), as the stage does. Returns (model, GateResult)."""
+    icfg = p.cfg.integration
+    model = build(p, domains, shared)
+    res = train_gates(model, p.coefficient_sources(domains), p.cfg.coefficients, steps=icfg.steps, lr=icfg.lr)
+    return model, res
+
+
+def parameters(model: IntegratedRecommender) -> tuple[IntegratedSpec, dict[str, torch.Tensor]]:
+    """(spec, parameters) of an integrated model, as `evaluate_at(integrated=...)` and `tune_gates_at` take it."""
+    return model.spec, {n: t.detach().contiguous() for n, t in model.state_dict().items()}
 
 
 def run(p) -> None:
@@ -51,12 +68,10 @@ def run(p) -> None:
     if icfg.kind == "none":
         return
     domains = sorted(p.active())
-    model = build(p, domains)
-    ccfg = p.cfg.coefficients
-    res = train_gates(model, p.coefficient_sources(domains), ccfg, steps=icfg.steps, lr=icfg.lr)
+    model, res = train(p, domains)
     weights, info_path = _paths(p)
     with atomic_path(weights) as tmp:
-        save_file({n: t.detach().contiguous() for n, t in model.state_dict().items()}, str(tmp))
+        save_file(parameters(model)[1], str(tmp))
     p._record(weights)
     single = copy.deepcopy(p.base)
     single.load_state_dict(p.mergerec_states()[f"mergerec-{p.cfg.granularities[0]}"])
@@ -93,3 +108,27 @@ def summary(run_dir) -> dict | None:
         return None
     info = json.loads(path.read_text())
     return {k: v for k, v in info.items() if k not in ("history",)}
+
+
+def tune_gates_at(p, domain: str, integrated: tuple[IntegratedSpec, dict[str, torch.Tensor]], fraction: float,
+                  train_cfg=None) -> GateTuneReply:
+    """X-Cross's new domain: send the integrated model (spec, parameters) to `domain`'s silo (through `p`'s
+    transport, a `train.gates` message), which tunes only its gates on a seeded `fraction` of its training users
+    (`train_cfg`, default the run's) and keeps the tuned model; only test aggregates before and after come back,
+    on the same users `evaluate_at` scores (eval-max-users, seed)."""
+    spec, params = integrated
+    train_cfg = (train_cfg or p.cfg.train).model_copy(update={"finetune": "full"})  # gates: no LoRA factors
+    req = GateTuneRequest(base=p.spec, spec=spec, train=train_cfg, user_fraction=fraction,
+                          max_users=p.cfg.eval_max_users, seed=p.cfg.seed)
+
+    def validate(d, o):
+        if o.header.domain != d:
+            raise ContractError(f"domain must be {d!r}")
+        check_metrics(o.header.before, "before")
+        check_metrics(o.header.after, "after")
+
+    got = p.calls.ask("tune_gates", TUNE_GATES, {domain: (req, {"model": state_to_numpy(params)})}, GateTuneReply,
+                      validate)
+    if domain not in got:
+        raise PipelineError(f"silo {domain} did not tune the gates")
+    return got[domain].header

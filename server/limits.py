@@ -20,6 +20,7 @@ HANDSHAKE_S = 7200.0            # first contact: the silo encodes its whole cata
 FINETUNE_S_PER_ITEM_EPOCH = 0.1
 TEACHER_S_PER_ITEM = 0.05       # scoring every item as a pseudo-user against the catalog
 EVALUATE_S_PER_ITEM_MODEL = 0.05
+GATE_TUNE_FACTOR = 4            # gate tuning (train.gates) runs an integrated model: K block sets per forward
 
 
 def stage_timeout(stage: str, timeout_s: float | None, *, max_items: int = 0, epochs: int = 1,
@@ -31,6 +32,8 @@ def stage_timeout(stage: str, timeout_s: float | None, *, max_items: int = 0, ep
         return HANDSHAKE_S
     if stage == "finetune":
         return BASE_S + FINETUNE_S_PER_ITEM_EPOCH * max_items * epochs * (2 if refit else 1)
+    if stage == "tune_gates":
+        return BASE_S + GATE_TUNE_FACTOR * FINETUNE_S_PER_ITEM_EPOCH * max_items * epochs * (2 if refit else 1)
     if stage == "teacher":
         return BASE_S + TEACHER_S_PER_ITEM * max_items
     if stage == "evaluate":
