@@ -20,6 +20,7 @@ from pathlib import Path
 
 from benchmarks.core import RESULTS
 from common.report import markdown_table, write_results
+from server.checkpoint import STAGES
 from server.simulate import DEMO_ROOT, ROOT, run_simulation
 
 
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     rows = [{"mode": "in-process", "wall_s": round(local_s, 1), **{k: v for k, v in local["timings"].items()}},
             {"mode": "flower simulation", "wall_s": round(flower_s, 1),
              **{k: v for k, v in flower["timings"].items() if k != "flower_wall_s"}}]
-    stage_cols = ["handshake", "finetune", "merge_init", "pseudo_users", "teacher", "coefficients", "evaluate"]
+    stage_cols = list(STAGES)  # handshake, then the pipeline's stages in order (server/checkpoint.py)
     same = all(abs(local["metrics"][d][m]["values"]["ndcg@10"] - flower["metrics"][d][m]["values"]["ndcg@10"])
                < 1e-9 for d in local["metrics"] for m in local["metrics"][d])
     out = {"command": "python -m benchmarks.overhead " + " ".join(argv or sys.argv[1:]), "rows": rows,

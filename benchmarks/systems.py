@@ -211,19 +211,21 @@ class Systems:
         gates = silo_pipeline(cfg, a.data, [held_out], root / "gates", a.cache, traffic)
         gates.handshake()
         scenario = f"new-domain-{held_out}"
+        gate_train = self.config(variant, **parse_overrides(a.gate_run_config)).train  # the silo sets freeze, users
         n_users = load_silo(a.data / held_out, held_out).num_users  # the harness sizes max-users
         for f in a.fractions:
             pct = f"{round(100 * f)}%"
             with self.stage(f"{variant}: {scenario} xcross gates @ {pct}"):
                 up0, down0 = traffic.up(held_out, TUNE_GATES), traffic.down(held_out, TUNE_GATES)
                 t0 = time.perf_counter()
-                reply = integration_stage.tune_gates_at(gates, held_out, integrated, f, self.pipes[variant].cfg.train)
+                reply = integration_stage.tune_gates_at(gates, held_out, integrated, f, gate_train)
                 wall = time.perf_counter() - t0
             if f == a.fractions[0]:
                 self.add(variant, scenario, "xcross (others), gates untuned", held_out, reply.before.model_dump(),
                          build_s=round(build_s, 1))
             self.add(variant, scenario, "xcross (others) + gates tuned", held_out, reply.after.model_dump(),
-                     fraction=f, train_users=fraction_users(f, n_users), finetune_s=round(reply.seconds, 1),
+                     fraction=f, train_users=fraction_users(f, n_users), epochs=reply.epochs,
+                     finetune_s=round(reply.seconds, 1),
                      build_s=round(build_s, 1), wall_s=round(wall, 1),
                      upload_bytes_per_silo=traffic.up(held_out, TUNE_GATES) - up0,
                      download_bytes=traffic.down(held_out, TUNE_GATES) - down0)
@@ -246,7 +248,8 @@ class Systems:
         name = f"lora@{round(100 * f)}%"
         got = p.evaluate_at({name: add_vector(p.base_state, p.task_vectors([held_out])[held_out])}, [held_out])
         self.add(variant, f"new-domain-{held_out}", "LoRA from the base", held_out, got[held_out][name], fraction=f,
-                 train_users=users, finetune_s=p.state["finetune"][held_out]["seconds"],
+                 train_users=users, epochs=p.state["finetune"][held_out]["epochs"],
+                 finetune_s=p.state["finetune"][held_out]["seconds"],
                  wall_s=round(time.perf_counter() - t0, 1), upload_bytes_per_silo=traffic.up(held_out, FINETUNE),
                  download_bytes=traffic.down(held_out, FINETUNE))
 
@@ -271,7 +274,7 @@ def markdown_report(command: str, rows: list[dict], stages: list[dict]) -> str:
         for scenario in dict.fromkeys(r["scenario"] for r in rows if r["variant"] == variant):
             part = [r for r in rows if r["variant"] == variant and r["scenario"] == scenario]
             if scenario.startswith("new-domain"):
-                cols = ["method", "fraction", "train_users", "recall@10", "ndcg@10", "users", "upload_bytes_per_silo",
+                cols = ["method", "fraction", "train_users", "epochs", "recall@10", "ndcg@10", "users", "upload_bytes_per_silo",
                         "download_bytes", "finetune_s", "build_s", "wall_s"]
                 md.append(f"### {variant}: {scenario}\n\n" + markdown_table(part, cols))
                 continue
@@ -305,6 +308,8 @@ def parse_args(argv):
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 1.0])
     ap.add_argument("--fraction-variant", choices=VARIANTS, default="lora",
                     help="whose run's modules the new-domain xcross integrates (must be in --variants)")
+    ap.add_argument("--gate-run-config", default="", help='train keys over the variant\'s for gate tuning at '
+                    "the new domain (e.g. 'lr=0.01'); the LoRA rows use the variant's own")
     ap.add_argument("--run-config", default="", help='"key=value ..." over pyproject\'s [tool.flwr.app.config] '
                     "(as for `flwr run`); each variant adds its keys and integration = xcross")
     ap.add_argument("--cache", type=Path, default=Path(".cache"), help="item-embedding cache")

@@ -30,7 +30,7 @@ def systems(tmp_path_factory):
     out = root / "systems.json"
     assert main(["--data", str(root / "demo"), "--domains", *names, "--run-config", rc, "--cache", str(root / "cache"),
                  "--run-root", str(root / "runs"), "--unseen", names[-1], "--held-out", names[-1],
-                 "--fractions", *map(str, FRACTIONS), "--out", str(out)]) == 0
+                 "--fractions", *map(str, FRACTIONS), "--gate-run-config", "lr=0.05", "--out", str(out)]) == 0
     return root, names, rc, json.loads(out.read_text())
 
 
