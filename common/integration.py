@@ -128,14 +128,8 @@ class IntegratedRecommender(Recommender):
             x = (outs * g.unsqueeze(-2)).sum(-1)
         return x
 
-    def forward(self, dom: DomainInputs, kind: str, x: torch.Tensor) -> torch.Tensor:
-        if kind == "items":
-            return F.normalize(self._items(dom, x), dim=-1)
-        if kind == "histories":
-            return F.normalize(self._positions(dom, x)[:, -1], dim=-1)
-        if kind == "positions":
-            return F.normalize(self._positions(dom, x), dim=-1)
-        raise ValueError(f"unknown forward kind {kind!r}")
+    # the light backbone's item / history / position outputs, over this class's gated `_positions`
+    forward = LightRecommender.forward
 
     def layer_of(self, param_name: str) -> str:
         m = re.match(r"(?:experts|gates)\.(\d+)\.", param_name)
