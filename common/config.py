@@ -53,7 +53,7 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(100, ge=0, description="linear lr warm-up, capped at one epoch's steps (a small "
                               "silo or user subsample still reaches the configured lr)")
     tau: float = Field(0.05, gt=0)
-    negatives: Literal["full", "inbatch", "sampled"] = Field("full", description="training softmax over every "
+    negatives: Literal["full", "inbatch", "sampled"] = Field("sampled", description="training softmax over every "
                                                            "item, the batch's targets, or sampled items")
     num_negatives: PositiveInt = Field(2048, description="negatives='sampled': items drawn uniformly per batch")
     mask_current_item: bool = Field(True, description="leave the most recent input item out of the training "
@@ -62,12 +62,14 @@ class TrainConfig(Strict):
                           "data validation NDCG@10 dips for a few epochs before it passes the untrained model)")
     refit_on_val: bool = Field(True, description="after early stopping, retrain from the start on train + "
                                "validation items for the chosen epoch count (the model tested and sent)")
-    selection: Literal["refit", "held-out-users"] = Field("refit", description="'refit': select the epoch count "
-                                                          "on validation items, then retrain on train + validation "
-                                                          "items (two runs); 'held-out-users': one run on train + "
-                                                          "validation items of every user except a seeded "
-                                                          "val-max-users subsample, whose validation items pick the "
-                                                          "epoch (its weights are final)")
+    selection: Literal["refit", "continue", "held-out-users"] = Field(
+        "continue", description="'refit': select the epoch count on validation items, then retrain from the start on "
+        "train + validation items (two runs); 'held-out-users': one run on train + validation items of every user "
+        "except a seeded val-max-users subsample, whose validation items pick the epoch (its weights are final); "
+        "'continue': the held-out-users run, then `continue_epochs` more epochs from the best epoch's weights on "
+        "train + validation items of every user (the held-out users' included)")
+    continue_epochs: PositiveInt = Field(1, description="selection='continue': epochs on every user's train + "
+                                         "validation items after the best epoch")
     l2sp: float = Field(0.0, ge=0, description="L2-SP: weight of sum((theta - theta_start)^2) added to the loss, a "
                         "pull toward the shared base that keeps task vectors small and mergeable (0 = off)")
     freeze: list[str] = Field(default_factory=list, description="parameter-name prefixes kept at the base's "
@@ -99,13 +101,23 @@ class TrainConfig(Strict):
 
     @property
     def refits(self) -> bool:
-        """Whether fine-tuning trains twice: selection on validation items, then the final fit."""
+        """Whether fine-tuning trains twice: selection on validation items, then the final fit from the start."""
         return self.refit_on_val and self.selection == "refit"
+
+    @property
+    def final_fit_epochs(self) -> int | None:
+        """Epochs of the final fit on train + validation items after selection: None = as many as the selection
+        chose ('refit', from the start), k = `continue_epochs` from the best epoch ('continue'), 0 = none
+        ('held-out-users', or no final fit)."""
+        if not self.refit_on_val or self.selection == "held-out-users":
+            return 0
+        return None if self.selection == "refit" else self.continue_epochs
 
     @classmethod
     def for_backbone(cls, kind: str, **overrides) -> "TrainConfig":
         """Sane defaults per backbone: the text encoder uses the reference's lr 5e-5, batch 64."""
-        base = {"light": {}, "text": {"lr": 5e-5, "batch_size": 32, "epochs": 3, "patience": 1}}[kind]
+        base = {"light": {}, "text": {"lr": 5e-5, "batch_size": 32, "epochs": 3, "patience": 1, "negatives": "full",
+                                      "selection": "refit"}}[kind]
         return cls(**{**base, **overrides})
 
 

@@ -16,6 +16,9 @@ the test one: without it, fine-tuning gains on validation may not reach test (do
   starting weights for E epochs on each user's train sequence plus their validation item (`refit_on_val`).
 - "held-out-users": one run on train + validation items of every user except a seeded subsample of
   `val_max_users` users, whose validation items alone score the epochs; the best epoch's weights are final.
+- "continue": the held-out-users run, then `continue_epochs` (1) more epochs from the best epoch's weights on
+  every user's train + validation items, so the held-out users' validation items are learned too (the final fit
+  costs one epoch instead of E).
 Either way that is the model a silo evaluates on test and sends. Test items are never trained on.
 
 Negatives (`TrainConfig.negatives`): "full" scores every item of the domain at every position; "sampled" the
@@ -287,8 +290,8 @@ def held_out_users(silo: SiloData, cfg: TrainConfig) -> list[int]:
 
 def _selection_data(silo: SiloData, model: Recommender, cfg: TrainConfig):
     """(training rows, (validation histories, targets), validation subsample size) for one silo.
-    'refit': train items only, validation on a seeded subsample drawn at evaluation time; 'held-out-users':
-    train + validation items except for the held-out users, validated on exactly those users."""
+    'refit': train items only, validation on a seeded subsample drawn at evaluation time; 'held-out-users' and
+    'continue': train + validation items except for the held-out users, validated on exactly those users."""
     if cfg.selection == "refit":
         rows = _training_rows(silo, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed)
         return rows, silo.eval_split("val"), cfg.val_max_users
@@ -346,8 +349,9 @@ def refit(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs
 def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs | list[DomainInputs],
               cfg: TrainConfig) -> FineTuneResult:
     """Fine-tune `model` in place on the silo's training sequences, early-stopping on validation NDCG@10;
-    then, with `cfg.refit_on_val` and when some epoch beat the start, `refit` from the starting weights on
-    train + validation items for the chosen number of epochs (`val` stays the selection run's metrics).
+    then, with `cfg.refit_on_val` and when some epoch beat the start, the final fit on train + validation items
+    (`cfg.final_fit_epochs`: `refit` from the starting weights for the chosen number of epochs, or from the best
+    epoch's weights for `continue_epochs`; `val` stays the selection run's metrics).
 
     Given lists of silos and their domain inputs, trains one model on the pooled data (each batch from one
     domain, softmax over that domain's items; validation = mean NDCG@10 over the domains): the non-private
@@ -388,13 +392,12 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
             stale += 1
             if stale >= cfg.patience:
                 break
-    refit_epochs = 0
-    if cfg.refits and best_epoch > 0:
-        model.load_state_dict(start_state)
-        refit_steps, _ = refit(model, silos, doms, cfg, best_epoch)
-        steps, refit_epochs = steps + refit_steps, best_epoch
-    else:
-        model.load_state_dict(best_state)
+    refit_epochs = cfg.final_fit_epochs
+    refit_epochs = 0 if best_epoch == 0 else best_epoch if refit_epochs is None else refit_epochs
+    model.load_state_dict(start_state if cfg.refits and refit_epochs else best_state)
+    if refit_epochs:
+        refit_steps, _ = refit(model, silos, doms, cfg, refit_epochs)
+        steps += refit_steps
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)

@@ -144,7 +144,8 @@ class Pipeline(MergeStore):
     def _timeout(self, stage: str, requests: dict) -> float:
         first = next(iter(requests.values()), (None, {}))
         return stage_timeout(stage, self.cfg.timeout_s, max_items=max(map(len, self.catalogs.values()), default=0),
-                             epochs=self.cfg.train.epochs, refit=self.cfg.train.refits, models=len(first[1]))
+                             epochs=self.cfg.train.epochs + (self.cfg.train.final_fit_epochs or 0),
+                             refit=self.cfg.train.refits, models=len(first[1]))
 
     # ---------------------------------------------------------------- stages
     def handshake(self) -> None:

@@ -27,7 +27,8 @@ def setup(tmp_path_factory):
 
 
 def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"epochs": 4, "batch_size": 64, "lr": 5e-3, "patience": 4, "warmup_steps": 2, "progress": False, **kw})
+    return TrainConfig(**{"epochs": 4, "batch_size": 64, "lr": 5e-3, "patience": 4, "warmup_steps": 2, "progress": False,
+                          "selection": "refit", **kw})
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -151,3 +152,23 @@ def test_held_out_users_selection_trains_once_and_never_on_the_scored_validation
     assert res.refit_epochs == 0 and res.best_epoch > 0
     steps_per_epoch = -(-len(rows) // cfg.batch_size)
     assert res.steps == res.epochs * steps_per_epoch  # one run: no second (refit) pass
+
+
+def test_continue_selection_trains_the_best_epoch_on_for_continue_epochs(setup):
+    """selection='continue': the held-out-users run's best weights, then `continue_epochs` epochs of the final
+    fit on every user's train + val items (the refit's own seeded loop), instead of a retrain from the start."""
+    silo, dom, base = setup
+    res = train.fine_tune(copy.deepcopy(base), silo, dom, _cfg(selection="continue", continue_epochs=2,
+                                                                 val_max_users=40))
+    assert res.best_epoch >= 1 and res.refit_epochs == 2
+    held = train.fine_tune(copy.deepcopy(base), silo, dom, _cfg(selection="held-out-users", val_max_users=40))
+    assert held.best_epoch == res.best_epoch and held.refit_epochs == 0
+    assert [h["val_ndcg@10"] for h in held.history] == [h["val_ndcg@10"] for h in res.history]
+    again = copy.deepcopy(base)
+    again.load_state_dict(held.state, strict=False)
+    train.refit(again, silo, dom, _cfg(), 2)
+    assert _same(res.state, {n: p.detach() for n, p in again.named_parameters()})
+    assert not _same(res.state, held.state)
+    rows = train._training_rows(silo, True, 50, None, 0, with_val=True, held_out=frozenset(train.held_out_users(
+        silo, _cfg(val_max_users=40))))
+    assert res.steps == res.epochs * -(-len(rows) // 64) + 2 * -(-len(silo.users) // 64)
