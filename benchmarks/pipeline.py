@@ -29,7 +29,7 @@ import numpy as np
 
 from benchmarks.core import RESULTS
 from common.report import markdown_table, write_results
-from server.procs import ProcessSet, marked_pids
+from server.procs import ProcessSet, exit_on_signals, marked_pids, restore_signals
 from server.simulate import ROOT, run_simulation
 
 SMOKE_CONFIG = {"epochs": 2, "coef-steps": 10, "teacher-top-k": 16, "baselines": "task_arithmetic",
@@ -145,16 +145,20 @@ def main(argv=None) -> int:
     cache = (args.cache_dir or work / "cache").resolve()
     domains = [d for d in args.domains.split(",") if d]
     runs = []
-    for name in [r for r in args.runs.split(",") if r]:
-        if name == "cold" and args.cache_dir is None:
-            shutil.rmtree(cache, ignore_errors=True)
-        run_rc = f"cache-dir='{cache}' silo-state-root='{work / name / 'silo-state'}' {rc}".strip()
-        runs.append(one_run(name, domains, data_root, work / name / "run", run_rc, args.timeout))
-        print(f"{name}: {runs[-1]['wall_s']} s; stages {json.dumps(runs[-1]['stages_s'])}", file=sys.stderr)
     cmd = "python -m benchmarks.pipeline " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": cmd, "domains": domains, "data_root": str(data_root), "run_config": rc,
               "cpus": os.cpu_count(), "runs": runs}
-    write_results(args.out, result, markdown(result))
+    previous = exit_on_signals()  # SIGTERM / SIGHUP stop every process of the current run (run_simulation)
+    try:
+        for name in [r for r in args.runs.split(",") if r]:
+            if name == "cold" and args.cache_dir is None:
+                shutil.rmtree(cache, ignore_errors=True)
+            run_rc = f"cache-dir='{cache}' silo-state-root='{work / name / 'silo-state'}' {rc}".strip()
+            runs.append(one_run(name, domains, data_root, work / name / "run", run_rc, args.timeout))
+            print(f"{name}: {runs[-1]['wall_s']} s; stages {json.dumps(runs[-1]['stages_s'])}", file=sys.stderr)
+            write_results(args.out, result, markdown(result))  # after every run: a later failure keeps this one
+    finally:
+        restore_signals(previous)
     print(markdown(result))
     return 0
 

@@ -41,16 +41,22 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def start_launcher(root: Path, enc: Path, tmp: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """A run that would fine-tune for a long time (many epochs, no early stop)."""
-    rc = format_run_config({"encoder": str(enc), "cache-dir": str(root / "cache"),
-                            "silo-state-root": str(tmp / "state"), "epochs": 5000, "patience": 5000,
+def start_launcher(root: Path, enc: Path, tmp: Path, *extra: str, benchmark: bool = False
+                   ) -> tuple[subprocess.Popen, str]:
+    """A run that would fine-tune for a long time (many epochs, no early stop); `benchmark`: the same run under
+    the pipeline benchmark's driver (benchmarks/pipeline.py) instead of the launcher."""
+    places = {} if benchmark else {"cache-dir": str(root / "cache"), "silo-state-root": str(tmp / "state")}
+    rc = format_run_config({"encoder": str(enc), **places, "epochs": 5000, "patience": 5000,
                             "coef-steps": 5, "teacher-top-k": 8, "baselines": "task_arithmetic",
-                            "granularities": "task"})
+                            "granularities": "task"})  # the benchmark driver sets both places itself
     run_id = "test-" + uuid.uuid4().hex[:12]
     env = {**os.environ, MARKER: run_id, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "server.simulate", "--data-root", str(root / "data"), "--domains",
            ",".join(DOMAINS), "--run-dir", str(tmp / "run"), "--run-config", rc, *extra]
+    if benchmark:
+        cmd = [sys.executable, "-m", "benchmarks.pipeline", "--data-root", str(root / "data"), "--domains",
+               ",".join(DOMAINS), "--work", str(tmp / "work"), "--runs", "warm", "--cache-dir", str(root / "cache"),
+               "--run-config", rc, "--out", str(tmp / "pipeline.json"), *extra]
     log = open(tmp / "launcher.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, run_id
@@ -121,4 +127,19 @@ def test_timeout_stops_every_process(world, tmp_path):
             proc.kill()
     out = (tmp_path / "launcher.log").read_text()
     assert code == 1 and "did not finish within --timeout 120" in out, out[-2000:]
+    assert_all_gone(run_id, before)
+
+
+def test_pipeline_benchmark_sigterm_stops_every_process(world, tmp_path):
+    """The benchmark driver runs the same launcher code; SIGTERM to it stops its run's processes too."""
+    root, enc = world
+    proc, run_id = start_launcher(root, enc, tmp_path, benchmark=True)
+    try:
+        before = wait_for_runtime(proc, run_id)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + signal.SIGTERM, (tmp_path / "launcher.log").read_text()[-2000:]
     assert_all_gone(run_id, before)

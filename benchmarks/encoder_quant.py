@@ -1,0 +1,70 @@
+"""Item-text encoding lever: int8 dynamic quantisation of the frozen text encoder, against fp32.
+
+    python -m benchmarks.encoder_quant [--data-root ../shared/data/amazon] [--domain Toys] [--items 800]
+
+Encodes a seeded sample of the catalog's item texts exactly as a silo's handshake does (common.text.catalog_texts,
+common.encoder.encode_texts, one thread), once with the fp32 encoder and once with torch's dynamic int8
+quantisation of its Linear layers, and reports items per second and the cosine of each int8 embedding to its
+fp32 one. The lever is worth taking only if every cosine is >= 0.999 (issue 15). Writes
+benchmarks/results/encoder-quant.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from benchmarks.core import RESULTS
+from common.report import results_page, write_results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.encoder_quant", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", type=Path, default=Path("../shared/data/amazon"))
+    ap.add_argument("--domain", default="Toys")
+    ap.add_argument("--items", type=int, default=800, help="seeded sample of the catalog's items")
+    ap.add_argument("--encoder", default="minilm")
+    ap.add_argument("--out", type=Path, default=RESULTS / "encoder-quant.json")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from common.data import load_catalog
+    from common.encoder import encode_texts, load_encoder, load_tokenizer
+    from common.text import catalog_texts
+
+    torch.set_num_threads(1)
+    catalog = load_catalog(args.data_root / args.domain, args.domain)
+    tok = load_tokenizer(args.encoder)
+    texts = catalog_texts(catalog, tok, 32)
+    sample = [texts[i] for i in random.Random(0).sample(range(len(texts)), min(args.items, len(texts)))]
+    fp32 = load_encoder(args.encoder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch marks the eager quantisation API deprecated
+        int8 = torch.ao.quantization.quantize_dynamic(load_encoder(args.encoder), {torch.nn.Linear}, dtype=torch.qint8)
+    rows, ref = [], None
+    for name, enc in (("fp32", fp32), ("int8 dynamic", int8)):
+        t0 = time.perf_counter()
+        emb = encode_texts(enc, tok, sample, max_length=128)
+        seconds = time.perf_counter() - t0
+        ref = emb if ref is None else ref
+        cos = (emb * ref).sum(1)
+        rows.append({"encoder": name, "items": len(sample), "seconds": round(seconds, 2),
+                     "items_per_s": round(len(sample) / seconds, 1), "cos_to_fp32_min": round(float(cos.min()), 4),
+                     "cos_to_fp32_mean": round(float(cos.mean()), 4)})
+        print(rows[-1], file=sys.stderr, flush=True)
+    cmd = "python -m benchmarks.encoder_quant " + " ".join(argv if argv is not None else sys.argv[1:])
+    cols = list(rows[0])
+    write_results(args.out, {"command": cmd, "domain": args.domain, "rows": rows},
+                  results_page("Item-text encoder: int8 dynamic quantisation", cmd, rows, cols))
+    print(results_page("Item-text encoder: int8 dynamic quantisation", cmd, rows, cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
