@@ -43,13 +43,10 @@ class DomainInputs:
 
 def pad_histories(histories: list[list[int]], max_items: int) -> torch.Tensor:
     """Right-aligned LongTensor [B, L] of the last `max_items` items of each history, -1 padded on the left."""
-    rows = [h[-max_items:] for h in histories]
+    rows = [list(h[-max_items:]) for h in histories]
     width = max(1, max((len(r) for r in rows), default=1))
-    out = torch.full((len(rows), width), PAD, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            out[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
-    return out
+    # padded in Python, converted once: one tensor copy per batch instead of one per row
+    return torch.tensor([[PAD] * (width - len(r)) + r for r in rows], dtype=torch.long).view(len(rows), width)
 
 
 class Recommender(nn.Module):

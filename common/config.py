@@ -55,7 +55,8 @@ class TrainConfig(Strict):
     tau: float = Field(0.05, gt=0)
     negatives: Literal["full", "inbatch", "sampled"] = Field("sampled", description="training softmax over every "
                                                            "item, the batch's targets, or sampled items")
-    num_negatives: PositiveInt = Field(2048, description="negatives='sampled': items drawn uniformly per batch")
+    num_negatives: int = Field(2048, ge=3, description="negatives='sampled': items drawn uniformly per batch (at "
+                               "least 3: a position masks at most two of them, its target and its current item)")
     mask_current_item: bool = Field(True, description="leave the most recent input item out of the training "
                                     "softmax unless it is the target (evaluation always ranks every item)")
     patience: int = Field(5, ge=1, description="epochs without validation NDCG@10 gain before stopping (on Amazon "

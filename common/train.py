@@ -147,14 +147,22 @@ def _sampled_loss(model: Recommender, dom: DomainInputs, queries, tgt, current, 
     queries [P, d] already divided by tau; tgt, current [P] item ids."""
     neg, log_weight = _sampled_candidates(dom, cfg.num_negatives, device)
     emb = model(dom, "items", torch.cat([tgt, neg]))
-    pos_logit = (queries * emb[: len(tgt)]).sum(-1, keepdim=True)
-    neg_logits = queries @ emb[len(tgt):].T + log_weight
-    hit = neg.unsqueeze(0) == tgt.unsqueeze(1)  # the target drawn as a negative: counted once, in column 0
+    pos_logit = (queries * emb[: len(tgt)]).sum(-1)
+    neg_logits = queries @ emb[len(tgt):].T
+    # column of each item among the negatives (-1 = not drawn): O(P) lookups instead of [P, M] comparisons
+    column = torch.full((dom.num_items,), -1, dtype=torch.long, device=device)
+    column[neg] = torch.arange(len(neg), device=device)
+    rows = torch.arange(len(tgt), device=device)
+    drop = [(rows, column[tgt])]  # the target drawn as a negative: counted once, as the positive
     if cfg.mask_current_item:
-        hit |= (neg.unsqueeze(0) == current.unsqueeze(1)) & ((current >= 0) & (current != tgt)).unsqueeze(1)
-    neg_logits = neg_logits.masked_fill(hit, float("-inf"))
-    logits = torch.cat([pos_logit, neg_logits], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(tgt), dtype=torch.long, device=device))
+        cur = (current >= 0) & (current != tgt)
+        drop.append((rows[cur], column[current[cur]]))
+    for r, c in drop:
+        hit = c >= 0
+        neg_logits[r[hit], c[hit]] = float("-inf")  # in place: mm's backward needs its inputs, not its output
+    # -log softmax of the positive over [positive, negatives + log_weight], without building that [P, 1 + M]
+    # matrix: the shift by log_weight moves the negatives' logsumexp by exactly log_weight
+    return (torch.logaddexp(pos_logit, torch.logsumexp(neg_logits, dim=1) + log_weight) - pos_logit).mean()
 
 
 @torch.no_grad()
