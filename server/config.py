@@ -89,7 +89,7 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
         if key not in PIPELINE_KEYS:
             continue
         if key in _LIST_KEYS:
-            value = comma_list(value)
+            value = [] if str(value).strip().lower() == "none" else comma_list(value)
         if key in _ZERO_IS_NONE and str(value).strip() == "0":
             value = None
         if key == "timeout-s" and isinstance(value, str) and value.strip().lower() == "auto":
@@ -130,7 +130,7 @@ HELP = {
                  "(held-out-users, then continue-epochs more on every user's train + val)",
     "continue-epochs": "selection=continue: epochs on train + val after the best epoch",
     "negatives": "training softmax: full | sampled | inbatch", "num-negatives": "negatives=sampled: items per batch",
-    "freeze": "parameter prefixes kept at the base, e.g. adaptor", "max-users": "0 = all users",
+    "freeze": "parameter prefixes kept at the base (none = train everything)", "max-users": "0 = all users",
     "val-max-users": "early stopping validates on this many users (0 = all)",
     "baselines": "training-free merges to evaluate", "init-method": "MergeRec starts from this merge",
     "granularities": "MergeRec coefficients: task and/or layer", "coef-steps": "coefficient-learning steps",
