@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from benchmarks.core import RESULTS
-from common.report import results_page, write_results
+from common.report import write_table_results
 
 
 def main(argv=None) -> int:
@@ -59,10 +59,8 @@ def main(argv=None) -> int:
                      "cos_to_fp32_mean": round(float(cos.mean()), 4)})
         print(rows[-1], file=sys.stderr, flush=True)
     cmd = "python -m benchmarks.encoder_quant " + " ".join(argv if argv is not None else sys.argv[1:])
-    cols = list(rows[0])
-    write_results(args.out, {"command": cmd, "domain": args.domain, "rows": rows},
-                  results_page("Item-text encoder: int8 dynamic quantisation", cmd, rows, cols))
-    print(results_page("Item-text encoder: int8 dynamic quantisation", cmd, rows, cols))
+    print(write_table_results(args.out, {"command": cmd, "domain": args.domain, "rows": rows},
+                              "Item-text encoder: int8 dynamic quantisation"))
     return 0
 
 

@@ -3,7 +3,8 @@
     python -m benchmarks.finetune --domains Sports,Toys --variants "full:" "s1024:negatives=sampled,num_negatives=1024"
                                   [--data-root DIR] [--train KEY=VALUE,...] [--backbone KEY=VALUE,...] [--test-users 5000] [--out FILE]
 
-Each variant is NAME:KEY=VALUE,... (TrainConfig fields, on top of the silo defaults and `--train`). A driver,
+Each variant is NAME:KEY=VALUE,... (TrainConfig fields, on top of the pipeline's defaults for the backbone,
+`TrainConfig.for_backbone`, and `--train`; list fields as a|b, or none). A driver,
 not a second implementation: it fine-tunes exactly as a silo does (common.train.fine_tune: early stopping,
 then the final fit), one thread, from the same base and seed, and tests the result on a seeded user
 subsample of the test split, the same subsample the pipeline's evaluation stage draws (`eval-max-users`,
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks.core import RESULTS
-from common.report import results_page, write_results
+from common.report import write_table_results
 
 
 def parse_settings(text: str) -> dict:
@@ -31,6 +32,9 @@ def parse_settings(text: str) -> dict:
             raise SystemExit(f"bad setting {part!r}: expected KEY=VALUE")
         out[key.strip().replace("-", "_")] = value.strip()
     return out
+
+
+LIST_FIELDS = {"freeze", "lora_targets"}
 
 
 def run_one(domain: str, name: str, settings: dict, args) -> dict:
@@ -46,7 +50,10 @@ def run_one(domain: str, name: str, settings: dict, args) -> dict:
     model = build_backbone(BackboneConfig(**{"cache_dir": args.cache_dir, "base": args.base,
                                              **parse_settings(args.backbone)}), seed=0)
     dom = model.domain_inputs(silo.catalog)
-    cfg = TrainConfig(**{"progress": False, **parse_settings(args.train), **settings})
+    over = {"progress": False, **parse_settings(args.train), **settings}
+    for key in LIST_FIELDS & set(over):  # "a|b" -> ["a", "b"]; "none" -> []
+        over[key] = [] if over[key] == "none" else over[key].split("|")
+    cfg = TrainConfig.for_backbone(model.cfg.kind, **over)  # the pipeline's defaults for this backbone
     t0 = time.perf_counter()
     res = fine_tune(model, silo, dom, cfg)
     seconds = time.perf_counter() - t0
@@ -89,9 +96,9 @@ def main(argv=None) -> int:
             rows.append(run_one(domain, name, settings, args))
             print(json.dumps({k: x for k, x in rows[-1].items() if k != "val_history"}), file=sys.stderr, flush=True)
             # written after every row: a long run that dies keeps what it measured
-            write_results(args.out, {"command": cmd, "train": args.train, "rows": rows},
-                          results_page("Fine-tuning levers", cmd, rows, cols))
-    print(results_page("Fine-tuning levers", cmd, rows, cols))
+            page = write_table_results(args.out, {"command": cmd, "train": args.train, "rows": rows},
+                                       "Fine-tuning levers", cols)
+    print(page)
     return 0
 
 

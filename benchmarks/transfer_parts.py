@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.core import RESULTS
 from benchmarks.finetune import parse_settings
-from common.report import results_page, write_results
+from common.report import write_table_results
 
 
 def main(argv=None) -> int:
@@ -66,10 +66,8 @@ def main(argv=None) -> int:
                          "recall@10": round(m["recall@10"], 5), "ndcg@10": round(m["ndcg@10"], 5),
                          "users": int(m["users"])})
             print(rows[-1], file=sys.stderr, flush=True)
-        cols = list(rows[0])
-        write_results(args.out, {"command": cmd, "rows": rows},
-                      results_page("Which fine-tuned part transfers", cmd, rows, cols))
-    print(results_page("Which fine-tuned part transfers", cmd, rows, list(rows[0])))
+        page = write_table_results(args.out, {"command": cmd, "rows": rows}, "Which fine-tuned part transfers")
+    print(page)
     return 0
 
 

@@ -46,7 +46,7 @@ class BackboneConfig(Strict):
 class TrainConfig(Strict):
     """Local fine-tuning in one silo (stage 1)."""
 
-    epochs: PositiveInt = 30
+    epochs: PositiveInt = 20
     batch_size: PositiveInt = 128
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)

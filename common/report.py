@@ -31,3 +31,13 @@ def write_results(out: Path, doc: dict, markdown: str) -> None:
 def results_page(title: str, command: str, rows: list[dict], columns: list[str]) -> str:
     """A titled results page: the command that produced it, then the table."""
     return f"# {title}\n\nCommand: `{command}`\n\n{markdown_table(rows, columns)}\n"
+
+
+def write_table_results(out: Path, doc: dict, title: str, columns: list[str] | None = None) -> str:
+    """A one-table benchmark's results: `doc` (with its "command" and "rows") as `out` and its results page
+    beside it (columns: the first row's keys unless given). Returns the page. Call it after every row of a
+    long run, so that a run that dies keeps what it measured."""
+    rows = doc["rows"]
+    page = results_page(title, doc["command"], rows, columns or list(rows[0]))
+    write_results(out, doc, page)
+    return page
