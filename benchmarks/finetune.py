@@ -43,6 +43,7 @@ def run_one(domain: str, name: str, settings: dict, args) -> dict:
     from common.backbones import build_backbone
     from common.config import BackboneConfig, TrainConfig
     from common.data import load_silo
+    from common.run_config import list_setting
     from common.train import evaluate_split, fine_tune
 
     torch.set_num_threads(args.threads)
@@ -51,8 +52,8 @@ def run_one(domain: str, name: str, settings: dict, args) -> dict:
                                              **parse_settings(args.backbone)}), seed=0)
     dom = model.domain_inputs(silo.catalog)
     over = {"progress": False, **parse_settings(args.train), **settings}
-    for key in LIST_FIELDS & set(over):  # "a|b" -> ["a", "b"]; "none" -> []
-        over[key] = [] if over[key] == "none" else over[key].split("|")
+    for key in LIST_FIELDS & set(over):  # "a|b" -> ["a", "b"]; "none" -> [] (as in the run-config)
+        over[key] = list_setting(over[key], sep="|")
     cfg = TrainConfig.for_backbone(model.cfg.kind, **over)  # the pipeline's defaults for this backbone
     t0 = time.perf_counter()
     res = fine_tune(model, silo, dom, cfg)

@@ -23,10 +23,16 @@ def given(rc: dict) -> dict:
     return {k: v for k, v in dict(rc).items() if not (isinstance(v, str) and v.strip() == "")}
 
 
-def comma_list(v) -> list[str]:
+def comma_list(v, sep: str = ",") -> list[str]:
     if isinstance(v, (list, tuple)):
         return [str(x).strip() for x in v if str(x).strip()]
-    return [x.strip() for x in str(v).split(",") if x.strip()]
+    return [x.strip() for x in str(v).split(sep) if x.strip()]
+
+
+def list_setting(v, sep: str = ",") -> list[str]:
+    """A list-valued setting: "none" is the empty list (a plain "" already means "the default"), otherwise
+    the `sep`-separated items."""
+    return [] if str(v).strip().lower() == "none" else comma_list(v, sep)
 
 
 class RunOptions(BaseModel):

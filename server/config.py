@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from common.config import BackboneConfig, TrainConfig
 from common.integration import IntegrationConfig
 from common.merging.coefficients import CoefficientConfig
-from common.run_config import OPTION_KEYS, RunOptions, comma_list, given
+from common.run_config import OPTION_KEYS, RunOptions, given, list_setting
 from server.pipeline import PipelineConfig
 
 #: run-config key -> (model, field) it sets; model "" is PipelineConfig itself
@@ -89,7 +89,7 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
         if key not in PIPELINE_KEYS:
             continue
         if key in _LIST_KEYS:
-            value = [] if str(value).strip().lower() == "none" else comma_list(value)
+            value = list_setting(value)
         if key in _ZERO_IS_NONE and str(value).strip() == "0":
             value = None
         if key == "timeout-s" and isinstance(value, str) and value.strip().lower() == "auto":

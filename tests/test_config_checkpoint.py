@@ -69,6 +69,14 @@ def test_training_defaults_follow_the_backbone_unless_given():
     assert server["min_nodes"] == 2
 
 
+def test_light_dense_fine_tuning_freezes_the_blocks_unless_told_otherwise():
+    assert pipeline_config(DEFAULTS)[0].train.freeze == ["blocks"]
+    assert pipeline_config({**DEFAULTS, "freeze": "none"})[0].train.freeze == []
+    assert pipeline_config({**DEFAULTS, "freeze": "adaptor,position"})[0].train.freeze == ["adaptor", "position"]
+    assert pipeline_config({**DEFAULTS, "finetune": "lora"})[0].train.freeze == []  # LoRA factors live in the blocks
+    assert pipeline_config({**DEFAULTS, "backbone": "text"})[0].train.freeze == []
+
+
 # ------------------------------------------------------------------------------------------ checkpoint
 class Killed(BaseException):
     """Stands in for kill -9: nothing in the pipeline may catch it."""
