@@ -152,8 +152,13 @@ class LightRecommender(Recommender):
         raise ValueError(f"unknown forward kind {kind!r}")
 
     def layer_of(self, param_name: str) -> str:
+        """'layer<i>' for transformer block i; the adaptor and the position embeddings are layers of their own
+        (with the blocks frozen they are all a task vector holds, so layer-wise merging still has 2 groups)."""
         m = re.match(r"blocks\.layers\.(\d+)\.", param_name)
-        return f"layer{int(m.group(1))}" if m else "rest"
+        if m:
+            return f"layer{int(m.group(1))}"
+        top = param_name.split(".", 1)[0]
+        return top if top in ("adaptor", "position") else "rest"
 
 
 class TextRecommender(Recommender):

@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--l2sp", type=float, default=0.0, help="pull toward the initialisation (TrainConfig.l2sp)")
     ap.add_argument("--dim", type=int, default=BackboneConfig().dim)
     ap.add_argument("--layers", type=int, default=BackboneConfig().layers)
+    ap.add_argument("--center-items", action="store_true",
+                    help="centre each catalog's item-text features (BackboneConfig.center_items; the base then "
+                    "requires center-items=true in the run config)")
     ap.add_argument("--cache", type=Path, default=Path(".cache"), help="item-embedding cache folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     domains = args.domains or sorted(p.name for p in args.data.iterdir() if (p / "smap.json").is_file())
     if not domains:
         ap.error(f"no domain folders under {args.data}")
-    backbone = BackboneConfig(dim=args.dim, layers=args.layers, cache_dir=args.cache / "item_embeddings")
+    backbone = BackboneConfig(dim=args.dim, layers=args.layers, center_items=args.center_items, cache_dir=args.cache / "item_embeddings")
     train = TrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
                         val_max_users=args.val_users, refit_on_val=args.refit, freeze=args.freeze, l2sp=args.l2sp,
                         seed=args.seed, progress=False)

@@ -30,7 +30,7 @@ PIPELINE_KEYS = {
     "finetune": ("train", "finetune"), "lora-rank": ("train", "lora_rank"), "lora-alpha": ("train", "lora_alpha"),
     "lora-targets": ("train", "lora_targets"),
     "coef-steps": ("coefficients", "steps"), "coef-lr": ("coefficients", "lr"),
-    "coef-batch-size": ("coefficients", "batch_size"),
+    "coef-batch-size": ("coefficients", "batch_size"), "coef-item-refresh": ("coefficients", "item_refresh_every"),
     "integration": ("integration", "kind"), "integration-steps": ("integration", "steps"),
     "integration-lr": ("integration", "lr"), "gate-hidden": ("integration", "gate_hidden"),
     **{k: ("", k.replace("-", "_")) for k in (
@@ -135,6 +135,7 @@ HELP = {
     "baselines": "training-free merges to evaluate", "init-method": "MergeRec starts from this merge",
     "granularities": "MergeRec coefficients: task and/or layer", "coef-steps": "coefficient-learning steps",
     "coef-lr": "coefficient-learning lr", "coef-batch-size": "pseudo-users per step",
+    "coef-item-refresh": "K: recompute the merged item embeddings every K coefficient steps (0 = frozen at the initial W, the reference)",
     "integration": "none | xcross: also evaluate per-layer gated domain blocks",
     "integration-steps": "gate-training steps", "integration-lr": "gate-training lr",
     "gate-hidden": "integrated model: 0 = linear gate per layer, H = MLP with H hidden units",

@@ -66,7 +66,7 @@ def test_functional_call_with_shared_state_matches_module(light):
 def test_layer_groups(light):
     model, _ = light
     groups = {model.layer_of(n) for n, _ in model.named_parameters()}
-    assert groups == {"layer0", "layer1", "rest"}
+    assert groups == {"adaptor", "position", "layer0", "layer1"}
 
 
 def test_narrow_adaptor_roughly_preserves_text_similarity():

@@ -82,6 +82,22 @@ def test_base_file_loads_bit_for_bit_and_fingerprint_covers_it(world, tmp_path):
     assert fingerprint(state) != card["fingerprint"]
 
 
+def test_frozen_parts_stay_at_the_init_and_centred_bases_need_centred_runs(world, tmp_path):
+    """`--freeze blocks position` (the bundled base's recipe) trains only the adaptor; `--center-items` is part of
+    the base's architecture, so a run without it refuses that base by name."""
+    root, enc = world
+    card = _pretrain(root, enc, tmp_path / "p", "--freeze", "blocks", "position", "--center-items")
+    assert card["architecture"]["center_items"] is True
+    init = shared_state(build_backbone(_backbone(root, enc)))
+    state, _ = load_base(str(tmp_path / "p" / "base.json"))
+    moved = {k.split(".")[0] for k in state if not torch.equal(state[k], init[k])}
+    assert moved == {"adaptor"}
+    with pytest.raises(BaseFileError, match="another backbone.*center_items"):
+        build_backbone(_backbone(root, enc, str(tmp_path / "p" / "base.json")))
+    centred = _backbone(root, enc, str(tmp_path / "p" / "base.json")).model_copy(update={"center_items": True})
+    assert fingerprint(shared_state(build_backbone(centred))) == card["fingerprint"]
+
+
 def test_damaged_or_foreign_base_files_are_refused_naming_the_file(world, tmp_path):
     root, enc = world
     _pretrain(root, enc, tmp_path / "p")
