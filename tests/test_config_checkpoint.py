@@ -33,7 +33,7 @@ DEFAULTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"][
     ("batch-size", 0), ("lr", -1.0), ("min-silos", 0), ("retries", -1), ("timeout-s", 0),
     ("max-task-vector-ratio", 0), ("backbone", "huge"), ("min-nodes", -1), ("node-wait-s", "soon"),
     ("finetune", "partial"), ("lora-rank", 0), ("lora-alpha", 0), ("lora-targets", ","), ("weave-rounds", -1),
-    ("weave-rounds", 2), ("weave-epochs", 0),
+    ("weave-rounds", 2), ("weave-epochs", 0), ("coef-item-refresh", -1),
 ])
 def test_bad_config_names_the_key(key, value):
     with pytest.raises(ConfigError, match=f"(^|[ ;]){key}: "):
@@ -45,6 +45,8 @@ def test_unknown_key_and_good_defaults():
         pipeline_config({**DEFAULTS, "teacher-topk": 5})
     cfg, _, _ = pipeline_config(DEFAULTS)
     assert cfg.teacher_top_k == 64 and cfg.eval_max_users is None and cfg.max_task_vector_ratio == 10.0
+    assert cfg.coefficients.item_refresh_every == 0  # the reference: merged item embeddings frozen at the init W
+    assert pipeline_config({**DEFAULTS, "coef-item-refresh": 1})[0].coefficients.item_refresh_every == 1
 
 
 def test_pyproject_lists_every_key_and_defaults_live_in_code():
