@@ -153,7 +153,8 @@ class LightRecommender(Recommender):
 
     def layer_of(self, param_name: str) -> str:
         """'layer<i>' for transformer block i; the adaptor and the position embeddings are layers of their own
-        (with the blocks frozen they are all a task vector holds, so layer-wise merging still has 2 groups)."""
+        (with the blocks frozen they are all that a task vector changes: layer-wise merging still learns 2 numbers
+        per domain)."""
         m = re.match(r"blocks\.layers\.(\d+)\.", param_name)
         if m:
             return f"layer{int(m.group(1))}"
