@@ -132,8 +132,10 @@ class IntegratedRecommender(Recommender):
     forward = LightRecommender.forward
 
     def layer_of(self, param_name: str) -> str:
+        """Layer i's expert blocks and gate are 'layer<i>'; the shared adaptor and positions group as in the
+        light backbone."""
         m = re.match(r"(?:experts|gates)\.(\d+)\.", param_name)
-        return f"layer{int(m.group(1))}" if m else "rest"
+        return f"layer{int(m.group(1))}" if m else LightRecommender.layer_of(self, param_name)
 
 
 def load_exact(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     domains = args.domains or sorted(p.name for p in args.data.iterdir() if (p / "smap.json").is_file())
     if not domains:
         ap.error(f"no domain folders under {args.data}")
-    backbone = BackboneConfig(dim=args.dim, layers=args.layers, center_items=args.center_items, cache_dir=args.cache / "item_embeddings")
+    backbone = BackboneConfig(dim=args.dim, layers=args.layers, center_items=args.center_items,
+                              cache_dir=args.cache / "item_embeddings")
     train = TrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
                         val_max_users=args.val_users, refit_on_val=args.refit, freeze=args.freeze, l2sp=args.l2sp,
                         seed=args.seed, progress=False)
