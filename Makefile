@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/no-deps.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m server.simulate
+	$(BIN)/python -m deployment.simulate
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -47,7 +47,7 @@ E2E_RUN_CONFIG ?= epochs=2 coef-steps=20
 e2e: $(STAMP)
 	rm -rf $(E2E_DIR) && mkdir -p $(E2E_DIR)
 	$(BIN)/python -m deployment.local --smoke --domains $(E2E_DOMAINS) --run-dir $(E2E_DIR)/smoke --timeout 300
-	$(BIN)/python -m common.demo --out $(E2E_DIR)/data
+	$(BIN)/python -m common.data.demo --out $(E2E_DIR)/data
 	$(BIN)/python -m deployment.local --app . --domains $(E2E_DOMAINS) --data-root $(E2E_DIR)/data \
 	    --run-dir $(E2E_DIR)/stack --timeout 1800 \
 	    --run-config 'run-dir="$(E2E_DIR)/artifacts" cache-dir="$(E2E_DIR)/cache" $(E2E_RUN_CONFIG)'

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.report import write_results
+from common.core.report import write_results
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ["popularity", "light-zero-shot", "light-fine-tuned", "encoder-zero-shot", "encoder-fine-tuned"]
@@ -38,10 +38,10 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
     """One (domain, model) measurement, in this process."""
     import torch
 
-    from common.backbones import build_backbone
-    from common.config import BackboneConfig, TrainConfig
-    from common.data import load_silo
-    from common.train import evaluate_split, fine_tune, popularity_metrics
+    from common.model.backbones import build_backbone
+    from common.model.config import BackboneConfig, TrainConfig
+    from common.data.format import load_silo
+    from common.model.train import evaluate_split, fine_tune, popularity_metrics
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -77,7 +77,7 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
             if prior is not None and not saved_is_refit and cfg.refit_on_val and prior.get("val_history"):
                 # an earlier selection run (train only, early stopping) of the same settings chose the epoch
                 # count; `refit` is seeded on its own, so this gives the weights a full run would
-                from common.train import chosen_epoch, refit
+                from common.model.train import chosen_epoch, refit
 
                 best = chosen_epoch(prior["val_history"])
                 steps, secs = refit(base, silo, dom, cfg, best) if best > 0 else (0, 0.0)
@@ -91,7 +91,7 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
             if kind == "light":  # the merge benchmark starts from these very models
                 from safetensors.torch import save_file
 
-                from common.backbones import shared_state
+                from common.model.backbones import shared_state
 
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 save_file(shared_state(base), str(saved))
@@ -99,7 +99,7 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
             out.update(stats)
         items = None
         if model == "encoder-zero-shot":  # the untrained encoder's item side = the cached item-text embeddings
-            from common.item_cache import item_text_embeddings
+            from common.model.item_cache import item_text_embeddings
 
             items = item_text_embeddings(silo.catalog, encoder=bb.encoder, value_tokens=bb.item_value_tokens,
                                          max_tokens=bb.item_max_tokens, cache_dir=bb.cache_dir, progress=False)
@@ -112,7 +112,7 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    from common.report import markdown_table
+    from common.core.report import markdown_table
 
     cols = ["domain", "model", "recall@10", "ndcg@10", "seconds", "train_seconds", "epochs", "refit_epochs", "peak_rss_mb",
             "train_users", "eval_users"]

@@ -2,8 +2,8 @@
 
     python -m benchmarks.encoder_quant [--data-root ../shared/data/amazon] [--domain Toys] [--items 800]
 
-Encodes a seeded sample of the catalog's item texts exactly as a silo's handshake does (common.text.catalog_texts,
-common.encoder.encode_texts, one thread), once with the fp32 encoder and once with torch's dynamic int8
+Encodes a seeded sample of the catalog's item texts exactly as a silo's handshake does (common.data.text.catalog_texts,
+common.model.encoder.encode_texts, one thread), once with the fp32 encoder and once with torch's dynamic int8
 quantisation of its Linear layers, and reports items per second and the cosine of each int8 embedding to its
 fp32 one. The lever is worth taking only if every cosine is >= 0.999 (issue 15). Writes
 benchmarks/results/encoder-quant.json and .md.
@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from benchmarks.core import RESULTS
-from common.report import write_table_results
+from common.core.report import write_table_results
 
 
 def main(argv=None) -> int:
@@ -34,9 +34,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from common.data import load_catalog
-    from common.encoder import encode_texts, load_encoder, load_tokenizer
-    from common.text import catalog_texts
+    from common.data.format import load_catalog
+    from common.model.encoder import encode_texts, load_encoder, load_tokenizer
+    from common.data.text import catalog_texts
 
     torch.set_num_threads(1)
     catalog = load_catalog(args.data_root / args.domain, args.domain)

@@ -5,7 +5,7 @@
 
 Each variant is NAME:KEY=VALUE,... (TrainConfig fields, on top of the pipeline's defaults for the backbone,
 `TrainConfig.for_backbone`, and `--train`; list fields as a|b, or none). A driver,
-not a second implementation: it fine-tunes exactly as a silo does (common.train.fine_tune: early stopping,
+not a second implementation: it fine-tunes exactly as a silo does (common.model.train.fine_tune: early stopping,
 then the final fit), one thread, from the same base and seed, and tests the result on a seeded user
 subsample of the test split, the same subsample the pipeline's evaluation stage draws (`eval-max-users`,
 seed 0). Writes benchmarks/results/finetune.json and .md.
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks.core import RESULTS
-from common.report import write_table_results
+from common.core.report import write_table_results
 
 
 def parse_settings(text: str) -> dict:
@@ -40,11 +40,11 @@ LIST_FIELDS = {"freeze", "lora_targets"}
 def run_one(domain: str, name: str, settings: dict, args) -> dict:
     import torch
 
-    from common.backbones import build_backbone
-    from common.config import BackboneConfig, TrainConfig
-    from common.data import load_silo
-    from common.run_config import list_setting
-    from common.train import evaluate_split, fine_tune
+    from common.model.backbones import build_backbone
+    from common.model.config import BackboneConfig, TrainConfig
+    from common.data.format import load_silo
+    from common.protocol.run_options import list_setting
+    from common.model.train import evaluate_split, fine_tune
 
     torch.set_num_threads(args.threads)
     silo = load_silo(args.data_root / domain, domain)

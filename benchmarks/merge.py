@@ -35,12 +35,12 @@ import torch
 from benchmarks.core import DEFAULT_DATA, RESULTS
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
-from common.backbones import shared_state
-from common.data import load_silo
+from common.model.backbones import shared_state
+from common.data.format import load_silo
 from common.merging import methods as mm
-from common.merging.coefficients import mean_loss, split_rows
-from common.report import markdown_table, write_results
-from common.train import refit
+from common.model.coefficients import mean_loss, split_rows
+from common.core.report import markdown_table, write_results
+from common.model.train import refit
 from server.config import app_defaults, parse_overrides, pipeline_config
 from server.pipeline import Pipeline
 from server.transport import InProcessTransport

@@ -3,7 +3,7 @@
     python -m benchmarks.overhead [--data-root DIR] [--run-config "k=v ..."]
 
 Runs the pipeline once with the in-process transport (silo workers called directly) and once with
-`server.simulate` (SuperLink + simulated SuperNodes, messages through Flower), both with the default
+`deployment.simulate` (SuperLink + simulated SuperNodes, messages through Flower), both with the default
 [tool.flwr.app.config] plus the overrides, and reports the wall-time ratio, per-stage timings and the bytes
 each silo sent and received (counted on the encoded Flower records, identical in both modes). Writes
 benchmarks/results/overhead.json and overhead.md.
@@ -19,9 +19,9 @@ import tomllib
 from pathlib import Path
 
 from benchmarks.core import RESULTS
-from common.report import markdown_table, write_results
+from common.core.report import markdown_table, write_results
 from server.checkpoint import STAGES
-from server.simulate import DEMO_ROOT, ROOT, run_simulation
+from deployment.simulate import DEMO_ROOT, ROOT, run_simulation
 
 
 def parse_overrides(text: str) -> dict:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     domains = args.domains.split(",")
     data_root = args.data_root.resolve()
     if data_root == DEMO_ROOT and not data_root.exists():
-        from common.demo import make_demo
+        from common.data.demo import make_demo
 
         make_demo(data_root)
     rc = parse_overrides(args.run_config)

@@ -1,4 +1,4 @@
-"""The whole federated pipeline as a benchmark: the same code as `make run` (server.simulate: a simulation
+"""The whole federated pipeline as a benchmark: the same code as `make run` (deployment.simulate: a simulation
 SuperLink, one simulated SuperNode per domain, the ServerApp), timed per stage and per silo.
 
     python -m benchmarks.pipeline [--data-root ../shared/data/amazon] [--domains Beauty,Sports,Toys]
@@ -9,7 +9,7 @@ Each run ("cold": a new, empty item-embedding cache; "warm": the same cache agai
 from the run directory's report.json: wall time per stage, fine-tuning seconds/epochs per silo, bytes each way
 per silo (and the task vector / teacher part of the upload), the final metrics table (every candidate model's
 Recall@10 / NDCG@10 per domain); and, sampled every second over every process of the run (the launcher's
-marker, server/procs.py), the peak RSS of the largest process and of all of them together. Writes
+marker, deployment/procs.py), the peak RSS of the largest process and of all of them together. Writes
 benchmarks/results/pipeline.json (the command included) and pipeline.md.
 """
 
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.core import RESULTS
-from common.report import markdown_table, write_results
-from server.procs import ProcessSet, exit_on_signals, marked_pids, restore_signals
-from server.simulate import ROOT, run_simulation
+from common.core.report import markdown_table, write_results
+from deployment.procs import ProcessSet, exit_on_signals, marked_pids, restore_signals
+from deployment.simulate import ROOT, run_simulation
 
 SMOKE_CONFIG = {"epochs": 2, "coef-steps": 10, "teacher-top-k": 16, "baselines": "task_arithmetic",
                 "granularities": "task"}
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     work = (args.work or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))).resolve()
     data_root, rc = args.data_root.resolve(), args.run_config
     if args.smoke:
-        from common.demo import make_demo
+        from common.data.demo import make_demo
 
         data_root = work / "demo-data"
         if not data_root.exists():

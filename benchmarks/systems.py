@@ -40,11 +40,11 @@ from benchmarks.core import DEFAULT_DATA, RESULTS
 from benchmarks.merge import METRICS, Stages
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
-from common.data import load_silo
-from common.files import atomic_write
+from common.data.format import load_silo
+from common.core.files import atomic_write
 from common.merging.task_vectors import add_vector
-from common.messages import FINETUNE, TEACHER, TUNE_GATES, WEAVE, fraction_users
-from common.report import markdown_table, write_results
+from common.protocol.messages import FINETUNE, TEACHER, TUNE_GATES, WEAVE, fraction_users
+from common.core.report import markdown_table, write_results
 from server import checkpoint, integration_stage
 from server.config import app_defaults, parse_overrides, pipeline_config
 from server.pipeline import Pipeline

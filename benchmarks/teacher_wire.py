@@ -7,7 +7,7 @@ Runs the federated pipeline in process (the same stages and messages as through 
 the first variant, then, for every other variant, again from a copy of that run directory with the teacher stage
 and everything after it redone (fine-tuning and pseudo-users are shared, so only the teacher encoding and k
 differ). A variant is `<values>:<k>`: fp32 = the former wire (int32 indices, float32 values), fp16 = the compact
-wire (uint16/uint32 indices, float16 values; common.messages.teacher_wire_dtypes). Per variant and silo: the
+wire (uint16/uint32 indices, float16 values; common.protocol.messages.teacher_wire_dtypes). Per variant and silo: the
 task vector's bytes, the teacher arrays' bytes, and each domain's test Recall@10 / NDCG@10 of MergeRec (every
 learned granularity) against the first variant. Writes benchmarks/results/teacher-wire.json and .md.
 """
@@ -26,15 +26,15 @@ import numpy as np
 
 from benchmarks.core import RESULTS
 from benchmarks.overhead import in_process, parse_overrides
-from common.report import results_page, write_results
-from server.simulate import DEMO_ROOT
+from common.core.report import results_page, write_results
+from deployment.simulate import DEMO_ROOT
 
 
 @contextlib.contextmanager
 def wire(values: str):
     """fp16: the project's wire; fp32: the former int32/float32 wire, patched in on both sides."""
     import common.merging.teacher as teacher_mod
-    import common.messages as messages_mod
+    import common.protocol.messages as messages_mod
 
     original = messages_mod.teacher_wire_dtypes
     if values == "fp32":
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     domains, rc = args.domains.split(","), parse_overrides(args.run_config)
     data_root = args.data_root.resolve()
     if data_root == DEMO_ROOT and not data_root.exists():
-        from common.demo import make_demo
+        from common.data.demo import make_demo
 
         make_demo(data_root)
     work = Path(tempfile.mkdtemp(prefix="teacher-wire-"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.core import RESULTS
 from benchmarks.finetune import parse_settings
-from common.report import write_table_results
+from common.core.report import write_table_results
 
 
 def main(argv=None) -> int:
@@ -38,10 +38,10 @@ def main(argv=None) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from common.backbones import build_backbone, shared_state
-    from common.config import BackboneConfig
-    from common.data import load_silo
-    from common.train import evaluate_split
+    from common.model.backbones import build_backbone, shared_state
+    from common.model.config import BackboneConfig
+    from common.data.format import load_silo
+    from common.model.train import evaluate_split
 
     torch.set_num_threads(1)
     model = build_backbone(BackboneConfig(**parse_settings(args.backbone)), seed=0)

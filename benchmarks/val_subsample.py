@@ -3,7 +3,7 @@
     python -m benchmarks.val_subsample [--data-root DIR] [--domain Toys] [--val-users 0,2000]
                                        [--max-users 6000] [--epochs 8] [--base init] [--cache-dir DIR]
 
-Fine-tunes the light backbone (same code as a silo: common.train.fine_tune, early stopping, then the final fit
+Fine-tunes the light backbone (same code as a silo: common.model.train.fine_tune, early stopping, then the final fit
 on train + validation items) once per validation setting (0 = every validation user), from the same seed,
 and tests each result on every test user. Writes benchmarks/results/val-subsample.json and .md.
 """
@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 from benchmarks.core import RESULTS
-from common.report import results_page, write_results
+from common.core.report import results_page, write_results
 
 
 def run_one(domain: str, data_root: Path, cache_dir: Path, val_users: int, args) -> dict:
-    from common.backbones import build_backbone
-    from common.config import BackboneConfig, TrainConfig
-    from common.data import load_silo
-    from common.train import evaluate_split, fine_tune
+    from common.model.backbones import build_backbone
+    from common.model.config import BackboneConfig, TrainConfig
+    from common.data.format import load_silo
+    from common.model.train import evaluate_split, fine_tune
 
     silo = load_silo(data_root / domain, domain)
     model = build_backbone(BackboneConfig(cache_dir=cache_dir, base=args.base), seed=0)

@@ -17,11 +17,11 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from clients.silo import SiloWorker
-from common.data import DOMAIN_FILES, DataError
-from common.demo import DEFAULT_ROOT as DEMO_ROOT, ensure_demo
-from common.logs import setup_logging
-from common.run_config import RunOptions
-from common.messages import (
+from common.data.format import DOMAIN_FILES, DataError
+from common.data.demo import DEFAULT_ROOT as DEMO_ROOT, ensure_demo
+from common.core.logs import setup_logging
+from common.protocol.run_options import RunOptions
+from common.protocol.messages import (
     EVALUATE,
     FINETUNE,
     HANDSHAKE,

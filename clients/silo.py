@@ -2,7 +2,7 @@
 
 A `SiloWorker` owns the domain's private data (`SiloData`, never serialisable) and its fine-tuned model.
 Every method takes a validated request header (+ arrays) and returns a reply header (+ arrays) built only
-from the contracts in common/messages.py. The fine-tuned weights are kept in the silo's state folder so
+from the contracts in common/protocol/messages.py. The fine-tuned weights are kept in the silo's state folder so
 that a restarted silo can still answer the teacher stage without fine-tuning again.
 """
 
@@ -16,15 +16,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import lora
-from common.backbones import Recommender, build_backbone, shared_state
-from common.config import TrainConfig
-from common.data import SiloData, load_silo
-from common.files import atomic_path
-from common.merging.task_vectors import add_vector, fingerprint, state_to_numpy, task_vector
+from common.model import lora
+from common.model.backbones import Recommender, build_backbone, shared_state
+from common.model.config import TrainConfig
+from common.data.format import SiloData, load_silo
+from common.core.files import atomic_path
+from common.core.fingerprint import fingerprint
+from common.merging.task_vectors import add_vector, state_to_numpy, task_vector
 from common.merging.teacher import teacher_topk
-from common.model_folder import ModelConfig, weights_metadata
-from common.messages import (
+from common.api.model_folder import ModelConfig, weights_metadata
+from common.protocol.messages import (
     AggregateMetrics,
     Arrays,
     BaseSpec,
@@ -48,7 +49,7 @@ from common.messages import (
     check_state_arrays,
     fraction_users,
 )
-from common.train import evaluate_split, fine_tune, refit
+from common.model.train import evaluate_split, fine_tune, refit
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class SiloWorker:
         model = self._model_with({k: v.numpy() for k, v in load_file(str(path)).items()})
         dom = self._dom
         with torch.no_grad():
-            from common.backbones import encode_all_items
+            from common.model.backbones import encode_all_items
 
             items = encode_all_items(model, dom)
 
@@ -199,8 +200,8 @@ class SiloWorker:
         for name in req.models:
             if name not in arrays:
                 raise ContractError(f"model {name!r} has no weights in the message")
-            if name in req.integrated:  # an integrated model: K block sets + gates (common/integration.py)
-                from common.integration import from_arrays
+            if name in req.integrated:  # an integrated model: K block sets + gates (common/model/integration.py)
+                from common.model.integration import from_arrays
 
                 model = from_arrays(base, req.integrated[name], arrays[name], f"model {name}")
             else:
@@ -213,7 +214,7 @@ class SiloWorker:
     def tune_gates(self, req: GateTuneRequest, arrays: Arrays) -> tuple[GateTuneReply, Arrays]:
         """Fine-tune only the gates of the integrated model in `arrays["model"]` on a seeded fraction of this
         silo's training users; keep the tuned model here (state folder); reply with test aggregates only."""
-        from common.integration import from_arrays
+        from common.model.integration import from_arrays
 
         base = self._require_base(req.base)
         model = from_arrays(base, req.spec, arrays["model"], "model")

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.files import atomic_write
+from common.core.files import atomic_write
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost", "superlink")
 CURVE = ec.SECP384R1

@@ -9,7 +9,7 @@ own node key and its own domain's data (read-only), all on their own network. Pa
 from environment variables with defaults relative to deployment/:
 
     MERGEREC_SECRETS  ./secrets              ca.crt, server.pem/.key, <domain>.key (python -m deployment.certs)
-    MERGEREC_DATA     ../.cache/demo-data    <domain>/ folders (python -m common.demo --out ...)
+    MERGEREC_DATA     ../.cache/demo-data    <domain>/ folders (python -m common.data.demo --out ...)
     MERGEREC_RUNS     ./runs                 the ServerApp's run directories (mounted at /runs)
     SUPERLINK_BIND    127.0.0.1              host address the SuperLink port is published on (0.0.0.0: other hosts)
     SUPERLINK_PORT    9443 (federation.toml) host port

@@ -164,7 +164,7 @@ class Containers:
         certs.make_certs(self.secrets, list(self.fed.domains), ["127.0.0.1", "localhost", "superlink"])
         self.runs.mkdir(parents=True, exist_ok=True)
         if demo and not all((self.data / d / "train.json").exists() for d in self.fed.domains):
-            subprocess.run([sys.executable, "-m", "common.demo", "--out", str(self.data),
+            subprocess.run([sys.executable, "-m", "common.data.demo", "--out", str(self.data),
                             "--domains", str(len(self.fed.domains))], check=True, cwd=REPO,
                            stdout=subprocess.DEVNULL)
         missing = [d for d in self.fed.domains if not (self.data / d).is_dir()]

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deployment import certs
-from server.procs import die_with_parent, flwr_env, free_port  # noqa: F401 (free_port: deployment.containers)
+from deployment.procs import die_with_parent, flwr_env, free_port  # noqa: F401 (free_port: deployment.containers)
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_APP = REPO / "deployment" / "smoke"

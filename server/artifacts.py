@@ -12,10 +12,10 @@ import json
 import logging
 from pathlib import Path
 
-from common.files import atomic_write
-from common.merging.task_vectors import fingerprint
-from common.model_folder import ModelConfig, save_model_folder
-from common.report import markdown_table
+from common.core.files import atomic_write
+from common.core.fingerprint import fingerprint
+from common.api.model_folder import ModelConfig, save_model_folder
+from common.core.report import markdown_table
 from server.integration_stage import summary as integration_summary
 
 log = logging.getLogger(__name__)

@@ -232,8 +232,8 @@ def _check_file(p, rel: str, path: Path) -> None:
         if {n: a.shape for n, a in stored.items()} != p.shapes or not all(np.isfinite(a).all() for a in stored.values()):
             raise ValueError("not a finite state of the base's shapes")
     elif rel.startswith("integration/"):  # the integrated model: finite, and loadable as its spec says
-        from common.integration import IntegratedRecommender, load_exact
-        from common.messages import IntegratedSpec
+        from common.model.integration import IntegratedRecommender, load_exact
+        from common.protocol.messages import IntegratedSpec
 
         spec = IntegratedSpec(**json.loads((p.run_dir / "integration.json").read_text())["spec"])
         load_exact(IntegratedRecommender.skeleton(p.base, spec), load_file(str(path)))

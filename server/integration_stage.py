@@ -1,12 +1,12 @@
 """The pipeline's optional `integration` stage (run-config `integration = "xcross"`): an X-Cross-style
-integrated model (common/integration.py) as one more candidate, evaluated by the silos next to the merges.
+integrated model (common/model/integration.py) as one more candidate, evaluated by the silos next to the merges.
 
 - Experts: the K active domains' models, base + tau_d (their stored task vectors, dense).
 - Shared non-block parameters (adaptor, position embeddings): the MergeRec merge learned for the first of
   `granularities` (mergerec-task by default), the best single-model starting point the run has; the gates
   then only decide how the history tower mixes the domains' blocks.
 - Gates: trained on the coefficient stage's pseudo-users and teacher top-k (`Pipeline.coefficient_sources`)
-  with MergeRec's loss (common/merging/integration_train.py).
+  with MergeRec's loss (common/model/gates.py).
 
 Writes integration/xcross.safetensors (the integrated model's parameters, recorded) and integration.json
 (spec, domains, training curves, inference cost against the single merged model).
@@ -21,11 +21,11 @@ import logging
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.files import atomic_path, atomic_write
-from common.integration import IntegratedRecommender, inference_cost
-from common.merging.integration_train import train_gates
+from common.core.files import atomic_path, atomic_write
+from common.model.integration import IntegratedRecommender, inference_cost
+from common.model.gates import train_gates
 from common.merging.task_vectors import add_vector, state_to_numpy
-from common.messages import TUNE_GATES, ContractError, GateTuneReply, GateTuneRequest, IntegratedSpec
+from common.protocol.messages import TUNE_GATES, ContractError, GateTuneReply, GateTuneRequest, IntegratedSpec
 from server.silo_caller import PipelineError
 from server.validation import check_metrics
 

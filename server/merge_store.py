@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.files import atomic_path
+from common.core.files import atomic_path
 from common.merging import methods as merge_methods
-from common.merging.coefficients import (
+from common.model.coefficients import (
     CoefficientConfig,
     DomainBatchSource,
     learn_coefficients,
@@ -27,7 +27,7 @@ from common.merging.coefficients import (
 )
 from common.merging.task_vectors import add_vector, state_to_numpy
 from common.merging.teacher import TopKLogits
-from common.messages import EVALUATE, EvaluateReply, EvaluateRequest
+from common.protocol.messages import EVALUATE, EvaluateReply, EvaluateRequest
 from server.validation import check_evaluate
 
 

@@ -25,16 +25,17 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from common.backbones import build_backbone, shared_state
-from common.config import BackboneConfig, Strict, TrainConfig
-from common.data import CatalogView, ItemMeta, load_catalog
-from common.files import atomic_path, atomic_write
-from common.integration import IntegrationConfig
-from common.merging.coefficients import CoefficientConfig
+from common.model.backbones import build_backbone, shared_state
+from common.core.strict import Strict
+from common.model.config import BackboneConfig, TrainConfig
+from common.data.format import CatalogView, ItemMeta, load_catalog
+from common.core.files import atomic_path, atomic_write
+from common.model.integration import IntegrationConfig
+from common.model.coefficients import CoefficientConfig
 from common.merging.pseudo_users import select_pseudo_users
-from common.lora import dense_bytes
-from common.merging.task_vectors import fingerprint
-from common.messages import (
+from common.model.lora import dense_bytes
+from common.core.fingerprint import fingerprint
+from common.protocol.messages import (
     MIN_USERS_FOR_METRICS,
     FINETUNE,
     HANDSHAKE,
@@ -47,6 +48,7 @@ from common.messages import (
     TeacherReply,
     TeacherRequest,
 )
+from server.config import PipelineConfig
 from server.merge_store import MergeStore
 from server.silo_caller import PipelineError, SiloCaller
 from server.transport import Transport
@@ -59,38 +61,6 @@ log = logging.getLogger(__name__)
 STAGES = checkpoint.STAGES
 
 
-class PipelineConfig(Strict):
-    backbone: BackboneConfig = BackboneConfig()
-    train: TrainConfig = TrainConfig()
-    baselines: list[str] = Field(default_factory=lambda: ["weight_average", "task_arithmetic", "ties", "dare_ties"])
-    init_method: str = "task_arithmetic"
-    granularities: list[Literal["task", "layer"]] = Field(default_factory=lambda: ["task", "layer"], min_length=1)
-    coefficients: CoefficientConfig = CoefficientConfig()
-    integration: IntegrationConfig = IntegrationConfig()  # optional integrated-model candidate
-    pseudo_users: Literal["all", "random", "kmeans"] = "all"
-    pseudo_users_n: int | None = Field(None, ge=1)
-    teacher_top_k: int | None = Field(64, ge=1)
-    evaluate_finetuned: bool = True
-    eval_max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS)  # silos refuse fewer (aggregates only)
-    catalog_root: Path | None = Field(None, description="server's own catalog view: <root>/<domain>/{meta_data,smap}.json")
-    min_silos: int = Field(2, ge=1)
-    retries: int = Field(1, ge=0)
-    timeout_s: float | None = Field(None, gt=0)  # per stage and attempt; None: sized from the data (server/limits.py)
-    max_task_vector_ratio: float = Field(10.0, gt=0, description="a task vector whose L2 norm exceeds this "
-                                         "many times the base model's norm is refused")
-    weave_rounds: int = Field(0, ge=0, le=1000)  # LoRA weaving rounds before merging (server/weaving.py; 0 = off)
-    weave_epochs: int = Field(1, ge=1, le=1000)  # local epochs per weaving hop
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _known_names(self):
-        check_config(self)
-        return self
-
-    def fingerprint(self) -> str:
-        """Hash of everything that changes results (not timeouts/retries/min_silos/the task-vector bound)."""
-        d = self.model_dump(mode="json", exclude={"min_silos", "retries", "timeout_s", "max_task_vector_ratio"})
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Pipeline(MergeStore):

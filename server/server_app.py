@@ -8,7 +8,7 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.logs import setup_logging
+from common.core.logs import setup_logging
 from server.config import pipeline_config
 from server.artifacts import results_table
 from server.pipeline import Pipeline

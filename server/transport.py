@@ -3,7 +3,7 @@
 - `FlowerTransport`: a Flower `Grid` (simulation or a real SuperLink); silos are SuperNodes.
 - `InProcessTransport`: `SiloWorker`s called directly (the in-process pipeline, tests, benchmarks).
 
-Both carry exactly the same encoded messages (common/messages.py), so a pipeline run in process and one
+Both carry exactly the same encoded messages (common/protocol/messages.py), so a pipeline run in process and one
 through Flower compute the same thing, and byte counts are comparable.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from common.files import atomic_path, atomic_write
-from common.messages import Arrays, ContractError, Header, SiloReplyError, decode, encode
+from common.core.files import atomic_path, atomic_write
+from common.protocol.messages import Arrays, ContractError, Header, SiloReplyError, decode, encode
 
 log = logging.getLogger(__name__)
 

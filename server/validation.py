@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from common.messages import (
+from common.protocol.messages import (
     AggregateMetrics,
     ContractError,
     EvaluateReply,
@@ -23,17 +23,18 @@ from common.messages import (
     check_state_arrays,
     check_teacher_arrays,
 )
-from common.metrics import DEFAULT_KS
+from common.model.metrics import DEFAULT_KS
 
 METRIC_KEYS = frozenset(f"{m}@{k}" for m in ("recall", "ndcg") for k in DEFAULT_KS)
 
 
 def state_norm(named) -> float:
-    """L2 norm over every parameter, in float64 (a float32 sum of squares overflows for huge entries)."""
+    """L2 norm over every parameter, in float64 (a float32 sum of squares overflows for huge entries). An
+    elementwise square and sum, not a BLAS dot: OpenBLAS's thread pool has been seen to hang the ServerApp
+    inside `np.dot` in Flower's simulation runtime on a loaded machine."""
     total = 0.0
     for a in named.values():
-        x = np.asarray(a, dtype=np.float64).reshape(-1)
-        total += float(np.dot(x, x))
+        total += float(np.square(np.asarray(a, dtype=np.float64)).sum())
     return math.sqrt(total)
 
 
@@ -52,9 +53,9 @@ def _same(got: str, want: str, field: str) -> None:
 
 
 def check_lora_module(named, spec, base_state: dict, base_norm: float, max_ratio: float, what: str) -> None:
-    """A LoRA module (common/lora.py): exactly the expected factor names, float32, shapes [r, in] / [out, r],
+    """A LoRA module (common/model/lora.py): exactly the expected factor names, float32, shapes [r, in] / [out, r],
     finite; and its materialised delta within the task-vector norm bound (max-task-vector-ratio)."""
-    from common.lora import check_factors
+    from common.model.lora import check_factors
 
     check_factors(named, spec.shapes, what)
     norm = state_norm(spec.materialise(named, base_state))
@@ -147,7 +148,7 @@ def check_config(cfg) -> None:
     """Names the pydantic types cannot check: merge methods against the registry, the init method's
     coefficient default, duplicates. Messages start with the run-config key (server/config.py)."""
     from common.merging import methods as merge_methods
-    from common.merging.coefficients import DEFAULT_INIT
+    from common.model.coefficients import DEFAULT_INIT
 
     known = merge_methods.method_names()
     bad = [b for b in cfg.baselines if b not in known]

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 
-from common.files import atomic_path
-from common.messages import WEAVE, WeaveReply, WeaveRequest
+from common.core.files import atomic_path
+from common.protocol.messages import WEAVE, WeaveReply, WeaveRequest
 from server import checkpoint
 from server.limits import stage_timeout
 from server.validation import check_weave
@@ -42,7 +42,7 @@ log = logging.getLogger("server.pipeline")
 def lora_spec(cfg, shapes: dict):
     """The run's LoraSpec (finetune = lora), else None; a bad lora-targets pattern stops the run before any
     silo is contacted, naming the key."""
-    from common.lora import LoraSpec
+    from common.model.lora import LoraSpec
     from server.silo_caller import PipelineError
 
     if cfg.train.finetune != "lora":

@@ -10,7 +10,7 @@ def make_tiny_encoder(folder: Path, hidden: int = 32, layers: int = 2, seed: int
     import torch
     from transformers import BertConfig, BertModel
 
-    from common.encoder import load_tokenizer
+    from common.model.encoder import load_tokenizer
 
     folder = Path(folder)
     if (folder / "config.json").exists():

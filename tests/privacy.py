@@ -35,7 +35,7 @@ class Secrets:
 
     @classmethod
     def of(cls, silo_dirs) -> "Secrets":
-        from common.data import load_silo
+        from common.data.format import load_silo
 
         s = cls()
         for d in silo_dirs:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.amazon import convert, k_core, main, read_meta
-from common.data import DataError, load_silo
+from common.data.amazon import convert, k_core, main, read_meta
+from common.data.format import DataError, load_silo
 
 # 2014 metadata lines are Python literals (single quotes); 2018 lines are JSON with a flat "category" list
 META_LINES = [

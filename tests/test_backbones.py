@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.backbones import DomainInputs, LightRecommender, pad_histories, shared_state
-from common.config import BackboneConfig
+from common.model.backbones import DomainInputs, LightRecommender, pad_histories, shared_state
+from common.model.config import BackboneConfig
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_base_is_bit_identical_whatever_the_thread_count():
     import sys
 
     code = ("import torch,sys; torch.set_num_threads(int(sys.argv[1]));"
-            "from common.backbones import LightRecommender, shared_state; from common.config import BackboneConfig;"
+            "from common.model.backbones import LightRecommender, shared_state; from common.model.config import BackboneConfig;"
             "from common.merging.task_vectors import fingerprint; torch.manual_seed(0);"
             "print(fingerprint(shared_state(LightRecommender(BackboneConfig(), 384))))")
     fps = {subprocess.run([sys.executable, "-c", code, str(n)], capture_output=True, text=True, check=True).stdout
@@ -106,11 +106,11 @@ def test_untrained_text_encoder_items_equal_cached_item_embeddings(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from helpers import make_tiny_encoder
 
-    from common.backbones import build_backbone, encode_all_items
-    from common.data import load_silo
-    from common.demo import make_demo
-    from common.item_cache import item_text_embeddings
-    from common.train import evaluate_split
+    from common.model.backbones import build_backbone, encode_all_items
+    from common.data.format import load_silo
+    from common.data.demo import make_demo
+    from common.model.item_cache import item_text_embeddings
+    from common.model.train import evaluate_split
 
     enc = str(make_tiny_encoder(tmp_path / "enc"))
     silo = load_silo(make_demo(tmp_path / "demo", n_domains=1, n_items=60, n_users=40, seed=1)[0])
@@ -128,9 +128,9 @@ def test_untrained_text_encoder_items_equal_cached_item_embeddings(tmp_path):
 
 
 def test_center_items_subtracts_the_catalog_mean_and_new_items_keep_the_indexed_catalogs_mean():
-    from common.backbones import LightRecommender
-    from common.data import CatalogView, ItemMeta
-    from common.config import BackboneConfig
+    from common.model.backbones import LightRecommender
+    from common.data.format import CatalogView, ItemMeta
+    from common.model.config import BackboneConfig
 
     torch.manual_seed(0)
     feats = F.normalize(torch.randn(6, 8) + 2.0, dim=-1)  # a strong shared direction, as real catalogs have

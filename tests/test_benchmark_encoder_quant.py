@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from benchmarks import encoder_quant
-from common.demo import make_domain
+from common.data.demo import make_domain
 
 
 def test_encoder_quant_writes_both_rows(tmp_path):

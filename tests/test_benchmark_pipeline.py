@@ -1,5 +1,5 @@
 """`python -m benchmarks.pipeline --smoke`: the pipeline benchmark's driver on demo data, through the real Flower
-simulation (server.simulate), cold then warm; the item-embedding cache changes no result."""
+simulation (deployment.simulate), cold then warm; the item-embedding cache changes no result."""
 
 from __future__ import annotations
 

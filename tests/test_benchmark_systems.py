@@ -9,7 +9,7 @@ import pytest
 from benchmarks.systems import main
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
-from common.demo import make_demo
+from common.data.demo import make_demo
 from server.config import app_defaults, parse_overrides, pipeline_config
 from server.pipeline import Pipeline
 from server.transport import InProcessTransport

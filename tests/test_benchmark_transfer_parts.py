@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks import transfer_parts
-from common.backbones import build_backbone, shared_state
-from common.config import BackboneConfig
-from common.demo import make_domain
+from common.model.backbones import build_backbone, shared_state
+from common.model.config import BackboneConfig
+from common.data.demo import make_domain
 
 
 def test_part_swaps_recover_the_base_and_the_tuned_model(tmp_path):

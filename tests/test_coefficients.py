@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from common.merging.coefficients import (
+from common.model.coefficients import (
     CoefficientConfig,
     CoefficientMerger,
     DomainBatchSource,
@@ -249,10 +249,11 @@ def test_learned_coefficients_do_not_depend_on_prior_rng_use():
     another process than the in-process reference)."""
     import torch as _t
 
-    from common.backbones import DomainInputs, LightRecommender
-    from common.config import BackboneConfig
-    from common.merging import CoefficientConfig, DomainBatchSource, learn_coefficients, teacher_topk
-    from common.backbones import shared_state
+    from common.model.backbones import DomainInputs, LightRecommender
+    from common.model.config import BackboneConfig
+    from common.merging.teacher import teacher_topk
+    from common.model.coefficients import CoefficientConfig, DomainBatchSource, learn_coefficients
+    from common.model.backbones import shared_state
 
     _t.manual_seed(0)
     model = LightRecommender(BackboneConfig(dim=16, heads=2, dropout=0.3), feature_dim=8)

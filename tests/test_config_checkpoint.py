@@ -13,11 +13,12 @@ import torch
 
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
-from common.config import BackboneConfig, TrainConfig
-from common.demo import make_demo
-from common.merging.coefficients import CoefficientConfig
+from common.model.config import BackboneConfig, TrainConfig
+from common.data.demo import make_demo
+from common.model.coefficients import CoefficientConfig
 from server.config import KNOWN_KEYS, ConfigError, pipeline_config, pyproject_block
-from server.pipeline import Pipeline, PipelineConfig, PipelineError
+from server.config import PipelineConfig
+from server.pipeline import Pipeline, PipelineError
 from server.transport import InProcessTransport
 
 from helpers import make_tiny_encoder

@@ -11,7 +11,7 @@ import numpy as np
 import pydantic_core
 import pytest
 
-from common.data import (CatalogView, DataError, ItemMeta, PrivacyError, SiloData, load_catalog, load_silo,
+from common.data.format import (CatalogView, DataError, ItemMeta, PrivacyError, SiloData, load_catalog, load_silo,
                          write_domain)
 
 META = {
@@ -313,7 +313,7 @@ def test_deeply_nested_json_names_the_file(tmp_path):
 
 
 def test_oversized_file_is_refused_before_reading(tmp_path, monkeypatch):
-    import common.data as data
+    import common.data.format as data
 
     folder = _write(tmp_path / "Shop")
     monkeypatch.setattr(data, "MAX_JSON_BYTES", 64)
@@ -330,7 +330,7 @@ def test_too_few_users_is_refused_at_load(domain, tmp_path):
 def test_empty_titles_are_counted_in_a_warning(tmp_path, caplog):
     meta = {**META, "K1": {"title": "", "brand": "Acme"}, "K3": {"brand": "Sky"}}
     folder = _write(tmp_path / "Shop", meta_data=meta)
-    with caplog.at_level("WARNING", logger="common.data"):
+    with caplog.at_level("WARNING", logger="common.data.format"):
         load_catalog(folder)
     assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
         "2 of 4 items have an empty title (their text is brand and category only)"]

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from common.data import load_silo
-from common.demo import DOMAINS, THEMES, main, make_demo, make_domain
+from common.data.format import load_silo
+from common.data.demo import DOMAINS, THEMES, main, make_demo, make_domain
 
 FILES = ["meta_data.json", "smap.json", "umap.json", "train.json", "val.json", "test.json"]
 

@@ -15,7 +15,7 @@ import torch
 
 from clients.client_app import handle
 from clients.silo import SiloWorker
-from common.demo import make_demo
+from common.data.demo import make_demo
 from deployment.local import start_stack
 from server.config import pipeline_config
 from server.pipeline import Pipeline
@@ -185,10 +185,10 @@ def test_serverapp_stopped_after_finetuning_resumes_without_finetuning_again(wor
 
 
 def test_simulation_run_leaks_nothing(world, tmp_path):
-    """`python -m server.simulate`'s path (simulation SuperLink, Ray): every recorded message passes the
+    """`python -m deployment.simulate`'s path (simulation SuperLink, Ray): every recorded message passes the
     privacy check, and every expected silo took part."""
     from deployment.local import format_run_config
-    from server.simulate import exit_status, run_simulation
+    from deployment.simulate import exit_status, run_simulation
 
     root, enc = world
     rc = {"encoder": str(enc), "cache-dir": str(root / "cache"), "silo-state-root": str(tmp_path / "state"),

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from common.encoder import SUMS_FILE, EncoderIntegrityError, bundled_minilm, verify_model_files
+from common.model.encoder import SUMS_FILE, EncoderIntegrityError, bundled_minilm, verify_model_files
 
 
 def test_installed_minilm_matches_the_recorded_sums():

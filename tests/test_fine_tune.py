@@ -1,4 +1,4 @@
-"""Stage-1 fine-tuning: early stopping and the final fit on train + validation items (common.train)."""
+"""Stage-1 fine-tuning: early stopping and the final fit on train + validation items (common.model.train)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import common.train as train
-from common.backbones import DomainInputs, LightRecommender
-from common.config import BackboneConfig, TrainConfig
-from common.data import load_silo
-from common.demo import make_domain
+import common.model.train as train
+from common.model.backbones import DomainInputs, LightRecommender
+from common.model.config import BackboneConfig, TrainConfig
+from common.data.format import load_silo
+from common.data.demo import make_domain
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server.procs import flwr_env, free_port
+from deployment.procs import flwr_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINES = ["handshake: silos", "epoch 1 loss", "val NDCG@10", "stage finetune done", "fine-tuned", "stage teacher done", "step 20/20",

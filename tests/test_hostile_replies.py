@@ -17,10 +17,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
-from common.config import BackboneConfig, TrainConfig
-from common.demo import make_demo
-from common.merging.coefficients import CoefficientConfig
-from server.pipeline import Pipeline, PipelineConfig
+from common.model.config import BackboneConfig, TrainConfig
+from common.data.demo import make_demo
+from common.model.coefficients import CoefficientConfig
+from server.config import PipelineConfig
+from server.pipeline import Pipeline
 from server.transport import InProcessTransport
 
 from helpers import make_tiny_encoder

@@ -1,4 +1,4 @@
-"""X-Cross-style integrated model (common/integration.py): exactness checks, gate training, the pipeline's
+"""X-Cross-style integrated model (common/model/integration.py): exactness checks, gate training, the pipeline's
 `integration = "xcross"` candidate end to end (evaluated at the silos, privacy-checked), hostile requests."""
 
 from __future__ import annotations
@@ -12,16 +12,17 @@ import torch
 
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
-from common.backbones import build_backbone, shared_state
-from common.config import BackboneConfig
-from common.data import load_catalog
-from common.demo import make_demo
-from common.integration import IntegratedRecommender, IntegrationConfig, from_arrays
-from common.merging.coefficients import CoefficientConfig, DomainBatchSource, mean_loss
-from common.merging.integration_train import train_gates
+from common.model.backbones import build_backbone, shared_state
+from common.model.config import BackboneConfig
+from common.data.format import load_catalog
+from common.data.demo import make_demo
+from common.model.integration import IntegratedRecommender, IntegrationConfig, from_arrays
+from common.model.coefficients import CoefficientConfig, DomainBatchSource, mean_loss
+from common.model.gates import train_gates
 from common.merging.teacher import teacher_topk
-from common.messages import EVALUATE, BaseSpec, ContractError, EvaluateRequest, IntegratedSpec, SiloReplyError, encode
-from common.merging.task_vectors import fingerprint, state_to_numpy
+from common.protocol.messages import EVALUATE, BaseSpec, ContractError, EvaluateRequest, IntegratedSpec, SiloReplyError, encode
+from common.core.fingerprint import fingerprint
+from common.merging.task_vectors import state_to_numpy
 from server.pipeline import Pipeline
 from server.transport import MessageRecorder
 
@@ -112,7 +113,7 @@ def test_gate_training_lowers_the_held_out_loss(models):
     first, best = res.holdout[0]["loss"], min(h["loss"] for h in res.holdout)
     assert best < first - 1e-3, res.holdout
     # the model holds the chosen gates: its held-out loss is the best one
-    from common.merging.coefficients import split_rows
+    from common.model.coefficients import split_rows
 
     _, hold = split_rows(srcs, cfg.holdout_fraction, torch.Generator().manual_seed(cfg.seed))
     assert mean_loss(m, dict(m.named_parameters()), srcs, hold, cfg) == pytest.approx(best, rel=1e-5)
@@ -215,8 +216,8 @@ def test_new_domain_tunes_only_the_gates_and_sends_aggregates(world, models, tmp
     model stays there; only before/after test aggregates come back. A bad fraction is refused."""
     from safetensors.torch import load_file
 
-    from common.config import TrainConfig
-    from common.messages import TUNE_GATES, GateTuneReply, GateTuneRequest, decode
+    from common.model.config import TrainConfig
+    from common.protocol.messages import TUNE_GATES, GateTuneReply, GateTuneRequest, decode
 
     root, enc, dirs = world
     base, bs, states, _ = models

@@ -1,6 +1,6 @@
-"""`python -m server.simulate` stops every process of its run on SIGTERM and on its --timeout: the SuperLink,
+"""`python -m deployment.simulate` stops every process of its run on SIGTERM and on its --timeout: the SuperLink,
 `flwr run`, Flower's simulation runtime (`flwr-simulation`) and Ray's processes. The test marks the launcher's
-environment (server.procs.MARKER), which every process of the run inherits, and also snapshots the launcher's
+environment (deployment.procs.MARKER), which every process of the run inherits, and also snapshots the launcher's
 process tree before stopping it."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from common.demo import make_demo
+from common.data.demo import make_demo
 from deployment.local import format_run_config
-from server.procs import MARKER, descendants, marked_pids
+from deployment.procs import MARKER, descendants, marked_pids
 
 from helpers import make_tiny_encoder
 
@@ -51,7 +51,7 @@ def start_launcher(root: Path, enc: Path, tmp: Path, *extra: str, benchmark: boo
                             "granularities": "task"})  # the benchmark driver sets both places itself
     run_id = "test-" + uuid.uuid4().hex[:12]
     env = {**os.environ, MARKER: run_id, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "server.simulate", "--data-root", str(root / "data"), "--domains",
+    cmd = [sys.executable, "-m", "deployment.simulate", "--data-root", str(root / "data"), "--domains",
            ",".join(DOMAINS), "--run-dir", str(tmp / "run"), "--run-config", rc, *extra]
     if benchmark:
         cmd = [sys.executable, "-m", "benchmarks.pipeline", "--data-root", str(root / "data"), "--domains",

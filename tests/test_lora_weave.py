@@ -1,4 +1,4 @@
-"""LoRA task vectors and weaving (common/lora.py, server/weaving.py) on tiny demo silos, in process: the factors
+"""LoRA task vectors and weaving (common/model/lora.py, server/weaving.py) on tiny demo silos, in process: the factors
 and their materialised delta, every merge method on LoRA deltas, a LoRA + weave run end to end (bytes, privacy,
 resume), a silo failing mid-weave, hostile LoRA replies, and a bad lora-targets pattern."""
 
@@ -15,13 +15,14 @@ from safetensors.numpy import load_file as load_numpy
 
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
-from common import lora
-from common.backbones import build_backbone
-from common.config import BackboneConfig, TrainConfig
-from common.demo import make_demo
+from common.model import lora
+from common.model.backbones import build_backbone
+from common.model.config import BackboneConfig, TrainConfig
+from common.data.demo import make_demo
 from common.merging import methods as merge_methods
-from common.merging.coefficients import CoefficientConfig
-from server.pipeline import Pipeline, PipelineConfig, PipelineError
+from common.model.coefficients import CoefficientConfig
+from server.config import PipelineConfig
+from server.pipeline import Pipeline, PipelineError
 from server.transport import InProcessTransport, MessageRecorder
 
 from helpers import make_tiny_encoder
@@ -90,8 +91,8 @@ def test_materialised_delta_is_scaled_b_at_a_and_attach_applies_it():
 
 def test_only_the_factors_train(world):
     """fine_tune on a model with LoRA attached: every base parameter stays exactly at the base, factors move."""
-    from common.data import load_silo
-    from common.train import fine_tune
+    from common.data.format import load_silo
+    from common.model.train import fine_tune
 
     cfg = _cfg(world)
     model = build_backbone(cfg.backbone, seed=0)

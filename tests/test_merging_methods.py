@@ -7,7 +7,8 @@ import torch
 
 from common.merging import methods
 from common.merging.methods import MergeConfig, config_for, merge, process, topk_mask
-from common.merging.task_vectors import BaseMismatchError, add_vector, apply, fingerprint, task_vector
+from common.core.fingerprint import fingerprint
+from common.merging.task_vectors import BaseMismatchError, add_vector, apply, task_vector
 
 T = torch.tensor
 

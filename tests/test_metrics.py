@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.metrics import RankingAccumulator, metrics_from_ranks, target_ranks
+from common.model.metrics import RankingAccumulator, metrics_from_ranks, target_ranks
 
 
 def test_hand_computed_single_user():

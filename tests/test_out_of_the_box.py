@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from clients.client_app import silo_location
-from common.demo import DEFAULT_ROOT, ensure_demo
+from common.data.demo import DEFAULT_ROOT, ensure_demo
 from server.server_app import wait_for_nodes
 
 

@@ -10,10 +10,11 @@ import pytest
 
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
-from common.config import BackboneConfig, TrainConfig
-from common.demo import make_demo
-from common.merging.coefficients import CoefficientConfig
-from server.pipeline import Pipeline, PipelineConfig, PipelineError
+from common.model.config import BackboneConfig, TrainConfig
+from common.data.demo import make_demo
+from common.model.coefficients import CoefficientConfig
+from server.config import PipelineConfig
+from server.pipeline import Pipeline, PipelineError
 from server.transport import InProcessTransport, MessageRecorder
 
 from helpers import make_tiny_encoder
@@ -151,7 +152,7 @@ def test_no_user_data_in_any_message(world, tmp_path):
 def test_privacy_check_catches_a_leak(world, tmp_path):
     """The checker itself must fail on a message carrying a user sequence or a per-user score vector."""
     root, enc, dirs = world
-    from common.data import load_silo
+    from common.data.format import load_silo
 
     silo = load_silo(dirs[0])
     seq = next(s for s in silo.train if len(s) >= 3)

@@ -12,14 +12,15 @@ import torch
 
 from clients.client_app import handle
 from clients.silo import SiloWorker
-from common.backbones import build_backbone, shared_state
-from common.base_model import BUNDLED, BaseFileError, load_base
-from common.config import BackboneConfig, TrainConfig
-from common.demo import make_demo
-from common.merging.coefficients import CoefficientConfig
-from common.merging.task_vectors import fingerprint
-from common.pretrain import main as pretrain_main
-from server.pipeline import Pipeline, PipelineConfig
+from common.model.backbones import build_backbone, shared_state
+from common.model.base_model import BUNDLED, BaseFileError, load_base
+from common.model.config import BackboneConfig, TrainConfig
+from common.data.demo import make_demo
+from common.model.coefficients import CoefficientConfig
+from common.core.fingerprint import fingerprint
+from common.model.pretrain import main as pretrain_main
+from server.config import PipelineConfig
+from server.pipeline import Pipeline
 from server.transport import InProcessTransport
 
 from helpers import make_tiny_encoder
@@ -40,7 +41,7 @@ def _pretrain(root: Path, enc: Path, out: Path, *extra: str) -> dict:
             "--patience", "3", "--batch-size", "16", "--layers", "1", "--cache", str(root / "cache"), *extra]
     # the tiny encoder stands in for MiniLM: pretraining builds BackboneConfig(encoder=...) from the CLI default,
     # so point the default at it for this call
-    import common.pretrain as pt
+    import common.model.pretrain as pt
 
     orig = pt.BackboneConfig
     pt.BackboneConfig = lambda **kw: orig(**{"encoder": str(enc), "heads": 2, **kw})
@@ -62,7 +63,7 @@ def test_pretraining_is_deterministic_and_the_card_describes_it(world, tmp_path)
     assert a["fingerprint"] == b["fingerprint"]
     assert (tmp_path / "a" / "base.safetensors").read_bytes() == (tmp_path / "b" / "base.safetensors").read_bytes()
     assert [d["domain"] for d in a["data"]] == PUBLIC
-    assert a["command"].startswith("python -m common.pretrain --data")
+    assert a["command"].startswith("python -m common.model.pretrain --data")
     assert a["history"][0]["epoch"] == 0 and "ndcg@10" in a["validation"]
     init = fingerprint(shared_state(build_backbone(_backbone(root, enc))))
     assert a["fingerprint"] != init  # it trained
@@ -148,6 +149,6 @@ def test_bundled_base_matches_its_card():
     assert fingerprint(state) == card.fingerprint
     model = build_backbone(BackboneConfig(base="bundled"))
     assert fingerprint(shared_state(model)) == card.fingerprint
-    assert card.command.startswith("python -m common.pretrain")
+    assert card.command.startswith("python -m common.model.pretrain")
     assert {d["domain"] for d in card.data}.isdisjoint({"Beauty", "Sports", "Toys"})
     assert all(torch.isfinite(t).all() for t in state.values())

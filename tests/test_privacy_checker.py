@@ -12,11 +12,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
-from common.config import BackboneConfig, TrainConfig
-from common.data import load_silo
-from common.demo import make_demo
-from common.merging.coefficients import CoefficientConfig
-from server.pipeline import Pipeline, PipelineConfig
+from common.model.config import BackboneConfig, TrainConfig
+from common.data.format import load_silo
+from common.data.demo import make_demo
+from common.model.coefficients import CoefficientConfig
+from server.config import PipelineConfig
+from server.pipeline import Pipeline
 from server.transport import InProcessTransport, MessageRecorder
 
 from helpers import make_tiny_encoder

@@ -11,16 +11,17 @@ from safetensors.torch import load_file, save_file
 
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
-from common.commands import main as mergerec
-from common.config import BackboneConfig, TrainConfig
-from common.data import load_silo
-from common.demo import make_demo
-from common.merging.coefficients import CoefficientConfig
-from common.messages import EvaluateRequest
-from common.metrics import metrics_from_ranks, target_ranks
-from common.model_folder import ModelFolderError
-from common.recommend import MergedRecommender
-from server.pipeline import Pipeline, PipelineConfig
+from deployment.cli import main as mergerec
+from common.model.config import BackboneConfig, TrainConfig
+from common.data.format import load_silo
+from common.data.demo import make_demo
+from common.model.coefficients import CoefficientConfig
+from common.protocol.messages import EvaluateRequest
+from common.model.metrics import metrics_from_ranks, target_ranks
+from common.api.model_folder import ModelFolderError
+from common.api.recommend import MergedRecommender
+from server.config import PipelineConfig
+from server.pipeline import Pipeline
 from server.transport import InProcessTransport
 
 from helpers import make_tiny_encoder
@@ -102,12 +103,12 @@ def test_scores_and_metrics_equal_the_pipeline_evaluation(run):
 def test_scores_equal_those_the_silo_evaluation_ranks(run, monkeypatch):
     """The shipped weights evaluated by a silo exactly as in the pipeline (SiloWorker.evaluate): the score
     matrix it ranks equals MergedRecommender.scores for the same histories given as item keys."""
-    import common.train
+    import common.model.train
 
     d = run["dirs"][1]
     captured = []
-    real = common.train.target_ranks
-    monkeypatch.setattr(common.train, "target_ranks", lambda sc, t, g=None: captured.append(sc.clone()) or real(sc, t, g))
+    real = common.model.train.target_ranks
+    monkeypatch.setattr(common.model.train, "target_ranks", lambda sc, t, g=None: captured.append(sc.clone()) or real(sc, t, g))
     arrays = {n: t.numpy() for n, t in load_file(str(run["model"] / "model.safetensors")).items()}
     reply, _ = run["workers"][d.name].evaluate(EvaluateRequest(base=run["spec"], models=["shipped"]), {"shipped": arrays})
     rec = MergedRecommender.from_pretrained(run["model"]).index(d)
@@ -184,9 +185,10 @@ def test_recommend_evaluate_export_commands(run, capsys, tmp_path):
 
 
 def test_every_option_has_help(capsys):
-    from common.commands import build_parser
+    from common.api.cli import build_parser
+    from deployment.cli import launch_commands
 
-    ap = build_parser()
+    ap = build_parser({**launch_commands()})
     for name, sub in ap._subparsers._group_actions[0].choices.items():
         for action in sub._actions:
             if action.option_strings and action.dest != "help":

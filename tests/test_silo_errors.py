@@ -11,11 +11,12 @@ import pytest
 
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
-from common.config import BackboneConfig, TrainConfig
-from common.demo import make_demo
-from common.merging.coefficients import CoefficientConfig
-from server.pipeline import Pipeline, PipelineConfig
-from server.simulate import exit_status
+from common.model.config import BackboneConfig, TrainConfig
+from common.data.demo import make_demo
+from common.model.coefficients import CoefficientConfig
+from server.config import PipelineConfig
+from server.pipeline import Pipeline
+from deployment.simulate import exit_status
 from server.transport import InProcessTransport, MessageRecorder
 
 from helpers import make_tiny_encoder
@@ -117,8 +118,8 @@ def test_no_user_data_on_the_server_side(broken_run):
 def test_requests_for_metrics_of_too_few_users_are_refused():
     """A curious server cannot ask a silo for metrics (test, validation or per-epoch) over fewer users than an
     aggregate needs: the contract refuses the request, so the silo answers with a contract error."""
-    from common.messages import MIN_USERS_FOR_METRICS, BaseSpec, ContractError, EvaluateRequest, FinetuneRequest
-    from common.messages import decode, encode
+    from common.protocol.messages import MIN_USERS_FOR_METRICS, BaseSpec, ContractError, EvaluateRequest, FinetuneRequest
+    from common.protocol.messages import decode, encode
 
     spec = BaseSpec(backbone=BackboneConfig(), seed=0, fingerprint="0" * 64)
     EvaluateRequest(base=spec, models=["m"], max_users=MIN_USERS_FOR_METRICS)

@@ -47,7 +47,7 @@ def test_k_equal_n_is_dense_and_topk_is_its_prefix():
 
 def test_wire_dtypes_follow_catalog_size():
     """uint16 indices up to 65,536 items (ids 0..65535), uint32 above; float16 values, 4 bytes per entry."""
-    from common.messages import ContractError, check_teacher_arrays
+    from common.protocol.messages import ContractError, check_teacher_arrays
 
     for n, want in ((50, np.uint16), (1 << 16, np.uint16), ((1 << 16) + 1, np.uint32)):
         idx = torch.tensor([[n - 1, 0], [1, n - 2]])

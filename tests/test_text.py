@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.data import CatalogView, ItemMeta
-from common.text import catalog_texts, item_text, sequence_text, sequence_texts, truncate_texts
+from common.data.format import CatalogView, ItemMeta
+from common.data.text import catalog_texts, item_text, sequence_text, sequence_texts, truncate_texts
 
 WORDS = ["Red", "Blue", "Green", "Big", "Small", "Old", "New", "Hot", "Cold", "Fast"]
 

@@ -1,4 +1,4 @@
-"""The fine-tuning loss (common.train._batch_loss) against a loop written out by hand."""
+"""The fine-tuning loss (common.model.train._batch_loss) against a loop written out by hand."""
 
 import math
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.backbones import DomainInputs, LightRecommender
-from common.config import BackboneConfig, TrainConfig
-from common.train import _batch_loss, _sampled_loss
+from common.model.backbones import DomainInputs, LightRecommender
+from common.model.config import BackboneConfig, TrainConfig
+from common.model.train import _batch_loss, _sampled_loss
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Task vectors over a model's shared state, and the base-model fingerprint that guards them.
+"""Task vectors over a model's shared state (the base-model fingerprint that guards them: common/core/fingerprint.py).
 
 A state is ``dict[str, Tensor]`` (parameter name -> float32 tensor, CPU). A task vector is
 ``tau_d = theta_d - theta_pre`` over every shared parameter (docs/design.md, "Merge contracts"). Task vectors
@@ -7,11 +7,13 @@ and fingerprints may cross the network; they carry no user data.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from common.core.errors import ContractError
+from common.core.fingerprint import fingerprint
 
 State = dict[str, torch.Tensor]
 
@@ -20,21 +22,6 @@ class BaseMismatchError(ValueError):
     """A fine-tuned state does not belong to the base it is compared with (fingerprint, names or shapes)."""
 
 
-def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 hex digest over the sorted parameter names, each one's dtype, shape and raw bytes.
-
-    Stable across processes and machines with the same byte order; independent of dict order and of
-    whether a tensor is contiguous or lives on another device.
-    """
-    h = hashlib.sha256()
-    h.update(b"mergerec-state-v1")
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header = f"{len(name)}:{name}|{t.dtype}|{tuple(t.shape)}|{len(raw)}|"
-        h.update(header.encode("utf-8"))
-        h.update(raw)
-    return h.hexdigest()
 
 
 def check_compatible(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], what: str = "state") -> None:
@@ -113,3 +100,15 @@ def apply(base: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch
             acc.add_(v[name].to(acc.dtype), alpha=float(w))
         out[name] = acc
     return out
+
+def check_state_arrays(named: dict[str, np.ndarray], reference: dict[str, tuple[int, ...]], what: str) -> None:
+    """Names and shapes must equal the model's parameters exactly; float32 only."""
+    missing = sorted(set(reference) - set(named))
+    extra = sorted(set(named) - set(reference))
+    if missing or extra:
+        raise ContractError(f"{what}: missing parameters {missing[:5]}, {len(extra)} unexpected")
+    for n, a in named.items():
+        if a.dtype != np.float32 or tuple(a.shape) != tuple(reference[n]):
+            raise ContractError(f"{what}: parameter {n} is {a.dtype}{list(a.shape)}, expected float32{list(reference[n])}")
+        if not np.isfinite(a).all():
+            raise ContractError(f"{what}: parameter {n} has non-finite values")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from common.messages import teacher_wire_dtypes
+from common.core.errors import ContractError
 
 
 class TopKLogits(BaseModel):
@@ -70,7 +70,7 @@ class TopKLogits(BaseModel):
         return int(self.indices.shape[1])
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Wire form (``common.messages.teacher_wire_dtypes``): {"indices": uint16 [P, k] (uint32 above 65,536
+        """Wire form (``common.protocol.messages.teacher_wire_dtypes``): {"indices": uint16 [P, k] (uint32 above 65,536
         items), "values": float16 [P, k]}; rows follow the request's item ids. 4 bytes per entry instead of 8
         (int32 + float32) or 16 (int64 + float32). float16 rounding is monotone: rows stay sorted."""
         idx_dtype, val_dtype = teacher_wire_dtypes(self.num_items)
@@ -124,3 +124,23 @@ def teacher_topk(query_embeddings_fn: Callable[[torch.Tensor], torch.Tensor], it
         out_idx[s:s + chunk_size] = top.indices
         del scores, top
     return TopKLogits(item_ids=ids.clone(), indices=out_idx, values=out_val, num_items=n)
+
+def teacher_wire_dtypes(num_items: int) -> tuple[np.dtype, np.dtype]:
+    """(index dtype, value dtype) of teacher top-k arrays on the wire: the smallest unsigned integer that holds
+    every item id of the catalog, and float16 values (cosine scores in [-1, 1]: rounding error <= 2**-11, a
+    tenth of a percent of a logit after the temperature)."""
+    return (np.dtype(np.uint16) if num_items <= 1 << 16 else np.dtype(np.uint32)), np.dtype(np.float16)
+
+
+def check_teacher_arrays(named: dict[str, np.ndarray], rows: int, num_items: int, k: int) -> None:
+    if set(named) != {"indices", "values"}:
+        raise ContractError(f"teacher arrays must be exactly indices/values, got {len(named)} other array(s)")
+    idx, val = named["indices"], named["values"]
+    if idx.shape != (rows, k) or val.shape != (rows, k):
+        raise ContractError(f"teacher arrays must be [{rows}, {k}], got {idx.shape} and {val.shape}")
+    want_idx, want_val = teacher_wire_dtypes(num_items)
+    if idx.dtype != want_idx or val.dtype != want_val:
+        raise ContractError(f"teacher arrays must be {want_idx}/{want_val} for {num_items} items, "
+                            f"got {idx.dtype}/{val.dtype}")
+    if idx.size and int(idx.max()) >= num_items:
+        raise ContractError(f"teacher indices out of range [0, {num_items})")

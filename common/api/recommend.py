@@ -8,7 +8,7 @@ The model is ID-free: items enter only through their text, so any catalog can be
 took no part in training) and a history may name catalog items by key or give raw item texts (an item not
 in the catalog is encoded from its text). Items already in the history are left out of the results unless
 `exclude_seen=False`. Scores are the model's cosine scores, computed exactly as the pipeline's evaluation
-computes them (common/train.py), and `evaluate` runs that same evaluation code.
+computes them (common/model/train.py), and `evaluate` runs that same evaluation code.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Union
 import torch
 from pydantic import BaseModel
 
-from common.backbones import DomainInputs, Recommender, build_backbone, encode_all_items, pad_histories
-from common.config import resolve_device
-from common.data import CatalogView, ItemMeta, load_catalog, load_silo
-from common.merging.task_vectors import fingerprint
-from common.model_folder import ModelConfig, ModelFolderError, load_weights
+from common.model.backbones import DomainInputs, Recommender, build_backbone, encode_all_items, pad_histories
+from common.model.config import resolve_device
+from common.data.format import CatalogView, ItemMeta, load_catalog, load_silo
+from common.core.fingerprint import fingerprint
+from common.api.model_folder import ModelConfig, ModelFolderError, load_weights
 
 HistoryItem = Union[str, dict, ItemMeta]
 
@@ -195,8 +195,8 @@ class MergedRecommender:
                  seed: int = 0) -> dict[str, float]:
         """Full-ranking Recall@k / NDCG@k on a domain folder's `val` or `test` split: the same code (and so
         the same numbers for the same model, split, max_users and seed) as the pipeline's evaluation."""
-        from common.messages import MIN_USERS_FOR_METRICS
-        from common.train import evaluate_split
+        from common.protocol.messages import MIN_USERS_FOR_METRICS
+        from common.model.train import evaluate_split
 
         if split not in ("val", "test"):
             raise ValueError("split must be 'val' or 'test'")

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.config import BackboneConfig
+from common.model.config import BackboneConfig
 
 if TYPE_CHECKING:
-    from common.data import CatalogView
+    from common.data.format import CatalogView
 
 PAD = -1
 
@@ -101,7 +101,7 @@ class LightRecommender(Recommender):
         """The catalog's frozen item-text features [N, F] (cached), centred when `cfg.center_items`: on the
         catalog's own mean, or on `center_like`'s (items added to an indexed catalog keep its geometry)."""
         if features is None:
-            from common.item_cache import item_text_embeddings
+            from common.model.item_cache import item_text_embeddings
 
             features = item_text_embeddings(
                 catalog,
@@ -125,7 +125,7 @@ class LightRecommender(Recommender):
 
     def block_inputs(self, dom: DomainInputs, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x [B, L, dim], attention mask [B * heads, L, L]): what the first transformer block receives.
-        Also used by `common.integration.IntegratedRecommender`, which has the same adaptor/position/cfg."""
+        Also used by `common.model.integration.IntegratedRecommender`, which has the same adaptor/position/cfg."""
         b, length = hist.shape
         valid = hist >= 0
         x = self._items(dom, hist.clamp_min(0)) * valid.unsqueeze(-1)
@@ -165,20 +165,20 @@ class LightRecommender(Recommender):
 class TextRecommender(Recommender):
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
-        from common.encoder import load_encoder, load_tokenizer
+        from common.model.encoder import load_encoder, load_tokenizer
 
         self.cfg = cfg
         self.encoder = load_encoder(cfg.encoder)
         self.tokenizer = load_tokenizer(cfg.encoder)
 
     def domain_inputs(self, catalog: CatalogView, **kw) -> DomainInputs:
-        from common.text import catalog_texts
+        from common.data.text import catalog_texts
 
         texts = catalog_texts(catalog, self.tokenizer, self.cfg.item_value_tokens)
         return DomainInputs(catalog.domain, len(catalog), texts=texts)
 
     def _encode(self, texts: list[str], max_tokens: int) -> torch.Tensor:
-        from common.encoder import mean_pool
+        from common.model.encoder import mean_pool
 
         device = next(self.encoder.parameters()).device
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
@@ -190,7 +190,7 @@ class TextRecommender(Recommender):
         if kind == "items":
             return self._encode([dom.texts[i] for i in x.tolist()], self.cfg.item_max_tokens)
         if kind == "histories":
-            from common.text import sequence_texts
+            from common.data.text import sequence_texts
 
             histories = [[i for i in row if i >= 0] for row in x.tolist()]
             texts = sequence_texts(histories, dom.texts, self.tokenizer, self.cfg.seq_max_tokens - 2,
@@ -212,7 +212,7 @@ def build_backbone(cfg: BackboneConfig, *, seed: int = 0) -> Recommender:
         return TextRecommender(cfg)
     from transformers import AutoConfig
 
-    from common.encoder import resolve_model_path
+    from common.model.encoder import resolve_model_path
 
     hidden = AutoConfig.from_pretrained(resolve_model_path(cfg.encoder)).hidden_size
     model = LightRecommender(cfg, hidden)
@@ -224,7 +224,7 @@ def build_backbone(cfg: BackboneConfig, *, seed: int = 0) -> Recommender:
 def load_base_weights(model: Recommender, cfg: BackboneConfig) -> None:
     """Replace `model`'s weights by the base checkpoint `cfg.base` (every parameter, exactly; a missing,
     extra or mis-shaped tensor is a BaseFileError naming the file)."""
-    from common.base_model import BaseFileError, check_architecture, load_base
+    from common.model.base_model import BaseFileError, check_architecture, load_base
     from common.merging.task_vectors import BaseMismatchError, check_compatible
 
     state, card = load_base(cfg.base)

@@ -8,7 +8,7 @@ late in their history) and picks items of the preferred theme(s) most of the tim
 and some noise. So a model that reads item text and the recent history beats popularity clearly, and what
 it learns about themes in one domain carries over to the others.
 
-    python -m common.demo --out .cache/demo-data [--domains 3] [--items 300] [--users 600] [--seed 0]
+    python -m common.data.demo --out .cache/demo-data [--domains 3] [--items 300] [--users 600] [--seed 0]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import CatalogView, ItemMeta, write_domain
+from common.data.format import CatalogView, ItemMeta, write_domain
 
 THEMES: dict[str, dict[str, list[str]]] = {
     "vintage": {"words": ["Vintage", "Retro", "Antique", "Heritage", "Classic", "Old-Fashioned"],
@@ -214,7 +214,7 @@ def ensure_demo(root: str | Path, domains: list[str]) -> list[Path]:
     return made
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m common.demo") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m common.data.demo") -> int:
     ap = argparse.ArgumentParser(prog=prog, description="write synthetic demo domains (one folder each, the data "
                                  "format of docs/data.md)")
     ap.add_argument("--out", type=Path, required=True, help="folder to write the domain folders into")

@@ -1,9 +1,9 @@
 """Pretrain the shared light base on public domains that are not silos.
 
-    python -m common.pretrain --data ../shared/data/public --out DIR [--domains Scientific Office]
+    python -m common.model.pretrain --data ../shared/data/public --out DIR [--domains Scientific Office]
 
 Starts from the seeded text-similarity initialisation and trains one model on the pooled domains with the
-same training code a silo uses (`common.train.fine_tune` over a list of domains: each batch comes from one
+same training code a silo uses (`common.model.train.fine_tune` over a list of domains: each batch comes from one
 domain and is scored against that domain's own catalog; early stopping on the mean validation NDCG@10 of the
 domains; then the final fit on train + validation items for the chosen epoch count). Seeded: the same
 command on the same data and thread count gives the same bytes.
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from common.backbones import build_backbone
-from common.base_model import ARCH_FIELDS, BaseCard, save_base
-from common.config import BackboneConfig, TrainConfig
-from common.data import load_silo
-from common.merging.task_vectors import fingerprint
-from common.train import fine_tune
+from common.model.backbones import build_backbone
+from common.model.base_model import ARCH_FIELDS, BaseCard, save_base
+from common.model.config import BackboneConfig, TrainConfig
+from common.data.format import load_silo
+from common.core.fingerprint import fingerprint
+from common.model.train import fine_tune
 
-log = logging.getLogger("common.pretrain")
+log = logging.getLogger("common.model.pretrain")
 
 
 def pretrain(data: Path, domains: list[str], backbone: BackboneConfig, train: TrainConfig,
@@ -58,7 +58,7 @@ def pretrain(data: Path, domains: list[str], backbone: BackboneConfig, train: Tr
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m common.pretrain", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m common.model.pretrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="folder of domain folders (public, not silos)")
     ap.add_argument("--domains", nargs="+", help="domain folders to pool (default: every folder under --data)")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     train = TrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
                         val_max_users=args.val_users, refit_on_val=args.refit, freeze=args.freeze, l2sp=args.l2sp,
                         seed=args.seed, progress=False)
-    command = "python -m common.pretrain " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m common.model.pretrain " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     state, card = pretrain(args.data, domains, backbone, train, command)
     ckpt, bundle = save_base(state, card, args.out)
     print(f"base {card.fingerprint[:16]}: {ckpt} and {bundle} (val NDCG@10 {card.validation.get('ndcg@10', 0):.4f}, "

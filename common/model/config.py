@@ -5,17 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt, field_validator
+
+from common.core.strict import Strict
 
 #: no metric a silo reports may average over fewer users (it would describe individuals)
 MIN_USERS_FOR_METRICS = 5
 #: default LoRA targets (glob patterns over parameter names) of the light backbone: attention in/out
-#: projections and the feed-forward linears (common/lora.py)
+#: projections and the feed-forward linears (common/model/lora.py)
 LORA_TARGETS = ["*.self_attn.in_proj_weight", "*.self_attn.out_proj.weight", "*.linear1.weight", "*.linear2.weight"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class BackboneConfig(Strict):
@@ -40,7 +38,7 @@ class BackboneConfig(Strict):
     cache_dir: Path = Field(Path(".cache/item_embeddings"), description="frozen item-text embedding cache")
     base: str = Field("init", description="light backbone's starting weights: 'init' (seeded text-similarity "
                       "initialisation), 'bundled' (the checkpoint pretrained on public domains, shipped in "
-                      "common/assets), or a base file written by `python -m common.pretrain`")
+                      "common/assets), or a base file written by `python -m common.model.pretrain`")
 
 
 class TrainConfig(Strict):
@@ -77,7 +75,7 @@ class TrainConfig(Strict):
                               "values (e.g. 'adaptor', 'position'): their task-vector entries stay zero")
     finetune: Literal["full", "lora"] = Field("full", description="'full': every parameter is trained and the "
                                               "silo sends a dense task vector; 'lora': only low-rank factors of "
-                                              "the lora_targets are trained and sent (common/lora.py)")
+                                              "the lora_targets are trained and sent (common/model/lora.py)")
     lora_rank: PositiveInt = Field(8, le=1024, description="LoRA rank r (finetune='lora')")
     lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="LoRA scale alpha: delta = "
                               "(alpha / r) * B @ A")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from common.data import CatalogView, ItemMeta
+    from common.data.format import CatalogView, ItemMeta
 
 SEPARATOR = "; "
 DEFAULT_VALUE_TOKENS = 32

@@ -1,4 +1,5 @@
-"""The `mergerec` command: one entry point for using and running the project.
+"""The `mergerec` command's model and data commands (the launch commands, `simulate` and `certs`, are added by
+deployment/cli.py, the installed entry point: common/ never imports the launchers above it).
 
     mergerec recommend --model runs/latest/model --catalog .cache/demo-data/garden --history KEY,KEY -k 10
     mergerec evaluate  --model runs/latest/model --data .cache/demo-data/garden --split test
@@ -21,12 +22,14 @@ from pathlib import Path
 
 MODEL_HELP = ("a model folder (config.json + model.safetensors, e.g. a run's model/), a silo's fine-tuned "
               ".safetensors file, or base:init / base:bundled for the shared base model")
-DELEGATED = {  # command -> (module, function, one-line help)
-    "simulate": ("server.simulate", "main", "run the whole federated pipeline in a local Flower simulation"),
-    "demo-data": ("common.demo", "main", "write synthetic demo domains"),
-    "convert-amazon": ("common.amazon", "main", "convert raw Amazon review + metadata files into a domain folder"),
-    "certs": ("deployment.certs", "main", "TLS certificates and SuperNode keys for a deployment"),
-}
+
+
+def data_commands() -> dict:
+    """command -> (main(argv, prog), one-line help) of the commands that parse their own options."""
+    from common.data import amazon, demo
+
+    return {"demo-data": (demo.main, "write synthetic demo domains"),
+            "convert-amazon": (amazon.main, "convert raw Amazon review + metadata files into a domain folder")}
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -63,7 +66,7 @@ def _catalog(spec: str):
 
 
 def _load(args):
-    from common.recommend import MergedRecommender
+    from common.api.recommend import MergedRecommender
 
     return MergedRecommender.from_pretrained(args.model, cache_dir=args.cache_dir, encoder=args.encoder,
                                              device=args.device)
@@ -78,7 +81,7 @@ def cmd_recommend(args) -> int:
     if args.format == "json":
         print(json.dumps([r.model_dump() for r in recs], indent=1))
     else:
-        from common.report import markdown_table
+        from common.core.report import markdown_table
 
         print(markdown_table([r.model_dump() for r in recs], ["rank", "key", "title", "score"]))
     return 0
@@ -93,19 +96,19 @@ def cmd_evaluate(args) -> int:
     if args.format == "json":
         print(json.dumps(rows, indent=1))
     else:
-        from common.report import markdown_table
+        from common.core.report import markdown_table
 
         print(markdown_table(rows, ["domain", "split", "recall@10", "ndcg@10", "recall@50", "ndcg@50", "users"]))
     return 0
 
 
 def cmd_export(args) -> int:
-    from common.merging.task_vectors import fingerprint
-    from common.model_folder import load_weights, save_model_folder
+    from common.core.fingerprint import fingerprint
+    from common.api.model_folder import load_weights, save_model_folder
 
     cfg, state = load_weights(args.model)
     if state is None:
-        from common.backbones import build_backbone, shared_state
+        from common.model.backbones import build_backbone, shared_state
 
         state = shared_state(build_backbone(cfg.backbone, seed=cfg.seed))
     cfg = cfg.model_copy(update={"fingerprint": fingerprint(state), "method": cfg.method or "base"})
@@ -115,7 +118,9 @@ def cmd_export(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(delegated: dict | None = None) -> argparse.ArgumentParser:
+    """The parser; `delegated` (command -> (main, help)) adds commands that parse their own options."""
+    delegated = data_commands() if delegated is None else delegated
     ap = argparse.ArgumentParser(prog="mergerec", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="command")
@@ -144,21 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", required=True, help=MODEL_HELP)
     ex.add_argument("--out", type=Path, required=True, help="model folder to write")
     ex.set_defaults(func=cmd_export)
-    for name, (_, _, text) in DELEGATED.items():
+    for name, (_, text) in delegated.items():
         sub.add_parser(name, help=text, add_help=False)
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra: dict | None = None) -> int:
+    """`extra`: more self-parsing commands (command -> (main, help)), e.g. deployment/cli.py's launchers."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:  # these parse their own options (and their own --help)
-        import importlib
-
-        module, func, _ = DELEGATED[argv[0]]
-        return getattr(importlib.import_module(module), func)(argv[1:], prog=f"mergerec {argv[0]}")
-    args = build_parser().parse_args(argv)
+    delegated = {**data_commands(), **(extra or {})}
+    if argv and argv[0] in delegated:  # these parse their own options (and their own --help)
+        return delegated[argv[0]][0](argv[1:], prog=f"mergerec {argv[0]}")
+    args = build_parser(delegated).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from common.model_folder import ModelFolderError
+    from common.api.model_folder import ModelFolderError
 
     try:
         return args.func(args)

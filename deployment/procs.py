@@ -25,7 +25,10 @@ MARKER = "MERGEREC_RUN_ID"
 #: model download, unbuffered logs
 FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+            # numpy's OpenBLAS thread pool hung the ServerApp inside np.dot in flwr-simulation on a busy machine;
+            # torch keeps its own threads, numpy does no heavy work in these processes
+            "OPENBLAS_NUM_THREADS": "1"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

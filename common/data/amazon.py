@@ -1,4 +1,4 @@
-"""Raw Amazon review files -> the domain format of common/data.py (k-core, chronological, leave-one-out).
+"""Raw Amazon review files -> the domain format of common/data/format.py (k-core, chronological, leave-one-out).
 
 Inputs (gzipped or plain, one record per line):
 - reviews: JSON lines with reviewerID, asin, unixReviewTime (overall is read by nobody: every review counts
@@ -13,7 +13,7 @@ numbered by first appearance in the review file, items by first appearance when 
 order through their chronological sequences; category = the first category path joined with spaces;
 leave-one-out split (last -> test, second-to-last -> val, the rest -> train).
 
-    python -m common.amazon --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz --out data/Beauty
+    python -m common.data.amazon --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz --out data/Beauty
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from common.data import CatalogView, DataError, ItemMeta, write_domain
+from common.data.format import CatalogView, DataError, ItemMeta, write_domain
 
 
 @dataclass
@@ -206,7 +206,7 @@ def convert(reviews: str | os.PathLike, meta: str | os.PathLike, out: str | os.P
     return stats
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m common.amazon") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m common.data.amazon") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--reviews", type=Path, required=True, help="reviews file (JSON lines, .gz or plain)")
     ap.add_argument("--meta", type=Path, required=True, help="metadata file (JSON or Python-literal lines)")

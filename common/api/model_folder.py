@@ -21,8 +21,9 @@ from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.config import BackboneConfig, Strict
-from common.files import atomic_path, atomic_write
+from common.core.strict import Strict
+from common.model.config import BackboneConfig
+from common.core.files import atomic_path, atomic_write
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

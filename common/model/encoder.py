@@ -16,7 +16,7 @@ from torch import nn
 DEFAULT_ENCODER = "minilm"
 
 
-SUMS_FILE = Path(__file__).resolve().parent / "assets" / "minilm_sha256.json"
+SUMS_FILE = Path(__file__).resolve().parents[1] / "assets" / "minilm_sha256.json"
 
 
 class EncoderIntegrityError(ValueError):

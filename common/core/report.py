@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.files import atomic_write
+from common.core.files import atomic_write
 
 
 def _fmt(v) -> str:

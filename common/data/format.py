@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, RootModel, StrictInt, ValidationError
 
-from common.files import atomic_write
+from common.core.files import atomic_write
 
 META_FILE = "meta_data.json"
 SMAP_FILE = "smap.json"

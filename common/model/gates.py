@@ -1,7 +1,7 @@
-"""Training the gates of an integrated model (common/integration.py) at the server, on pseudo-users, with
+"""Training the gates of an integrated model (common/model/integration.py) at the server, on pseudo-users, with
 MergeRec's loss (CE toward the teacher's best item + distillation toward the silos' top-k teacher logits).
 
-The data path is coefficient learning's (common/merging/coefficients.py): the same `DomainBatchSource`s, the
+The data path is coefficient learning's (common/model/coefficients.py): the same `DomainBatchSource`s, the
 same pseudo-user split (`split_rows`) and batches, the same per-pseudo-user loss (`pseudo_user_losses`) and
 held-out loss (`mean_loss`). Only the gate parameters get gradients; every other parameter (shared non-block
 weights and the K block sets) stays fixed. Item embeddings depend only on the shared adaptor, so they are
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.integration import IntegratedRecommender
-from common.merging.coefficients import (
+from common.model.integration import IntegratedRecommender
+from common.model.coefficients import (
     CoefficientConfig,
     DomainBatchSource,
     _Batches,

@@ -32,13 +32,29 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
-from common.backbones import DomainInputs, LightRecommender, Recommender, pad_histories
-from common.config import Strict
-from common.messages import IntegratedSpec
+from common.model.backbones import DomainInputs, LightRecommender, Recommender, pad_histories
+from common.core.strict import Strict
+
+#: most domain models an integrated model may carry (bounds what a request can make a silo allocate)
+MAX_INTEGRATED_DOMAINS = 32
+MAX_GATE_HIDDEN = 1024
+
+
+class IntegratedSpec(BaseModel):
+    """An integrated (X-Cross) model: K domain versions of every transformer block mixed by per-layer gates
+    (common/model/integration.py). The spec and the base fix every array's name and shape; the silo requires
+    exactly those (`IntegratedRecommender.skeleton(base, spec)`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["xcross"] = "xcross"
+    num_domains: int = Field(ge=1, le=MAX_INTEGRATED_DOMAINS)
+    gate_hidden: int = Field(0, ge=0, le=MAX_GATE_HIDDEN, description="0: linear gate; H: MLP with H hidden units")
+
 
 _BLOCK = re.compile(r"^blocks\.layers\.(\d+)\.(.+)$")
 
@@ -162,7 +178,7 @@ def inference_cost(model: Recommender, dom: DomainInputs, *, batch: int = 256, l
     """Median seconds to score one batch of `batch` random catalog histories of `length` items against every
     item of `dom` (item embeddings computed once, outside the timing, as evaluation does), and the
     parameter count. Catalog item ids only: no user data."""
-    from common.backbones import encode_all_items
+    from common.model.backbones import encode_all_items
 
     model.eval()
     length = length or model.cfg.max_items
@@ -184,7 +200,8 @@ def from_arrays(base: Recommender, spec: IntegratedSpec, named: Mapping, what: s
     `spec` and the silo's own base imply, float32, finite (ContractError otherwise, before anything runs)."""
     import numpy as np
 
-    from common.messages import ContractError, check_state_arrays
+    from common.core.errors import ContractError
+    from common.merging.task_vectors import check_state_arrays
 
     if not isinstance(base, LightRecommender):
         raise ContractError(f"{what}: integrated models need the light backbone")

@@ -18,7 +18,11 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from common.config import MIN_USERS_FOR_METRICS, BackboneConfig, TrainConfig  # noqa: F401 (re-exported)
+from common.core.errors import ContractError  # noqa: F401 (re-exported: the contracts' error)
+from common.merging.task_vectors import check_state_arrays  # noqa: F401 (re-exported)
+from common.merging.teacher import check_teacher_arrays  # noqa: F401 (re-exported)
+from common.model.config import MIN_USERS_FOR_METRICS, BackboneConfig, TrainConfig  # noqa: F401 (re-exported)
+from common.model.integration import IntegratedSpec  # noqa: F401 (re-exported)
 
 _METRIC = re.compile(r"^(recall|ndcg)@\d{1,3}$")
 
@@ -29,10 +33,6 @@ TEACHER = "query.teacher"
 EVALUATE = "evaluate.merged"
 WEAVE = "train.weave"
 TUNE_GATES = "train.gates"
-
-
-class ContractError(ValueError):
-    """A message that does not satisfy its contract (the reply/handler names what is wrong)."""
 
 
 class SiloReplyError(Exception):
@@ -126,7 +126,7 @@ class EpochProgress(Header):
 
 class FinetuneReply(Header):
     """Arrays: group "task_vector" = {parameter name: float32 array} (mode "full"), or group "lora" =
-    {"<target>.lora_A": float32 [r, in], "<target>.lora_B": float32 [out, r]} (mode "lora", common/lora.py)."""
+    {"<target>.lora_A": float32 [r, in], "<target>.lora_B": float32 [out, r]} (mode "lora", common/model/lora.py)."""
 
     domain: str
     mode: Literal["full", "lora"] = "full"
@@ -201,19 +201,6 @@ class TeacherReply(Header):
         return {"teacher"}
 
 
-#: most domain models an integrated model may carry (bounds what a request can make a silo allocate)
-MAX_INTEGRATED_DOMAINS = 32
-MAX_GATE_HIDDEN = 1024
-
-
-class IntegratedSpec(Header):
-    """An integrated (X-Cross) model: K domain versions of every transformer block mixed by per-layer gates
-    (common/integration.py). The spec and the base fix every array's name and shape; the silo requires
-    exactly those (`IntegratedRecommender.skeleton(base, spec)`)."""
-
-    kind: Literal["xcross"] = "xcross"
-    num_domains: int = Field(ge=1, le=MAX_INTEGRATED_DOMAINS)
-    gate_hidden: int = Field(0, ge=0, le=MAX_GATE_HIDDEN, description="0: linear gate; H: MLP with H hidden units")
 
 
 class EvaluateRequest(Header):
@@ -244,13 +231,13 @@ class EvaluateReply(Header):
     metrics: dict[str, AggregateMetrics]
 
 
-#: the parameters a silo may train in a GateTuneRequest: only the gates (common/integration.py names)
+#: the parameters a silo may train in a GateTuneRequest: only the gates (common/model/integration.py names)
 GATE_FROZEN_PREFIXES = ("adaptor", "position", "experts")
 
 
 class GateTuneRequest(Header):
     """X-Cross's "new domain with less data": a silo (typically one that took no part) fine-tunes only the gates
-    of an integrated model on a seeded `user_fraction` of its training users (common.train.fine_tune with
+    of an integrated model on a seeded `user_fraction` of its training users (common.model.train.fine_tune with
     every non-gate parameter frozen; `train.freeze` and `train.max_users` are set by the silo). Arrays: group
     "model" = the integrated model's parameters, checked as in EvaluateRequest. The tuned model stays in the
     silo; only aggregate test metrics before and after come back (`GateTuneReply`)."""
@@ -269,7 +256,7 @@ class GateTuneRequest(Header):
 def fraction_users(fraction: float, num_users: int) -> int:
     """How many training users a silo trains on for `fraction` of its `num_users` (never fewer than an aggregate
     needs): what `GateTuneRequest.user_fraction` means, and what a benchmark sets as `TrainConfig.max_users` for
-    the same fraction (the same seeded subsample, common.train)."""
+    the same fraction (the same seeded subsample, common.model.train)."""
     return max(MIN_USERS_FOR_METRICS, round(fraction * num_users))
 
 
@@ -339,35 +326,3 @@ def _problems(exc: ValidationError, header_type: type[Header]) -> str:
     return "; ".join(parts) + more
 
 
-def check_state_arrays(named: dict[str, np.ndarray], reference: dict[str, tuple[int, ...]], what: str) -> None:
-    """Names and shapes must equal the model's parameters exactly; float32 only."""
-    missing = sorted(set(reference) - set(named))
-    extra = sorted(set(named) - set(reference))
-    if missing or extra:
-        raise ContractError(f"{what}: missing parameters {missing[:5]}, {len(extra)} unexpected")
-    for n, a in named.items():
-        if a.dtype != np.float32 or tuple(a.shape) != tuple(reference[n]):
-            raise ContractError(f"{what}: parameter {n} is {a.dtype}{list(a.shape)}, expected float32{list(reference[n])}")
-        if not np.isfinite(a).all():
-            raise ContractError(f"{what}: parameter {n} has non-finite values")
-
-
-def teacher_wire_dtypes(num_items: int) -> tuple[np.dtype, np.dtype]:
-    """(index dtype, value dtype) of teacher top-k arrays on the wire: the smallest unsigned integer that holds
-    every item id of the catalog, and float16 values (cosine scores in [-1, 1]: rounding error <= 2**-11, a
-    tenth of a percent of a logit after the temperature)."""
-    return (np.dtype(np.uint16) if num_items <= 1 << 16 else np.dtype(np.uint32)), np.dtype(np.float16)
-
-
-def check_teacher_arrays(named: dict[str, np.ndarray], rows: int, num_items: int, k: int) -> None:
-    if set(named) != {"indices", "values"}:
-        raise ContractError(f"teacher arrays must be exactly indices/values, got {len(named)} other array(s)")
-    idx, val = named["indices"], named["values"]
-    if idx.shape != (rows, k) or val.shape != (rows, k):
-        raise ContractError(f"teacher arrays must be [{rows}, {k}], got {idx.shape} and {val.shape}")
-    want_idx, want_val = teacher_wire_dtypes(num_items)
-    if idx.dtype != want_idx or val.dtype != want_val:
-        raise ContractError(f"teacher arrays must be {want_idx}/{want_val} for {num_items} items, "
-                            f"got {idx.dtype}/{val.dtype}")
-    if idx.size and int(idx.max()) >= num_items:
-        raise ContractError(f"teacher indices out of range [0, {num_items})")

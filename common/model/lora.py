@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from common.messages import ContractError
+from common.core.errors import ContractError
 
 SUFFIXES = (".lora_A", ".lora_B")
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from common.backbones import items_in_batches
+from common.model.backbones import items_in_batches
 from common.merging.losses import adamerging_entropy, mergerec_loss
 from common.merging.task_vectors import State, check_compatible
 from common.merging.teacher import TopKLogits

@@ -38,10 +38,10 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from common.backbones import DomainInputs, Recommender, encode_all_items, pad_histories, shared_state
-from common.config import TrainConfig, resolve_device
-from common.data import SiloData
-from common.metrics import DEFAULT_KS, RankingAccumulator, target_ranks
+from common.model.backbones import DomainInputs, Recommender, encode_all_items, pad_histories, shared_state
+from common.model.config import TrainConfig, resolve_device
+from common.data.format import SiloData
+from common.model.metrics import DEFAULT_KS, RankingAccumulator, target_ranks
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +272,8 @@ def warmup_steps(cfg: TrainConfig, rows: list[list]) -> int:
 
 def _optimiser(model: Recommender, cfg: TrainConfig, rows: list[list]):
     """AdamW over every parameter not frozen by `cfg.freeze` (frozen ones get requires_grad False). A model with
-    LoRA factors attached (common/lora.py) trains only those factors: everything else stays at the base."""
-    from common.lora import is_lora_param
+    LoRA factors attached (common/model/lora.py) trains only those factors: everything else stays at the base."""
+    from common.model.lora import is_lora_param
 
     names = [n for n, _ in model.named_parameters()]
     for prefix in cfg.freeze:

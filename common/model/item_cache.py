@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.data import CatalogView
-from common.files import atomic_path
-from common.encoder import encode_texts, encoder_fingerprint, load_encoder, load_tokenizer
-from common.text import catalog_texts
+from common.data.format import CatalogView
+from common.core.files import atomic_path
+from common.model.encoder import encode_texts, encoder_fingerprint, load_encoder, load_tokenizer
+from common.data.text import catalog_texts
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@
 
 - ``"init"``: the seeded text-similarity initialisation (no training; the comparison point);
 - ``"bundled"``: the checkpoint shipped with the code, ``common/assets/base_light.json``, made by
-  ``python -m common.pretrain`` on public, non-silo domains (reproducible from the command in its card);
-- a path to a ``.json`` base bundle or a ``.safetensors`` checkpoint written by ``python -m common.pretrain``.
+  ``python -m common.model.pretrain`` on public, non-silo domains (reproducible from the command in its card);
+- a path to a ``.json`` base bundle or a ``.safetensors`` checkpoint written by ``python -m common.model.pretrain``.
 
 A bundle is one JSON file (the Flower app bundle carries only .py/.toml/.md/.yaml/.json files, so the base
 travels with the code to every SuperNode): ``{"format": "mergerec-base-v1", "card": {...}, "sha256": ...,
@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save as st_save
 
-from common.files import atomic_write
+from common.core.files import atomic_write
 
-BUNDLED = Path(__file__).parent / "assets" / "base_light.json"
+BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "base_light.json"
 FORMAT = "mergerec-base-v1"
 #: BackboneConfig fields that define the architecture a checkpoint was trained for
 ARCH_FIELDS = ("kind", "encoder", "dim", "layers", "heads", "ff_mult", "max_items", "item_value_tokens",
@@ -84,7 +84,7 @@ def resolve(spec: str) -> Path:
     """The file a `BackboneConfig.base` value names ("bundled" or a path)."""
     path = BUNDLED if spec == "bundled" else Path(spec).expanduser()
     if not path.is_file():
-        hint = " (run `python -m common.pretrain` to make one)" if spec != "bundled" else ""
+        hint = " (run `python -m common.model.pretrain` to make one)" if spec != "bundled" else ""
         raise BaseFileError(f"base checkpoint {path}: file not found{hint}")
     return path
 

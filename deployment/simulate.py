@@ -1,13 +1,13 @@
 """Local simulation of every silo on this machine, through the real Flower stack (`make run`).
 
-    python -m server.simulate [--data-root DIR] [--domains a,b,c] [--run-dir DIR] [--run-config "k=v ..."]
+    python -m deployment.simulate [--data-root DIR] [--domains a,b,c] [--run-dir DIR] [--run-config "k=v ..."]
                               [--timeout SECONDS]
 
 Starts its own simulation SuperLink (free loopback ports, in-memory state), runs `flwr run . <connection>
 --stream` with one simulated SuperNode per domain (1 CPU each), prints the per-domain table from the run's
 report.json and stops the SuperLink and everything it started. No limit on the whole run unless --timeout is
 given; on that timeout, Ctrl-C, SIGTERM/SIGHUP or an error, every process of the run (SuperLink, `flwr run`,
-Flower's simulation runtime, Ray) is stopped (server/procs.py) and the run directory can be resumed. With
+Flower's simulation runtime, Ray) is stopped (deployment/procs.py) and the run directory can be resumed. With
 the default data root, missing demo domains are generated first.
 """
 
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.procs import ProcessSet, exit_on_signals, flwr_env, free_port, restore_signals
+from deployment.procs import ProcessSet, exit_on_signals, flwr_env, free_port, restore_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_ROOT = ROOT / ".cache" / "demo-data"
@@ -110,7 +110,7 @@ def exit_status(report: dict, expected: list[str]) -> int:
     return EXIT_DEGRADED if report.get("dropped") or missing else EXIT_COMPLETE
 
 
-def main(argv=None, prog: str = "python -m server.simulate") -> int:
+def main(argv=None, prog: str = "python -m deployment.simulate") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", type=Path, default=DEMO_ROOT,
@@ -124,11 +124,11 @@ def main(argv=None, prog: str = "python -m server.simulate") -> int:
                          "the per-stage limits of run-config timeout-s still apply)")
     args = ap.parse_args(argv)
 
-    from common.report import markdown_table
+    from common.core.report import markdown_table
 
     data_root = args.data_root.resolve()
     if data_root == DEMO_ROOT and not data_root.exists():
-        from common.demo import make_demo
+        from common.data.demo import make_demo
 
         make_demo(data_root)
         print(f"demo domains written to {data_root}")
@@ -147,7 +147,7 @@ def main(argv=None, prog: str = "python -m server.simulate") -> int:
     except KeyboardInterrupt:
         print("interrupted: every process of the run was stopped; the same --run-dir resumes", file=sys.stderr)
         return 130
-    except SystemExit as exc:  # SIGTERM / SIGHUP (server.procs.Terminated)
+    except SystemExit as exc:  # SIGTERM / SIGHUP (deployment.procs.Terminated)
         print("terminated: every process of the run was stopped; the same --run-dir resumes", file=sys.stderr)
         return int(exc.code or EXIT_FAILED)
     finally:
