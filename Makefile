@@ -12,8 +12,9 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
+export OPENBLAS_NUM_THREADS=1
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-fast bench clean
 
 install: $(STAMP)
 
@@ -27,8 +28,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/no-deps.txt
 run: $(STAMP)
 	$(BIN)/python -m deployment.simulate
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP)   ## the full suite (what CI runs): unit, in-process, Flower end-to-end
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: $(STAMP)   ## unit + in-process tests only (no Flower processes, nothing slow)
+	$(BIN)/python -m pytest -q -m "not slow and not e2e" --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.core
