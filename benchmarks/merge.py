@@ -7,8 +7,8 @@ the pipeline (server/pipeline.py) over in-process silos (clients/silo.py), confi
 (pyproject's [tool.flwr.app.config] + `--run-config`). Its report gives the pretrained base, every fine-tuned
 model on every domain, the training-free merges (the run's `baselines`, here every registered method) and
 MergeRec task- and layer-wise. The rows the federation does not compute reuse the run's stored task vectors,
-pseudo-users and teacher logits and the pipeline's own functions (`Pipeline.learn`, `Pipeline.merged_states`,
-`Pipeline.evaluate_at`: the silos evaluate, only aggregates come back):
+pseudo-users and teacher logits and the pipeline's own parts (`Merges.learn`, `Merges.merged_states`,
+`Merges.evaluate_at`: the silos evaluate, only aggregates come back):
 - task arithmetic with lambda picked on held-out pseudo-users (`mean_loss`, the coefficient learner's held-out loss);
 - AdaMerging (entropy loss) and MergeRec option ablations (in-domain);
 - unseen domains: merge two domains' vectors, test on the third (for each choice of the third);
@@ -178,17 +178,17 @@ class Bench:
     def picked_lambda(self, scenario: str, merged: list[str], evaluate_on: list[str], holdout: float) -> None:
         """Task arithmetic with one lambda for all tasks, picked by the held-out pseudo-user loss."""
         p = self.p
-        sources = p.coefficient_sources(merged)
+        sources = p.merges.coefficient_sources(merged)
         _, held = split_rows(sources, holdout, torch.Generator().manual_seed(p.cfg.seed))
         if not any(h.numel() for h in held):
             raise ValueError(f"{scenario}: no held-out pseudo-users to pick lambda on (too few pseudo-users)")
-        tvs = p.task_vectors(merged)
+        tvs = p.vectors.load(merged)
         plan = mm.process([tvs[d] for d in merged], "task_arithmetic", seed=p.cfg.seed)
-        losses = {lam: mean_loss(p.base, mm.merge(p.base_state, plan.vectors, [lam] * len(merged)), sources,
+        losses = {lam: mean_loss(p.base.model, mm.merge(p.base.state, plan.vectors, [lam] * len(merged)), sources,
                                  held, p.cfg.coefficients) for lam in LAMBDAS}
         best = min(losses, key=losses.get)
-        state = mm.merge(p.base_state, plan.vectors, [best] * len(merged))
-        self.record(scenario, p.evaluate_at({"task_arithmetic@picked": state}, evaluate_on), {"lambda": best})
+        state = mm.merge(p.base.state, plan.vectors, [best] * len(merged))
+        self.record(scenario, p.merges.evaluate_at({"task_arithmetic@picked": state}, evaluate_on), {"lambda": best})
         self.coefficients[f"{scenario}/task_arithmetic_lambda"] = {"picked": best, "heldout_loss": losses}
 
     def learned(self, scenario: str, merged: list[str], evaluate_on: list[str], variants: list[tuple]) -> None:
@@ -197,8 +197,8 @@ class Bench:
         for label, gran, loss, init, over in variants:
             with self.stage(f"{scenario}: {label}"):
                 ccfg = p.cfg.coefficients.model_copy(update={"granularity": gran, "loss": loss, **over})
-                res, state = p.learn(merged, ccfg, init)
-                self.record(scenario, p.evaluate_at({label: state}, evaluate_on))
+                res, state = p.merges.learn(merged, ccfg, init)
+                self.record(scenario, p.merges.evaluate_at({label: state}, evaluate_on))
                 self.coefficients[f"{scenario}/{label}"] = {
                     "groups": list(res.groups), "W": res.W.tolist(),
                     "first_loss": res.history[0]["loss"] if res.history else None,
@@ -212,8 +212,8 @@ class Bench:
                  and (r["method"] == "pretrained" or r["method"] in {f"finetuned-{d}" for d in merged})]
         self.rows += [{**r, "scenario": scenario} for r in known]
         with self.stage(f"{scenario}: training-free merges"):
-            free = p.merged_states(merged, methods=TRAINING_FREE)
-            self.record(scenario, p.evaluate_at(free, [held_out]), label=lambda m: FREE_LABELS.get(m, m))
+            free = p.merges.merged_states(merged, methods=TRAINING_FREE)
+            self.record(scenario, p.merges.evaluate_at(free, [held_out]), label=lambda m: FREE_LABELS.get(m, m))
         if "picked" in extras:
             with self.stage(f"{scenario}: task arithmetic, lambda picked on held-out pseudo-users"):
                 self.picked_lambda(scenario, merged, [held_out], holdout)
@@ -242,9 +242,9 @@ class Bench:
         for `epochs` (a pooled selection run would double an already long stage on 2 cores)."""
         p = self.p
         silos = [load_silo(data / d, d) for d in domains]
-        joint = copy.deepcopy(p.base)
-        refit(joint, silos, [p.base.domain_inputs(s.catalog) for s in silos], p.cfg.train, epochs)
-        self.record("in-domain", p.evaluate_at({"joint (pooled, non-private)": shared_state(joint)}, domains),
+        joint = copy.deepcopy(p.base.model)
+        refit(joint, silos, [p.base.model.domain_inputs(s.catalog) for s in silos], p.cfg.train, epochs)
+        self.record("in-domain", p.merges.evaluate_at({"joint (pooled, non-private)": shared_state(joint)}, domains),
                     {"epochs": epochs})
 
 
@@ -252,7 +252,7 @@ def write(bench: Bench, report: dict, args, command: str, done: bool) -> str:
     """merge.json (every row, summary, verdicts, stages, bytes, coefficients) and merge.md; returns the md."""
     summary = summarise(bench.rows)
     doc = {"command": command, "rows": bench.rows, "summary": summary, "stages": bench.stage.rows,
-           "base": {"spec": bench.p.cfg.backbone.base, "fingerprint": bench.p.base_fp},
+           "base": {"spec": bench.p.cfg.backbone.base, "fingerprint": bench.p.base.fingerprint},
            "run_config": bench.p.cfg.model_dump(mode="json"), "run_dir": str(args.run_dir),
            "fine_tuning": report.get("finetune"), "validation": report.get("validation"),
            "coefficients": bench.coefficients, "bytes_per_silo": bench.bytes,

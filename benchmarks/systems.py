@@ -10,11 +10,11 @@ fine-tuning, `lora`: finetune = lora, `weave`: finetune = lora + weave-rounds = 
 variant's keys + integration = xcross), whose report gives the in-domain rows: each domain's own fine-tuned
 model on its domain, task arithmetic, TIES, MergeRec task- and layer-wise, xcross. Unseen (leave-one-domain-
 out, for each domain in `--unseen`): the run's stored vectors, pseudo-users and teachers of the other domains
-go through `Pipeline.merged_states`, `Pipeline.learn` and `integration_stage.train` (xcross's shared weights:
+go through `Merges.merged_states`, `Merges.learn` and `Integration.train` (xcross's shared weights:
 MergeRec of the first granularity over the same domains); the held-out silo evaluates (`evaluate_at`).
 
 New domain (`--held-out` H, the `--fraction-variant` run): for each fraction f of H's training users,
-(i) xcross over the other domains with its gates tuned at H's silo on f (`integration_stage.tune_gates_at`,
+(i) xcross over the other domains with its gates tuned at H's silo on f (`Integration.tune_gates_at`,
 a `train.gates` message; before/after test aggregates back) and (ii) LoRA fine-tuned from the base at H's silo
 on the same seeded users (TrainConfig.max_users = `fraction_users(f, n)`, a pipeline of H alone running its own
 finetune stage), evaluated by H's silo. H is a new silo there: its own state folder, not the run's.
@@ -45,7 +45,7 @@ from common.core.files import atomic_write
 from common.merging.task_vectors import add_vector
 from common.protocol.messages import FINETUNE, TEACHER, TUNE_GATES, WEAVE, fraction_users
 from common.core.report import markdown_table, write_results
-from server import checkpoint, integration_stage
+from server import checkpoint, integration_stage  # noqa: F401
 from server.config import app_defaults, parse_overrides, pipeline_config
 from server.pipeline import Pipeline
 from server.transport import InProcessTransport, record_bytes
@@ -155,7 +155,7 @@ class Systems:
         domains = sorted(p.active())
         for d in domains:
             per = report["metrics"][d]
-            self.add(variant, "in-domain", OWN, d, per[f"finetuned-{d}"], finetune_s=p.state["finetune"][d]["seconds"],
+            self.add(variant, "in-domain", OWN, d, per[f"finetuned-{d}"], finetune_s=p.state.finetune[d].seconds,
                      upload_bytes_per_silo=self.upload(variant, [d], False), build_s=0.0)
             self.add(variant, "in-domain", "pretrained", d, per["pretrained"])
             for m in [*FREE, *(f"mergerec-{g}" for g in GRANS), "xcross"]:
@@ -170,8 +170,8 @@ class Systems:
             others = [d for d in sorted(p.active()) if d != held_out]
             t0 = time.perf_counter()
             if shared is None:
-                shared = p.learn(others, p.cfg.coefficients.model_copy(update={"granularity": GRANS[0]}))[1]
-            model, _ = integration_stage.train(p, others, shared)
+                shared = p.merges.learn(others, p.cfg.coefficients.model_copy(update={"granularity": GRANS[0]}))[1]
+            model, _ = p.xcross.train(others, shared)
             self.xcross[key] = (integration_stage.parameters(model), time.perf_counter() - t0)
         return self.xcross[key]
 
@@ -182,15 +182,15 @@ class Systems:
         scenario, ft = f"unseen-{held_out}", self.rows_finetune_s(variant)
         with self.stage(f"{variant}: {scenario}"):
             t0 = time.perf_counter()
-            models = p.merged_states(others, methods=FREE)
+            models = p.merges.merged_states(others, methods=FREE)
             build = {m: (time.perf_counter() - t0) / len(FREE) for m in FREE}
             for g in GRANS:
                 t0 = time.perf_counter()
-                models[f"mergerec-{g}"] = p.learn(others, p.cfg.coefficients.model_copy(update={"granularity": g}))[1]
+                models[f"mergerec-{g}"] = p.merges.learn(others, p.cfg.coefficients.model_copy(update={"granularity": g}))[1]
                 build[f"mergerec-{g}"] = time.perf_counter() - t0
             integrated, build["xcross"] = self.others_xcross(variant, held_out, models[f"mergerec-{GRANS[0]}"])
             build["xcross"] += build[f"mergerec-{GRANS[0]}"]  # its shared weights
-            got = p.evaluate_at(models, [held_out], integrated={"xcross": integrated})[held_out]
+            got = p.merges.evaluate_at(models, [held_out], integrated={"xcross": integrated})[held_out]
         self.add(variant, scenario, "pretrained", held_out, self.reports[variant]["metrics"][held_out]["pretrained"])
         for m in [*FREE, *(f"mergerec-{g}" for g in GRANS), "xcross"]:
             self.add(variant, scenario, m, held_out, got[m], finetune_s=ft, build_s=round(build[m], 1),
@@ -218,7 +218,7 @@ class Systems:
             with self.stage(f"{variant}: {scenario} xcross gates @ {pct}"):
                 up0, down0 = traffic.up(held_out, TUNE_GATES), traffic.down(held_out, TUNE_GATES)
                 t0 = time.perf_counter()
-                reply = integration_stage.tune_gates_at(gates, held_out, integrated, f, gate_train)
+                reply = gates.xcross.tune_gates_at(held_out, integrated, f, gate_train)
                 wall = time.perf_counter() - t0
             if f == a.fractions[0]:
                 self.add(variant, scenario, "xcross (others), gates untuned", held_out, reply.before.model_dump(),
@@ -243,13 +243,13 @@ class Systems:
         p = silo_pipeline(cfg, self.args.data, [held_out], run_dir, self.args.cache, traffic)
         t0 = time.perf_counter()
         p.handshake()
-        if "finetune" not in p.state["completed"]:
+        if "finetune" not in p.state.completed:
             p.finetune()
         name = f"lora@{round(100 * f)}%"
-        got = p.evaluate_at({name: add_vector(p.base_state, p.task_vectors([held_out])[held_out])}, [held_out])
+        got = p.merges.evaluate_at({name: add_vector(p.base.state, p.vectors.load([held_out])[held_out])}, [held_out])
         self.add(variant, f"new-domain-{held_out}", "LoRA from the base", held_out, got[held_out][name], fraction=f,
-                 train_users=users, epochs=p.state["finetune"][held_out]["epochs"],
-                 finetune_s=p.state["finetune"][held_out]["seconds"],
+                 train_users=users, epochs=p.state.finetune[held_out].epochs,
+                 finetune_s=p.state.finetune[held_out].seconds,
                  wall_s=round(time.perf_counter() - t0, 1), upload_bytes_per_silo=traffic.up(held_out, FINETUNE),
                  download_bytes=traffic.down(held_out, FINETUNE))
 

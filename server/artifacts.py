@@ -12,11 +12,15 @@ import json
 import logging
 from pathlib import Path
 
+from common.api.model_folder import ModelConfig, save_model_folder
 from common.core.files import atomic_write
 from common.core.fingerprint import fingerprint
-from common.api.model_folder import ModelConfig, save_model_folder
 from common.core.report import markdown_table
+from server.base import BaseContext
+from server.checkpoint import Checkpoint
 from server.integration_stage import summary as integration_summary
+from server.merges import Merges
+from server.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +112,20 @@ def model_card(info: dict) -> str:
     return "\n".join(lines)
 
 
-def write_model(p, learned: dict, metrics: dict, val_metrics: dict) -> tuple[Path, str, dict]:
+def write_model(cfg, run: RunDir, base: BaseContext, merges: Merges, learned: dict, metrics: dict,
+                val_metrics: dict) -> tuple[Path, str, dict]:
     """Select the variant, write run_dir/model/ (config.json, model.safetensors, README.md)."""
-    candidates = [f"mergerec-{g}" for g in p.cfg.granularities]
+    candidates = [f"mergerec-{g}" for g in cfg.granularities]
     chosen, scores = select_variant(candidates, val_metrics)
     log.info("shipping %s (mean validation NDCG@10: %s)", chosen, json.dumps(scores))
-    state = p.mergerec_states()[chosen]
+    state = merges.mergerec_states()[chosen]
     gran = chosen.removeprefix("mergerec-")
-    cfg = ModelConfig(backbone=p.cfg.backbone, seed=p.cfg.seed, base_fingerprint=p.base_fp,
-                      fingerprint=fingerprint(state), method=chosen, domains=learned[gran]["domains"])
-    info = {"method": chosen, "domains": cfg.domains, "backbone": p.cfg.backbone.kind, "init": p.cfg.init_method,
+    card_cfg = ModelConfig(backbone=cfg.backbone, seed=cfg.seed, base_fingerprint=base.fingerprint,
+                           fingerprint=fingerprint(state), method=chosen, domains=learned[gran]["domains"])
+    info = {"method": chosen, "domains": card_cfg.domains, "backbone": cfg.backbone.kind, "init": cfg.init_method,
             "val_scores": scores, "coefficients": learned, "test": metrics,
-            "catalog_sizes": {d: len(p.catalogs[d]) for d in cfg.domains if d in p.catalogs}}
-    folder = save_model_folder(p.run_dir / "model", state, cfg, model_card(info))
+            "catalog_sizes": {d: len(base.catalogs[d]) for d in card_cfg.domains if d in base.catalogs}}
+    folder = save_model_folder(run.model, state, card_cfg, model_card(info))
     return folder, chosen, scores
 
 
@@ -164,32 +169,31 @@ def report_markdown(report: dict, plots: list[Path]) -> str:
     return "\n".join(parts)
 
 
-def write_artifacts(p) -> dict:
-    """Model folder, report.json, report.md and plots of pipeline `p` (whose evaluate stage is done)."""
-    run = p.run_dir
-    metrics = json.loads((run / "metrics.json").read_text())
-    val_path = run / "metrics_val.json"
-    val_metrics = json.loads(val_path.read_text()) if val_path.exists() else {}
-    learned = json.loads((run / "coefficients.json").read_text())
-    folder, chosen, scores = write_model(p, learned, metrics, val_metrics)
-    report = {"run_dir": str(run), "config": p.cfg.model_dump(mode="json"), "base_fingerprint": p.base_fp,
-              "domains": p.state["domains"], "active": p.active(), "dropped": p.state["dropped"],
-              "metrics": metrics, "metrics_val": val_metrics, "validation": p.state["val"],
-              "finetune": p.state["finetune"], "weave": p.state.get("weave") or None,
+def write_artifacts(cfg, run: RunDir, state: Checkpoint, base: BaseContext, merges: Merges) -> dict:
+    """Model folder, report.json, report.md and plots of a run whose evaluate stage is done."""
+    metrics = run.read_json(run.metrics)
+    val_metrics = run.read_json(run.metrics_val) if run.metrics_val.exists() else {}
+    learned = run.read_json(run.coefficients)
+    folder, chosen, scores = write_model(cfg, run, base, merges, learned, metrics, val_metrics)
+    st = state.model_dump(mode="json")
+    report = {"run_dir": str(run.root), "config": cfg.model_dump(mode="json"), "base_fingerprint": base.fingerprint,
+              "domains": st["domains"], "active": state.active(), "dropped": st["dropped"],
+              "metrics": metrics, "metrics_val": val_metrics, "validation": st["val"],
+              "finetune": st["finetune"], "weave": st["weave"],
               "coefficients": {g: {k: v for k, v in c.items() if k not in ("history", "holdout")}
                                for g, c in learned.items()},
               "selection": {"chosen": chosen, "rule": SELECT_RULE, "mean_val_ndcg@10": scores},
-              "timings": p.state["timings"], "bytes": p.state["bytes"], "model": str(folder / "model.safetensors"),
+              "timings": st["timings"], "bytes": st["bytes"], "model": str(folder / "model.safetensors"),
               "integration": integration_summary(run)}
     plots = []
     try:
         from server.plots import write_plots
 
-        plots = write_plots(run / "plots", metrics, learned)
+        plots = write_plots(run.plots, metrics, learned)
     except Exception as exc:  # a plotting problem must not cost the run its model and report
         log.warning("plots not written: %s: %s", type(exc).__name__, exc)
     for name, text in (("report.md", report_markdown(report, plots)), ("report.json", json.dumps(report, indent=1))):
-        atomic_write(run / name, text)
+        atomic_write(run.root / name, text)
     return report
 
 

@@ -1,11 +1,12 @@
-"""The run directory's checkpoint: a versioned pydantic model, a config fingerprint per stage, and the SHA-256
-of every file a later stage or a resume reads back.
+"""The run state: a typed, versioned pydantic model that the stages read and change directly and that is written
+to `checkpoint.json` after every step worth keeping (server/run_dir.py), with a config fingerprint per stage.
 
 - A changed configuration redoes only the stages it affects (e.g. a new eval-max-users redoes the evaluation,
   nothing else); a change that affects fine-tuning (backbone, training, seed) needs a new run directory.
-- On resume every stored file of a completed stage is checked (present, same SHA-256, and for task vectors
-  and teacher files the same checks as a fresh reply); a damaged or edited file is named in the log and
-  removed, and the stage that made it is redone (for per-silo files: only for that silo).
+- `files` holds the SHA-256 of every file a later stage or a resume reads back; on resume every stored file of a
+  completed stage is checked (`verify`: present, same SHA-256, and the checks a fresh reply gets); a damaged or
+  edited file is named in the log and removed, and the stage that made it is redone (per-silo files: only for
+  that silo).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +42,92 @@ class CheckpointError(RuntimeError):
     """checkpoint.json cannot be used; the message names the file and what to do."""
 
 
-class Dropped(BaseModel):
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Dropped(_Part):
     domain: str
     stage: str
     reason: str
 
 
-class Checkpoint(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class SiloBytes(_Part):
+    sent_to_silo: int = 0
+    received_from_silo: int = 0
+
+
+class SiloFinetune(_Part):
+    """What the server keeps of a silo's fine-tuning reply (aggregates and sizes only)."""
+
+    epochs: int | None = None
+    refit_epochs: int | None = None
+    seconds: float | None = None
+    upload_bytes: int | None = None
+    dense_task_vector_bytes: int | None = None
+
+
+class WeaveHop(_Part):
+    round: int
+    module: str
+    silo: str
+    seconds: float
+
+
+class WeaveSkip(_Part):
+    domain: str
+    round: int
+    module: str
+    reason: str
+
+
+class WeaveState(_Part):
+    """Weaving progress (server/weaving.py): rounds done, which silo last trained each module, every hop."""
+
+    rounds: int = 0
+    epochs: int
+    holders: dict[str, str]
+    hops: list[WeaveHop] = []
+    skipped: list[WeaveSkip] = []
+
+
+class Checkpoint(_Part):
+    """The whole run state. Stages change it in place; `RunDir.save` writes it."""
 
     version: Literal[1] = 1
     config: str
     stage_configs: dict[str, str] = {}
     completed: list[str] = []
-    domains: list[str] = []
+    domains: list[str] = []  # every silo that passed the first handshake (sorted)
     dropped: list[Dropped] = []
     timings: dict[str, float] = {}
-    bytes: dict[str, dict[str, int]] = {}
-    val: dict[str, dict] = {}
-    finetune: dict[str, dict] = {}
+    bytes: dict[str, SiloBytes] = {}
+    val: dict[str, dict] = {}  # domain -> its fine-tuning reply's validation AggregateMetrics (as a dict)
+    finetune: dict[str, SiloFinetune] = {}
     files: dict[str, str] = {}  # path relative to the run directory -> SHA-256
     merges: dict[str, list[str]] = {}  # stored merge (merges/<name>.safetensors) -> the domains it merged
-    weave: dict = {}  # weaving progress (server/weaving.py): rounds done, holders, hops, skipped silos
+    weave: WeaveState | None = None
+
+    @field_validator("weave", mode="before")
+    @classmethod
+    def _no_weave(cls, v):
+        return v or None  # checkpoints written before the typed state stored {} for "no weave"
+
+    def active(self) -> list[str]:
+        """The silos still in the run: passed the handshake and not dropped."""
+        dropped = {d.domain for d in self.dropped}
+        return [d for d in self.domains if d not in dropped]
+
+    def is_dropped(self, domain: str, stage: str | None = None) -> bool:
+        return any(d.domain == domain and stage in (None, d.stage) for d in self.dropped)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 3)
+
+    def count_bytes(self, domain: str, down: int, up: int) -> None:
+        b = self.bytes.setdefault(domain, SiloBytes())
+        b.sent_to_silo += down
+        b.received_from_silo += up
 
 
 def _dump(cfg) -> dict:
@@ -90,60 +156,48 @@ def stage_fingerprints(cfg) -> dict[str, str]:
     return out
 
 
-def load(path: Path, cfg) -> dict:
-    """The checkpoint as a dict (fresh if there is none), with stages invalidated by a config change removed."""
+def load(path: Path, cfg) -> Checkpoint:
+    """The checkpoint (fresh if there is none), with stages invalidated by a config change removed."""
     fps = stage_fingerprints(cfg)
     if not path.exists():
-        return Checkpoint(config=cfg.fingerprint(), stage_configs=fps).model_dump(mode="json")
+        return Checkpoint(config=cfg.fingerprint(), stage_configs=fps)
     try:
         ck = Checkpoint.model_validate_json(path.read_text())
     except (ValidationError, ValueError, OSError) as exc:
         kind = type(exc).__name__
         raise CheckpointError(f"{path} is damaged or not a checkpoint of this version ({kind}): restore it, or "
                               "use a new run directory") from None
-    st = ck.model_dump(mode="json")
-    if st["config"] == cfg.fingerprint():
-        st["stage_configs"] = fps
-        return st
-    old = st["stage_configs"]
+    if ck.config == cfg.fingerprint():
+        ck.stage_configs = fps
+        return ck
+    old = ck.stage_configs
     if not old:  # written before stages had their own fingerprints: any change may affect any stage
         raise CheckpointError(f"run directory {path.parent} belongs to a run with another configuration "
-                              f"({st['config']} != {cfg.fingerprint()}): use a new run directory")
+                              f"({ck.config} != {cfg.fingerprint()}): use a new run directory")
     changed = [s for s in _OWN if old.get(s) != fps[s]]
     if "finetune" in changed:
         raise CheckpointError(f"run directory {path.parent} belongs to a run with another configuration "
-                              f"({st['config']} != {cfg.fingerprint()}) that changes fine-tuning: use a new run "
+                              f"({ck.config} != {cfg.fingerprint()}) that changes fine-tuning: use a new run "
                               "directory")
-    redo = [s for s in changed if s in st["completed"]]
+    redo = [s for s in changed if s in ck.completed]
     if redo:
         log.info("configuration changed: redoing stage(s) %s", ", ".join(redo))
-    invalidate(st, path.parent, redo)
-    st["config"], st["stage_configs"] = cfg.fingerprint(), fps
-    return st
+    invalidate(ck, path.parent, redo)
+    ck.config, ck.stage_configs = cfg.fingerprint(), fps
+    return ck
 
 
-def invalidate(st: dict, run_dir: Path, stages: list[str]) -> None:
+def invalidate(ck: Checkpoint, run_dir: Path, stages: list[str]) -> None:
     """Forget completed stages; a redone teacher stage needs its files gone (it skips silos that have one)."""
-    st["completed"] = [s for s in st["completed"] if s not in stages]
+    ck.completed = [s for s in ck.completed if s not in stages]
     if "teacher" in stages or "pseudo_users" in stages:
         for f in (run_dir / "teacher").glob("*.npz"):
             f.unlink()
-            st["files"].pop(f"teacher/{f.name}", None)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def record(st: dict, run_dir: Path, path: Path) -> None:
-    st["files"][str(path.relative_to(run_dir))] = sha256(path)
+            ck.files.pop(f"teacher/{f.name}", None)
 
 
 def stage_of(rel: str) -> str:
+    """The stage that writes the run-directory file `rel` ("" for files no stage reads back)."""
     if rel.startswith("merges/"):  # stored merges: the learned ones come from the coefficients stage
         return "coefficients" if rel.startswith("merges/mergerec-") else "merge_init"
     return {"task_vectors": "finetune", "lora": "finetune", "woven": "weave", "teacher": "teacher",
@@ -152,19 +206,20 @@ def stage_of(rel: str) -> str:
             "metrics_val.json": "evaluate"}.get(rel.split("/")[0], "")
 
 
-def verify(st: dict, run_dir: Path, expected: list[str], check) -> None:
+def verify(ck: Checkpoint, run_dir: Path, expected: list[str], check: Callable[[str, Path], None],
+           sha256: Callable[[Path], str]) -> None:
     """Every file in `expected` (relative paths of completed stages' outputs) must exist, hash as recorded and
     pass `check(rel, path)` (raises on a bad file). A bad file is removed and its stage, and every later
-    stage, is redone."""
+    stage, is redone (a stored merge is only forgotten: it is recomputed when next needed)."""
     for rel in expected:
         stage = stage_of(rel)
-        if stage not in st["completed"]:
+        if stage not in ck.completed:
             continue
         path = run_dir / rel
         problem = None
         if not path.exists():
             problem = "missing"
-        elif rel in st["files"] and sha256(path) != st["files"][rel]:
+        elif rel in ck.files and sha256(path) != ck.files[rel]:
             problem = "changed since it was written (SHA-256 differs)"
         else:
             try:
@@ -174,70 +229,17 @@ def verify(st: dict, run_dir: Path, expected: list[str], check) -> None:
         if problem is None:
             continue
         path.unlink(missing_ok=True)
-        st["files"].pop(rel, None)
-        if rel.startswith("merges/"):  # a stored merge is recomputed from the task vectors when next needed
+        ck.files.pop(rel, None)
+        if rel.startswith("merges/"):
             log.error("stored merge %s is %s: it is recomputed", path, problem)
-            st.get("merges", {}).pop(Path(rel).stem, None)
+            ck.merges.pop(Path(rel).stem, None)
             continue
         log.error("stored file %s is %s: stage %s is redone for it", path, problem, stage)
         later = STAGES[STAGES.index(stage):]
         if stage == "finetune":  # that silo's teacher file (and task vector) came from the model being redone
             for other in (f"teacher/{Path(rel).stem}.npz", f"task_vectors/{Path(rel).stem}.safetensors"):
                 (run_dir / other).unlink(missing_ok=True)
-                st["files"].pop(other, None)
-        st["completed"] = [s for s in st["completed"] if s not in later]
+                ck.files.pop(other, None)
+        ck.completed = [s for s in ck.completed if s not in later]
         if stage == "pseudo_users":
-            invalidate(st, run_dir, ["teacher"])
-
-
-def verify_run(p) -> None:
-    """On resume (after the handshake): every stored file of a completed stage of pipeline `p` is checked."""
-    done, st = p.state["completed"], p.state
-    expected = list(st["files"])
-    if "finetune" in done:
-        expected += [str(p._tv_path(d).relative_to(p.run_dir)) for d in p.active()]
-        if p.lora is not None:
-            expected += [f"lora/{d}.safetensors" for d in p.active()]
-    if "weave" in done and p.cfg.weave_rounds:
-        expected += [f"woven/{d}.safetensors" for d in p.active()]
-    if "teacher" in done:
-        expected += [str(p._teacher_path(d).relative_to(p.run_dir)) for d in p.active()]
-    expected += [f for f, s in (("pseudo_users.json", "pseudo_users"), ("coefficients.json", "coefficients"),
-                                ("metrics.json", "evaluate")) if s in done]
-    # metrics_val.json is checked when recorded (runs from before it existed have none)
-    verify(st, p.run_dir, list(dict.fromkeys(expected)), lambda rel, path: _check_file(p, rel, path))
-    p._save()
-
-
-def _check_file(p, rel: str, path: Path) -> None:
-    """The checks a fresh reply gets (server/validation.py), on a stored file; JSON files must parse."""
-    import numpy as np
-    from safetensors.numpy import load_file
-
-    from server.validation import check_lora_module, check_task_vector, check_teacher_top, expected_k
-
-    if rel.startswith(("lora/", "woven/")):
-        check_lora_module(load_file(str(path)), p.lora, p.base_state, p.base_norm, p.cfg.max_task_vector_ratio,
-                          f"stored {rel}")
-    elif rel.startswith("task_vectors/"):
-        check_task_vector(load_file(str(path)), p.shapes, p.base_norm, p.cfg.max_task_vector_ratio, f"stored {rel}")
-    elif rel.startswith("teacher/") and path.stem in p.catalogs:
-        chosen = json.loads((p.run_dir / "pseudo_users.json").read_text())
-        with np.load(path, allow_pickle=False) as z:
-            named = {k: z[k] for k in z.files}
-        n = len(p.catalogs[path.stem])
-        check_teacher_top(named, len(chosen[path.stem]), n, expected_k(p.cfg.teacher_top_k, n))
-    elif rel.startswith("merges/"):
-        stored = load_file(str(path))
-        if {n: a.shape for n, a in stored.items()} != p.shapes or not all(np.isfinite(a).all() for a in stored.values()):
-            raise ValueError("not a finite state of the base's shapes")
-    elif rel.startswith("integration/"):  # the integrated model: finite, and loadable as its spec says
-        from common.model.integration import IntegratedRecommender, load_exact
-        from common.protocol.messages import IntegratedSpec
-
-        spec = IntegratedSpec(**json.loads((p.run_dir / "integration.json").read_text())["spec"])
-        load_exact(IntegratedRecommender.skeleton(p.base, spec), load_file(str(path)))
-        if not all(np.isfinite(a).all() for a in load_file(str(path)).values()):
-            raise ValueError("non-finite parameters")
-    elif rel.endswith(".json"):
-        json.loads(path.read_text())
+            invalidate(ck, run_dir, ["teacher"])

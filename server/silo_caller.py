@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from server.checkpoint import Checkpoint, Dropped
 from server.transport import Outcome, Transport
 
 log = logging.getLogger("server.pipeline")
@@ -17,24 +18,24 @@ class PipelineError(RuntimeError):
 
 
 class SiloCaller:
-    """`state` is the run state (checkpoint dict: domains, dropped, bytes), shared with the pipeline.
-    `timeout(stage, requests)` sizes a stage's wait; `rehandshake(domains)` re-learns handles before a retry;
-    `save()` writes the checkpoint."""
+    """`state` is the run state (domains, dropped, bytes), shared with the pipeline. `timeout(stage, requests)`
+    sizes a stage's wait; `rehandshake(domains)` re-learns handles before a retry; `save()` writes the
+    checkpoint. `handles` (domain -> transport handle) is re-learned at every start."""
 
-    def __init__(self, transport: Transport, state: dict, *, retries: int, min_silos: int, save: Callable[[], None],
-                 timeout: Callable[[str, dict], float], rehandshake: Callable[[set[str]], None]):
+    def __init__(self, transport: Transport, state: Checkpoint, *, retries: int, min_silos: int,
+                 save: Callable[[], None], timeout: Callable[[str, dict], float],
+                 rehandshake: Callable[[set[str]], None] | None = None):
         self.t, self.state = transport, state
         self.retries, self.min_silos = retries, min_silos
         self.save, self.timeout, self.rehandshake = save, timeout, rehandshake
-        self.handles: dict[str, str] = {}  # domain -> transport handle (re-learned at every start)
+        self.handles: dict[str, str] = {}
 
     def active(self) -> list[str]:
-        dropped = {d["domain"] for d in self.state["dropped"]}
-        return [d for d in self.state["domains"] if d not in dropped]
+        return self.state.active()
 
     def drop(self, domain: str, stage: str, reason: str) -> None:
         log.error("dropping silo %s at stage %s: %s", domain, stage, reason)
-        self.state["dropped"].append({"domain": domain, "stage": stage, "reason": reason})
+        self.state.dropped.append(Dropped(domain=domain, stage=stage, reason=reason))
         left = self.active()
         if len(left) < self.min_silos:
             self.save()
@@ -43,13 +44,25 @@ class SiloCaller:
 
     def note_drop(self, silo: str, stage: str, reason: str) -> None:
         """Record a silo that is not part of the run without passing the handshake."""
-        if not any(d["domain"] == silo and d["stage"] == stage for d in self.state["dropped"]):
-            self.state["dropped"].append({"domain": silo, "stage": stage, "reason": reason})
+        if not self.state.is_dropped(silo, stage):
+            self.state.dropped.append(Dropped(domain=silo, stage=stage, reason=reason))
 
     def count(self, o: Outcome, domain: str) -> None:
-        b = self.state["bytes"].setdefault(domain, {"sent_to_silo": 0, "received_from_silo": 0})
-        b["sent_to_silo"] += o.bytes_down
-        b["received_from_silo"] += o.bytes_up
+        self.state.count_bytes(domain, o.bytes_down, o.bytes_up)
+
+    def call_once(self, message_type: str, requests: dict, reply_type, timeout: float) -> dict[str, Outcome | str]:
+        """One attempt, no retry and no drop (the caller decides): domain -> Outcome, or the failure text for
+        a silo that is not connected or did not answer. Bytes are counted."""
+        by_handle = {self.handles[d]: d for d in requests if d in self.handles}
+        outcomes = self.t.call(message_type, {h: requests[d] for h, d in by_handle.items()}, reply_type, timeout)
+        out: dict[str, Outcome | str] = {}
+        for h, o in outcomes.items():
+            if h in by_handle:
+                self.count(o, by_handle[h])
+                out[by_handle[h]] = o
+        for d in requests:
+            out.setdefault(d, "silo not connected" if d not in by_handle.values() else "no reply")
+        return out
 
     def _accept(self, stage: str, d: str, o: Outcome, attempt: int, validate, store, results: dict,
                 failed: dict) -> None:
@@ -96,7 +109,7 @@ class SiloCaller:
             for d in set(todo) - set(results) - set(failed):
                 failed[d] = "no reply"
             todo = {d: todo[d] for d in failed}
-            if todo and attempt < self.retries:
+            if todo and attempt < self.retries and self.rehandshake is not None:
                 self.rehandshake(set(todo))
         for d in todo:
             self.drop(d, stage, failed[d])

@@ -149,8 +149,8 @@ def test_weaving_changes_every_module_and_merges_use_the_woven_ones(world, woven
     for d in ring:
         before, after = load_numpy(str(run / "lora" / f"{d}.safetensors")), load_numpy(str(run / "woven" / f"{d}.safetensors"))
         assert any(not np.allclose(before[n], after[n]) for n in before), d
-        woven = p.task_vectors([d])[d]
-        assert all(torch.equal(woven[n], t) for n, t in p.lora.materialise(after, p.base_state).items())
+        woven = p.vectors.load([d])[d]
+        assert all(torch.equal(woven[n], t) for n, t in p.base.lora.materialise(after, p.base.state).items())
     assert sorted(report["metrics"]) == ring and "mergerec-task" in report["metrics"][ring[0]]
 
 
@@ -158,11 +158,11 @@ def test_every_merge_method_runs_on_lora_deltas(world, woven_run):
     run, _ = woven_run
     p = Pipeline(_transport(world), _cfg(world), run)
     names = merge_methods.method_names()
-    merged = p.merged_states(methods=names)
+    merged = p.merges.merged_states(methods=names)
     assert set(merged) == set(names) and len(names) >= 6
     for name, state in merged.items():
         assert all(torch.isfinite(t).all() for t in state.values()), name
-        assert any(not torch.equal(state[n], p.base_state[n]) for n in p.lora.targets), name
+        assert any(not torch.equal(state[n], p.base.state[n]) for n in p.base.lora.targets), name
 
 
 def test_no_user_data_in_lora_and_weave_messages(world, woven_run):
@@ -248,11 +248,11 @@ def test_hostile_lora_reply_is_refused(world, tmp_path, name):
     p = Pipeline(_transport(world, wrap={bad: _corrupt_lora(update)}), _cfg(world, weave_rounds=0), tmp_path / "run")
     p.handshake()
     p.finetune()
-    assert [(d["domain"], d["stage"]) for d in p.state["dropped"]] == [(bad, "finetune")]
-    reason = p.state["dropped"][0]["reason"]
+    assert [(d.domain, d.stage) for d in p.state.dropped] == [(bad, "finetune")]
+    reason = p.state.dropped[0].reason
     assert reason.startswith("invalid reply") and why in reason, reason
     assert not (tmp_path / "run" / "task_vectors" / f"{bad}.safetensors").exists()
-    assert math.isfinite(sum(float(t.abs().sum()) for tv in p.task_vectors().values() for t in tv.values()))
+    assert math.isfinite(sum(float(t.abs().sum()) for tv in p.vectors.load(p.active()).values() for t in tv.values()))
 
 
 def test_hostile_weave_reply_is_skipped(world, tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.model.metrics import RankingAccumulator, metrics_from_ranks, target_ranks
+from common.model.metrics import MISS, RankingAccumulator, metrics_from_ranks, ranks_excluding_seen, target_ranks
 
 
 def test_hand_computed_single_user():
@@ -56,3 +56,26 @@ def test_accumulator_streams_batches():
     acc.add(torch.tensor([5]))
     assert acc.result()["recall@10"] == pytest.approx(2 / 3)
     assert RankingAccumulator().result()["users"] == 0
+
+
+def test_seen_items_excluded_hand_computed():
+    # user 0 saw items 0 and 3; target 2 is behind 0 (seen, out) and 3 (seen, out) and 1 (unseen): rank 1
+    # user 1's target 1 is in its own history: a miss at every k, even k > N (rank MISS)
+    scores = torch.tensor([[0.9, 0.6, 0.5, 0.8], [0.1, 0.9, 0.2, 0.3]])
+    ranks = ranks_excluding_seen(scores.clone(), torch.tensor([2, 1]), [[0, 3], [1, 2]])
+    assert ranks.tolist() == [1, MISS]
+    assert metrics_from_ranks(ranks, ks=(1, 5))["recall@5"] == pytest.approx(0.5)
+
+
+def test_seen_items_excluded_matches_a_sorting_implementation():
+    rng = np.random.default_rng(1)
+    n = 200
+    scores = rng.normal(size=(40, n)).astype(np.float32)
+    histories = [list(rng.choice(n, size=rng.integers(1, 30), replace=False)) for _ in range(40)]
+    targets = np.array([rng.integers(0, n) if i % 5 else histories[i][0] for i in range(40)])
+    expected = []
+    for i in range(40):  # independent: sort the unseen items, find the target (absent when seen: a miss)
+        unseen = [j for j in np.argsort(-scores[i], kind="stable") if j not in set(histories[i])]
+        expected.append(unseen.index(targets[i]) if targets[i] in unseen else MISS)
+    got = ranks_excluding_seen(torch.from_numpy(scores.copy()), torch.from_numpy(targets), histories)
+    assert got.tolist() == expected

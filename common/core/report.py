@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 from common.core.files import atomic_write
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fmt(v) -> str:
@@ -22,8 +26,34 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([head, sep, *body])
 
 
+def code_version(root: Path = ROOT) -> str:
+    """The commit the code ran at (short hash, "+changes" when tracked files differ from it), or "unknown"."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
+def relative_paths(value, root: Path = ROOT):
+    """`value` with every absolute path string made relative to the project root (results travel between
+    machines: no result file holds a path of the machine it ran on)."""
+    if isinstance(value, dict):
+        return {k: relative_paths(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relative_paths(v, root) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and "\n" not in value:
+        return os.path.relpath(value, root)
+    return value
+
+
 def write_results(out: Path, doc: dict, markdown: str) -> None:
-    """A benchmark's results: `doc` as `out` (JSON) and `markdown` beside it (`out` with suffix .md)."""
+    """A benchmark's results: `doc` as `out` (JSON, with the commit of the code that produced it and only
+    relative paths) and `markdown` beside it (`out` with suffix .md)."""
+    doc = relative_paths({**doc, "commit": code_version()})
     atomic_write(out, json.dumps(doc, indent=1))
     atomic_write(out.with_suffix(".md"), markdown if markdown.endswith("\n") else markdown + "\n")
 
