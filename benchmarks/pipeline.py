@@ -29,22 +29,11 @@ import numpy as np
 
 from benchmarks.core import RESULTS
 from common.core.report import markdown_table, write_results
-from deployment.procs import ProcessSet, exit_on_signals, marked_pids, restore_signals
+from deployment.procs import ProcessSet, exit_on_signals, marked_pids, restore_signals, rss_kb
 from deployment.simulate import ROOT, run_simulation
 
 SMOKE_CONFIG = {"epochs": 2, "coef-steps": 10, "teacher-top-k": 16, "baselines": "task_arithmetic",
                 "granularities": "task"}
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 class RssSampler(threading.Thread):
@@ -57,7 +46,7 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_flag.wait(self.every_s):
-            sizes = [_rss_kb(p) / 1024 for p in marked_pids(self.run_id)]
+            sizes = [rss_kb(p) / 1024 for p in marked_pids(self.run_id)]
             if sizes:
                 self.peak_process_mb = max(self.peak_process_mb, max(sizes))
                 self.peak_total_mb = max(self.peak_total_mb, sum(sizes))
@@ -148,7 +137,7 @@ def main(argv=None) -> int:
     cmd = "python -m benchmarks.pipeline " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": cmd, "domains": domains, "data_root": str(data_root), "run_config": rc,
               "cpus": os.cpu_count(), "runs": runs}
-    previous = exit_on_signals()  # SIGTERM / SIGHUP stop every process of the current run (run_simulation)
+    previous = exit_on_signals()  # Ctrl-C / SIGTERM / SIGHUP stop every process of the current run (run_simulation)
     try:
         for name in [r for r in args.runs.split(",") if r]:
             if name == "cold" and args.cache_dir is None:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from deployment import certs, check_artifacts
 from deployment.compose import COMPOSE, load
-from deployment.local import Stack, free_port
+from deployment.local import Stack
+from deployment.procs import Terminated, exit_on_signals, free_port, restore_signals
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = REPO / "deployment"
@@ -232,9 +233,11 @@ class Containers:
 
     def run(self, run_config: str | dict | None, timeout: float = 3600.0) -> bool:
         cli = self.cli()
-        res = cli.run_app(REPO, run_config=run_config, timeout=timeout, name="flwr-run-containers")
+        try:
+            res = cli.run_app(REPO, run_config=run_config, timeout=timeout, name="flwr-run-containers")
+        finally:
+            cli.stop()  # the host-side `flwr run` stream (deployment/procs.py), also on Ctrl-C / SIGTERM
         self.timings["pipeline_s"] = res.elapsed_s
-        cli.stop()
         if not res.ok:
             say(f"run {res.run_id}: {res.status} {res.details}\n{self.container_logs('superlink', 60)}")
         return res.ok
@@ -334,6 +337,20 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.command == "setup":
         return subprocess.run([str(PODMAN_DIR / "setup.sh")]).returncode
+    previous = exit_on_signals()  # Ctrl-C / SIGTERM / SIGHUP raise, so `finally` blocks (e2e: down) run
+    try:
+        return _command(a)
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except Terminated as exc:
+        say("terminated")
+        return int(exc.code)
+    finally:
+        restore_signals(previous)
+
+
+def _command(a: argparse.Namespace) -> int:
     if a.command == "e2e":
         return e2e(a)
     c = Containers(a.dir, a.data, port=a.port)

@@ -11,17 +11,17 @@ What it does: makes certificates and node keys (deployment/certs.py), starts `fl
 FLWR_HOME, registers every domain's public key with `flwr supernode register`, starts one `flower-supernode`
 per domain (--root-certificates, --auth-supernode-private-key, its own runtime port, --node-config
 'domain="X" data-path="Y"'), submits `flwr run APP <connection> --stream`, waits for the run's final status
-(`flwr ls --run-id`), and always stops every process it started (process groups, then any process that
-inherited this stack's marker variable), also on Ctrl-C/SIGTERM and at interpreter exit. Each process logs
-to RUN_DIR/logs/<name>.log; on failure the tails are printed. Exit status 0 only if the run completed.
+(`flwr ls --run-id`), and always stops every process it started (deployment/procs.py: process groups and
+every process carrying the stack's run marker, SIGTERM then SIGKILL after a short grace), also on Ctrl-C,
+SIGTERM/SIGHUP and at interpreter exit. Each process logs to RUN_DIR/logs/<name>.log; on failure the tails are
+printed. Exit status 0 only if the run completed, 130 on Ctrl-C, 143 on SIGTERM.
 
-As a library (fault tests):
+As a library (the end-to-end tests; their fault injection lives in tests/faults.py):
 
     from deployment.local import start_stack
     with start_stack(["garden", "kitchen", "outdoor"], data_root) as stack:
         res = stack.run_app(".", run_config={"epochs": 1}, timeout=600, wait=False)
-        stack.kill_supernode("kitchen")          # SIGKILL its whole process group
-        stack.start_supernode("kitchen")         # same key -> same node id
+        ...                                      # e.g. kill a SuperNode (tests/faults.py)
         res = stack.wait_run(res, timeout=600)
         assert res.ok, stack.log_tails()
 """
@@ -36,7 +36,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -44,17 +43,16 @@ import tempfile
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from deployment import certs
-from deployment.procs import die_with_parent, flwr_env, free_port  # noqa: F401 (free_port: deployment.containers)
+from deployment.procs import ProcessSet, Terminated, exit_on_signals, flwr_env, free_port, restore_signals
+from deployment.procs import wait as wait_exit
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_APP = REPO / "deployment" / "smoke"
-MARKER = "MERGEREC_STACK_ID"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -101,42 +99,6 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def marked_pids(stack_id: str) -> list[int]:
-    """Live (non-zombie) processes whose environment carries this stack's marker: everything it started."""
-    needle = f"{MARKER}={stack_id}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        if state not in (b"Z", b"X"):
-            found.append(int(entry))
-    return found
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            found.append(int(entry))
-    return found
-
-
 @dataclass
 class Proc:
     name: str
@@ -180,7 +142,8 @@ class Stack:
     def __init__(self, run_dir: Path, secrets: Path, domains: list[str], data_paths: dict[str, Path],
                  connection: str = "mergerec-local", threads_per_node: int | None = 1,
                  node_config_extra: Mapping[str, Mapping] | None = None, verbose: bool = True):
-        self.id = uuid.uuid4().hex
+        self.processes = ProcessSet()  # a run id below the inherited one, if any (deployment/procs.py)
+        self.id = self.processes.run_id
         self.run_dir = Path(run_dir).resolve()
         self.secrets = Path(secrets).resolve()
         self.domains = list(domains)
@@ -209,8 +172,9 @@ class Stack:
         return self.secrets / "ca.crt"
 
     def env(self, home: Path | None = None, **extra: str) -> dict[str, str]:
-        """Environment for a Flower process or CLI call of this stack (FLWR_HOME = `home` or the CLI home)."""
-        return flwr_env(home or self.cli_home, **{MARKER: self.id}, **extra)
+        """Environment for a Flower process or CLI call of this stack (FLWR_HOME = `home` or the CLI home), with
+        the stack's run marker."""
+        return self.processes.env(flwr_env(home or self.cli_home, **extra))
 
     def say(self, msg: str) -> None:
         if self.verbose:
@@ -219,11 +183,8 @@ class Stack:
     def _spawn(self, name: str, cmd: list[str], cwd: Path, env: dict[str, str]) -> Proc:
         log = self.logs / f"{name}.log"
         cwd.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            offset = out.tell()
-            popen = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=die_with_parent if sys.platform == "linux" else None)
+        offset = log.stat().st_size if log.exists() else 0
+        popen = self.processes.spawn(cmd, env=env, log=log, cwd=cwd)
         proc = Proc(name, popen, log, cmd, offset)
         self.procs[name] = proc
         return proc
@@ -283,11 +244,6 @@ class Stack:
             time.sleep(0.3)
         return False
 
-    def healthy(self) -> bool:
-        """The SuperLink answers /health over TLS verified against the CA."""
-        proc = self.procs.get("superlink")
-        return bool(proc) and self._wait_healthy(proc, 2.0)
-
     # ------------------------------------------------------------------------------------------ supernodes
     def register(self, domains: list[str] | None = None, timeout: float = 120.0) -> dict[str, int]:
         """`flwr supernode register <domain>.pub` for every domain (in parallel); returns the node ids."""
@@ -304,8 +260,8 @@ class Stack:
             try:
                 out, _ = p.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                out, _ = p.communicate()
+                self.processes.terminate(p, grace=0)
+                out = f"no answer within {timeout:.0f} s"
             m = re.search(r'"node-id":\s*(\d+)', out)
             if p.returncode == 0 and m:
                 self.node_ids[d] = int(m.group(1))
@@ -319,11 +275,10 @@ class Stack:
         self.say(f"registered {', '.join(f'{d}={self.node_ids.get(d)}' for d in domains)}")
         return {d: self.node_ids[d] for d in domains if d in self.node_ids}
 
-    def start_supernode(self, domain: str, *, key: Path | None = None, root_cert: Path | None = None,
-                        data_path: Path | None = None, superlink: str | None = None, name: str | None = None,
-                        extra_args: list[str] | None = None) -> Proc:
-        """Start (or restart) the SuperNode of `domain`. Keyword arguments make deliberately broken nodes for
-        tests: another key, another CA, another SuperLink address."""
+    def start_supernode(self, domain: str, *, key: Path | None = None, data_path: Path | None = None,
+                        name: str | None = None) -> Proc:
+        """Start (or restart) the SuperNode of `domain`; `key`, `data_path`, `name`: another node key (the
+        smoke run's unregistered node), data folder, process name."""
         name = name or f"supernode-{domain}"
         old = self.procs.get(name)
         if old and old.alive:
@@ -334,12 +289,10 @@ class Stack:
         if self.threads_per_node:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 extra_env[var] = os.environ.get(var, str(self.threads_per_node))
-        cmd = [_bin("flower-supernode"), "--superlink", superlink or self.address,
-               "--root-certificates", str(root_cert or self.ca),
+        cmd = [_bin("flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.ca),
                "--auth-supernode-private-key", str(key or self.secrets / f"{domain}.key"),
                "--port", str(free_port()),
-               "--node-config", node_config(domain, data, self.node_config_extra.get(domain)),
-               *(extra_args or [])]
+               "--node-config", node_config(domain, data, self.node_config_extra.get(domain))]
         return self._spawn(name, cmd, home, self.env(home / "home", **extra_env))
 
     def wait_connected(self, domains: list[str] | None = None, timeout: float = 90.0) -> None:
@@ -360,56 +313,17 @@ class Stack:
         if domains is None:
             self.timings["supernodes_connect_s"] = time.monotonic() - t0
 
-    def kill_supernode(self, domain: str, sig: int = signal.SIGKILL, name: str | None = None) -> None:
-        """Kill a SuperNode and its children (its process group) at once, as a crash would."""
-        proc = self.procs[name or f"supernode-{domain}"]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.popen.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.popen.wait(10)
-        deadline = time.monotonic() + 10
-        while group_members(proc.popen.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        self.say(f"killed {proc.name} (signal {sig})")
-
-    def restart_supernode(self, domain: str, timeout: float = 150.0, retry_s: float = 5.0) -> float:
-        """Start a stopped SuperNode again and wait until it is connected; returns the seconds it took.
-
-        After a crash (SIGKILL) the SuperLink keeps the node "online" until two heartbeat intervals pass
-        (2 x 30 s in flwr 1.41) and refuses to activate the same key meanwhile: the SuperNode then exits with
-        Flower exit code 305. This retries until the SuperLink accepts it. After SIGTERM the SuperNode
-        deactivated itself and the first attempt succeeds."""
-        name = f"supernode-{domain}"
-        t0 = time.monotonic()
-        while True:
-            proc = self.start_supernode(domain)
-            while proc.alive and "SuperNode ID:" not in proc.output() and time.monotonic() - t0 < timeout:
-                time.sleep(0.3)
-            if "SuperNode ID:" in proc.output():
-                self.say(f"{name} back after {time.monotonic() - t0:.1f} s")
-                return time.monotonic() - t0
-            if proc.alive or time.monotonic() - t0 > timeout:
-                self._terminate(proc)
-                raise StackError(f"{name} did not reconnect within {timeout:.0f} s:\n{tail(proc.log)}")
-            time.sleep(retry_s)
-
-    def wait_exit(self, name: str, timeout: float = 60.0) -> int | None:
-        """Wait for a process of the stack to exit; its exit code, or None if it is still running."""
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            return self.procs[name].popen.wait(timeout)
-        return None
-
     def try_unregistered_node(self, name: str = "intruder", timeout: float = 60.0) -> tuple[int | None, str]:
         """Start a SuperNode with a fresh key that was never registered; returns (exit code, its log).
         With node authentication on, the SuperLink refuses it and it exits (Flower exit code 305)."""
         keys = self.run_dir / "unregistered-keys"
         certs.make_certs(keys, [name], ["127.0.0.1"])
-        self.start_supernode(name, key=keys / f"{name}.key", name=f"supernode-{name}",
-                             data_path=self.run_dir / "nodes" / f"supernode-{name}" / "data")
-        code = self.wait_exit(f"supernode-{name}", timeout)
+        proc = self.start_supernode(name, key=keys / f"{name}.key", name=f"supernode-{name}",
+                                    data_path=self.run_dir / "nodes" / f"supernode-{name}" / "data")
+        code = wait_exit(proc.popen, timeout)
         if code is None:
-            self.kill_supernode(name, name=f"supernode-{name}")
-        return code, self.procs[f"supernode-{name}"].output()
+            self.processes.terminate(proc.popen)
+        return code, proc.output()
 
     # ------------------------------------------------------------------------------------------ runs
     def run_app(self, app: Path | str = ".", run_config: str | Mapping | None = None, timeout: float = 3600.0,
@@ -477,48 +391,23 @@ class Stack:
     def log_tails(self, lines: int = 25) -> str:
         return "\n".join(f"----- {p.name} ({p.log}) -----\n{tail(p.log, lines)}" for p in self.procs.values())
 
-    def _terminate(self, proc: Proc, grace: float = 10.0) -> None:
-        if proc.alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.popen.pid, signal.SIGTERM)
-            try:
-                proc.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.popen.pid, signal.SIGKILL)
-                proc.popen.wait(5)
-        # the group may outlive its leader (children that ignored SIGTERM)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.popen.pid, signal.SIGKILL)
+    def _terminate(self, proc: Proc) -> None:
+        """Stop one process of the stack and its process group (SIGTERM, SIGKILL after procs.GRACE_S s)."""
+        self.processes.terminate(proc.popen)
 
     def leftovers(self) -> list[int]:
-        return marked_pids(self.id)
+        """Live processes of this stack (deployment/procs.py: its groups, its marker, their descendants)."""
+        return self.processes.leftovers()
 
     def stop(self) -> list[int]:
-        """Stop everything (SuperNodes and runs first, the SuperLink last); returns pids that survived (none)."""
+        """Stop every process of the stack, bounded (deployment/procs.py: SIGTERM, SIGKILL after a short grace);
+        returns pids that survived (none unless one is stuck in the kernel). Idempotent."""
         with self._lock:
             if self._stopped:
                 return self.leftovers()
             self._stopped = True
         t0 = time.monotonic()
-        order = [p for n, p in self.procs.items() if n != "superlink"] + (
-            [self.procs["superlink"]] if "superlink" in self.procs else [])
-        for proc in order:
-            self._terminate(proc)
-        # descendants that started their own session (the SuperLink's SuperExec does) carry the marker
-        deadline = time.monotonic() + 10
-        left = self.leftovers()
-        while left and time.monotonic() < deadline:
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM if time.monotonic() < deadline - 5 else signal.SIGKILL)
-            time.sleep(0.5)
-            left = self.leftovers()
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-        left = self.leftovers()
+        left = self.processes.stop()
         self.timings["teardown_s"] = time.monotonic() - t0
         if left:
             self.say(f"WARNING: processes left behind: {left}")
@@ -557,7 +446,8 @@ def start_stack(domains: list[str], data_root: Path | str | None = None, *, data
     run_dir: logs/, node working folders, FLWR_HOMEs (default: a new temporary folder, kept after exit).
     secrets: certificates and node keys (default run_dir/secrets; created by deployment.certs if missing).
     connect: start the SuperNodes and wait for them (False: only SuperLink + registration).
-    handle_signals: turn SIGTERM/SIGHUP into SystemExit so that teardown runs (main thread only).
+    handle_signals: Ctrl-C raises KeyboardInterrupt and SIGTERM/SIGHUP SystemExit (procs.exit_on_signals), so
+    that teardown runs (main thread only).
     """
     run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="mergerec-stack-"))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -570,12 +460,7 @@ def start_stack(domains: list[str], data_root: Path | str | None = None, *, data
     stack = Stack(run_dir, secrets, list(domains), data, threads_per_node=threads_per_node,
                   node_config_extra=node_config_extra, verbose=verbose)
     atexit.register(stack.stop)
-    previous = {}
-    if handle_signals and threading.current_thread() is threading.main_thread():
-        def _exit(signum, _frame):
-            raise SystemExit(128 + signum)
-        for s in (signal.SIGTERM, signal.SIGHUP):
-            previous[s] = signal.signal(s, _exit)
+    previous = exit_on_signals() if handle_signals else {}
     try:
         try:
             stack.start_superlink(timeout=timeout)
@@ -594,8 +479,7 @@ def start_stack(domains: list[str], data_root: Path | str | None = None, *, data
     finally:
         left = stack.stop()
         atexit.unregister(stack.stop)
-        for s, h in previous.items():
-            signal.signal(s, h)
+        restore_signals(previous)
         if left:
             raise StackError(f"processes left behind after teardown: {left}")
 
@@ -650,6 +534,12 @@ def main(argv: list[str] | None = None) -> int:
     except StackError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: every process of the stack was stopped", file=sys.stderr)
+        return 130
+    except Terminated as exc:  # SIGTERM / SIGHUP
+        print("terminated: every process of the stack was stopped", file=sys.stderr)
+        return int(exc.code)
     timings.update(teardown_s=stack.timings.get("teardown_s", 0.0), total_s=time.monotonic() - t0)
     print("timings: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()), file=sys.stderr)
     print(f"run {res.run_id}: {res.status}; logs in {stack.logs}", file=sys.stderr)

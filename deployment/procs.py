@@ -1,10 +1,18 @@
-"""Processes a launcher starts, and how they are all stopped on every way out.
+"""Processes a launcher starts, and how they are all stopped on every way out. The only module that knows the run
+marker and reads /proc.
 
 Every child is started in its own session (so a terminal's Ctrl-C reaches only the launcher, which then stops
-the rest in order) with a marker in its environment. Flower's simulation runtime (`flwr-simulation`, started by
-the SuperLink's SuperExec in a session of its own) and Ray's processes (raylet, GCS, workers) inherit that
-environment, so `stop()` finds them by the marker even when they left the process groups and their parents:
-first SIGTERM to every group and every marked or descendant process, then SIGKILL to whatever is still alive.
+the rest) with a marker in its environment, MERGEREC_RUN_ID=<run id>. Flower's simulation runtime
+(`flwr-simulation`, started by the SuperLink's SuperExec in a session of its own) and Ray's processes (raylet,
+GCS, workers) inherit that environment, so `ProcessSet.stop()` finds them by the marker even when they left the
+process groups and their parents. Run ids nest: a ProcessSet made in a process that carries a marker gets
+`<inherited>/<new>`, and `marked_pids(x)` finds `x` and everything below it, so a test (or a test session) that
+starts a launcher under its own id finds every process of the launcher's run, while the launcher stops only its
+own.
+
+Stopping is bounded: SIGTERM to every process group and every marked or descendant process, at most GRACE_S
+seconds for them to go, then SIGKILL sweeps (re-scanning: Ray may start a worker meanwhile) for at most KILL_S
+seconds. No step waits without a deadline.
 """
 
 from __future__ import annotations
@@ -18,9 +26,14 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 MARKER = "MERGEREC_RUN_ID"
+#: seconds between SIGTERM and SIGKILL when a run is stopped
+GRACE_S = 3.0
+#: seconds of SIGKILL sweeps after the grace (a process stuck in the kernel cannot die sooner; it is reported)
+KILL_S = 5.0
 #: every Flower process the project starts: no telemetry, no update check, no pip install at run time, no
 #: model download, unbuffered logs
 FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -49,131 +62,236 @@ def flwr_env(home: str | Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def die_with_parent() -> None:
-    """preexec_fn: the kernel SIGKILLs the child if the launcher itself is SIGKILLed."""
+def new_run_id(label: str = "") -> str:
+    """A fresh run id, below the marker this process inherited if it has one (`<inherited>/<label><hex>`)."""
+    mine = f"{label}{uuid.uuid4().hex[:12]}"
+    inherited = os.environ.get(MARKER)
+    return f"{inherited}/{mine}" if inherited else mine
+
+
+def _resolve_prctl():
+    """libc's prctl, looked up once here: a preexec_fn runs between fork and exec, where importing or loading a
+    library could deadlock on a lock another thread of the parent held at fork time."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _resolve_prctl() if sys.platform == "linux" else None
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the kernel SIGKILLs the child if the launcher itself dies (PR_SET_PDEATHSIG)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------------------ /proc
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, pgid) of a live process, None if it is gone."""
+    """(state, ppid, pgid) of a process, None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
         return None
     return fields[0].decode(), int(fields[1]), int(fields[2])
 
 
-def _alive(pid: int) -> bool:
+def _table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, pgid) of every live (not zombie) process."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None and st[0] not in ("Z", "X"):
+                out[int(entry)] = (st[1], st[2])
+    return out
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
     st = _stat(pid)
     return st is not None and st[0] not in ("Z", "X")
 
 
-def _pids() -> list[int]:
-    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
+def cmdline(pid: int) -> str:
+    """The process's command line ('' if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
-def marked_pids(run_id: str) -> list[int]:
-    """Live processes whose environment carries MARKER=run_id."""
-    needle = f"{MARKER}={run_id}".encode()
-    found = []
-    for pid in _pids():
-        if pid == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        if _alive(pid):
-            found.append(pid)
-    return found
+def rss_kb(pid: int) -> int:
+    """Resident set size of a process in kB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
-def descendants(roots: list[int]) -> list[int]:
-    """Live descendants of `roots` (a /proc walk over parent links)."""
+def _carries(pid: int, run_id: str) -> bool:
+    """The process's environment has MARKER=run_id or MARKER=run_id/..."""
+    exact, below = f"{MARKER}={run_id}".encode(), f"{MARKER}={run_id}/".encode()
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return any(e == exact or e.startswith(below) for e in entries)
+
+
+def _protected(table: dict[int, tuple[int, int]]) -> set[int]:
+    """This process and its ancestors: never stopped, even when they carry the marker."""
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        pid = table.get(pid, (0, 0))[0]
+    return out | {1}
+
+
+def _descendants(roots: Iterable[int], table: dict[int, tuple[int, int]]) -> set[int]:
     children: dict[int, list[int]] = {}
-    for pid in _pids():
-        st = _stat(pid)
-        if st is not None and st[0] not in ("Z", "X"):
-            children.setdefault(st[1], []).append(pid)
-    out, todo = [], list(roots)
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out: set[int] = set()
+    todo = list(roots)
     while todo:
         for c in children.get(todo.pop(), []):
             if c not in out:
-                out.append(c)
+                out.add(c)
                 todo.append(c)
     return out
 
 
+def marked_pids(run_id: str) -> list[int]:
+    """Live processes whose environment carries MARKER=run_id (or a run id below it), this process and its
+    ancestors excepted."""
+    table = _table()
+    return sorted(p for p in set(table) - _protected(table) if _carries(p, run_id))
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """Live descendants of `roots` (a /proc walk over parent links)."""
+    return sorted(_descendants(roots, _table()))
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of a process group."""
+    return sorted(pid for pid, (_, g) in _table().items() if g == pgid)
+
+
+def _send(pids: Iterable[int], groups: Iterable[int], sig: int) -> None:
+    for g in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(g, sig)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+
+
+def wait(proc: subprocess.Popen, timeout: float | None = None) -> int | None:
+    """proc's exit code, or None after `timeout` s (None: no limit). Polls rather than blocking in waitpid(), so a
+    signal handled on another thread of this process (the kernel may pick any) still raises here at once."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+        if step <= 0:
+            return proc.poll()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return proc.wait(timeout=step)  # Popen.wait with a timeout polls (sleeps of at most 50 ms)
+
+
 class ProcessSet:
-    """The processes of one launcher run: spawn() them, stop() them all (idempotent)."""
+    """The processes of one launcher run: spawn() them, stop() them all (bounded, idempotent)."""
 
     def __init__(self, run_id: str | None = None):
-        """run_id: the marker's value; default: the one this process inherited (a test or a wrapper that wants
-        to find the run's processes itself sets MERGEREC_RUN_ID), else a new one."""
-        self.run_id = run_id or os.environ.get(MARKER) or uuid.uuid4().hex[:16]
+        """run_id: the marker's value; default: a new one below the marker this process inherited (a test or a
+        wrapper that wants to find the run's processes itself runs the launcher under its own MERGEREC_RUN_ID)."""
+        self.run_id = run_id or new_run_id()
         self.procs: list[subprocess.Popen] = []
 
     def env(self, base: dict) -> dict:
+        """`base` with this run's marker."""
         return {**base, MARKER: self.run_id}
 
     def spawn(self, cmd: list[str], *, env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
-        with open(log, "a") as out:  # a resumed run appends to the first run's log
+        """Start `cmd` in a session of its own, marked, stdout and stderr appended to `log`."""
+        with open(log, "ab") as out:  # a resumed run or a restarted process appends to the earlier log
             proc = subprocess.Popen(cmd, env=self.env(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         self.procs.append(proc)
         return proc
 
+    def _groups(self) -> set[int]:
+        """Process groups of spawned processes not yet reaped (a reaped leader's pid may be reused)."""
+        return {p.pid for p in self.procs if p.poll() is None}
+
     def leftovers(self) -> list[int]:
-        """Every live process of this run: marked ones, the started ones, their descendants and groups."""
-        roots = [p.pid for p in self.procs if p.poll() is None]
-        found = set(marked_pids(self.run_id)) | set(roots)
-        found |= set(descendants(sorted(found | {p.pid for p in self.procs})))
-        groups = {p.pid for p in self.procs}
-        for pid in _pids():
-            st = _stat(pid)
-            if st is not None and st[2] in groups and st[0] not in ("Z", "X"):
-                found.add(pid)
-        found.discard(os.getpid())
-        return sorted(pid for pid in found if _alive(pid))
+        """Every live process of this run: the marked ones, the spawned ones and their groups, their descendants."""
+        table = _table()
+        groups = self._groups()
+        found = {pid for pid in table if _carries(pid, self.run_id)}
+        found |= {pid for pid in groups if pid in table}
+        found |= {pid for pid, (_, g) in table.items() if g in groups}
+        found |= _descendants(found, table)
+        return sorted(found - _protected(table))
 
-    def _signal_all(self, sig: int) -> None:
+    def _reap(self) -> None:
         for p in self.procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, sig)
-        for pid in self.leftovers():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
+            p.poll()
 
-    def stop(self, grace: float = 10.0) -> list[int]:
-        """SIGTERM everything, SIGKILL what is left after `grace` s; returns pids that survived (none). A second
-        Ctrl-C or SIGTERM while stopping does not interrupt the teardown."""
-        with _signals_ignored():
-            return self._stop(grace)
-
-    def _stop(self, grace: float) -> list[int]:
-        self._signal_all(signal.SIGTERM)
+    def terminate(self, proc: subprocess.Popen, grace: float = GRACE_S) -> int | None:
+        """Stop one spawned process and its process group: SIGTERM, SIGKILL after `grace` s; returns its exit code
+        (None if it could not be reaped within grace + KILL_S)."""
+        group = proc.pid
         deadline = time.monotonic() + grace
-        while self.leftovers() and time.monotonic() < deadline:
-            for p in self.procs:
-                p.poll()  # reap
-            time.sleep(0.2)
-        for _ in range(3):
-            if not self.leftovers():
-                break
-            self._signal_all(signal.SIGKILL)
-            time.sleep(0.3)
-        for p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=5)
-        return self.leftovers()
+        sig = signal.SIGTERM
+        while True:
+            members = group_members(group)
+            if proc.poll() is not None and not members:
+                return proc.returncode
+            if time.monotonic() >= deadline:
+                if sig == signal.SIGKILL:
+                    return proc.poll()
+                sig, deadline = signal.SIGKILL, time.monotonic() + KILL_S
+            if proc.returncode is None or members:  # the group id is still held: it cannot be another's
+                _send([], [group], sig)
+            time.sleep(0.1)
+
+    def stop(self, grace: float = GRACE_S) -> list[int]:
+        """SIGTERM everything of this run, SIGKILL what is left after `grace` s; returns the pids still alive after
+        KILL_S s of SIGKILL sweeps (none unless a process is stuck in the kernel). A second Ctrl-C or SIGTERM while
+        stopping does not interrupt the teardown."""
+        with _signals_ignored():
+            left = self.leftovers()
+            _send(left, self._groups(), signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while left and time.monotonic() < deadline:
+                time.sleep(0.1)
+                self._reap()
+                left = self.leftovers()
+            deadline = time.monotonic() + KILL_S
+            while left and time.monotonic() < deadline:
+                _send(left, self._groups(), signal.SIGKILL)
+                time.sleep(0.1)
+                self._reap()
+                left = self.leftovers()
+            self._reap()
+            return left
 
 
 @contextlib.contextmanager
@@ -189,16 +307,33 @@ def _signals_ignored():
             signal.signal(s, h)
 
 
+# ------------------------------------------------------------------------------------------------------ signals
+
+
 class Terminated(SystemExit):
-    """SIGTERM/SIGHUP turned into an exception, so that `finally` blocks stop every child."""
+    """SIGTERM/SIGHUP turned into an exception (exit status 128 + signal), so that `finally` blocks stop every
+    child."""
 
 
 def exit_on_signals() -> dict:
-    """Install SIGTERM/SIGHUP handlers raising Terminated (main thread only); returns the previous handlers."""
+    """In the main thread: SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP raise Terminated; returns the
+    previous handlers (for restore_signals).
+
+    SIGINT's handler is installed whatever this process inherited: a process started in the background of a
+    non-interactive shell (`make test &`, a CI runner's script, nohup) inherits SIGINT *ignored*, and Python then
+    never installs its KeyboardInterrupt handler, so a launcher would sit in its wait through every Ctrl-C. An
+    inherited SIGHUP that is ignored (nohup) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
     def _raise(signum, _frame):
         raise Terminated(128 + signum)
 
-    return {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, _raise)}
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _raise)
+    return previous
 
 
 def restore_signals(previous: dict) -> None:

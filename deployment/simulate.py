@@ -7,8 +7,9 @@ Starts its own simulation SuperLink (free loopback ports, in-memory state), runs
 --stream` with one simulated SuperNode per domain (1 CPU each), prints the per-domain table from the run's
 report.json and stops the SuperLink and everything it started. No limit on the whole run unless --timeout is
 given; on that timeout, Ctrl-C, SIGTERM/SIGHUP or an error, every process of the run (SuperLink, `flwr run`,
-Flower's simulation runtime, Ray) is stopped (deployment/procs.py) and the run directory can be resumed. With
-the default data root, missing demo domains are generated first.
+Flower's simulation runtime, Ray) is stopped within seconds (deployment/procs.py: SIGTERM, SIGKILL after a
+short grace) and the run directory can be resumed. With the default data root, missing demo domains are
+generated first.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 from deployment.procs import ProcessSet, exit_on_signals, flwr_env, free_port, restore_signals
+from deployment.procs import wait as wait_exit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_ROOT = ROOT / ".cache" / "demo-data"
@@ -48,12 +50,13 @@ class RunTimeout(RuntimeError):
 
 
 def _wait(proc: subprocess.Popen, timeout: float | None, t0: float) -> int:
-    """Wait for `flwr run`; RunTimeout after `timeout` s of the whole run (None: no limit)."""
-    try:
-        return proc.wait(timeout=None if timeout is None else max(timeout - (time.monotonic() - t0), 0.1))
-    except subprocess.TimeoutExpired:
+    """Wait for `flwr run`; RunTimeout after `timeout` s of the whole run (None: no limit). Polls (procs.wait), so
+    Ctrl-C and SIGTERM interrupt it at once."""
+    code = wait_exit(proc, None if timeout is None else max(timeout - (time.monotonic() - t0), 0.1))
+    if code is None:
         raise RunTimeout(f"the run did not finish within --timeout {timeout:.0f} s; every process of it was "
-                         f"stopped (the run directory keeps the checkpoint: the same --run-dir resumes)") from None
+                         f"stopped (the run directory keeps the checkpoint: the same --run-dir resumes)")
+    return code
 
 
 def run_simulation(domains: list[str], data_root: Path, run_dir: Path, run_config: str = "",
@@ -63,7 +66,8 @@ def run_simulation(domains: list[str], data_root: Path, run_dir: Path, run_confi
 
     timeout: seconds for the whole run (None: no limit; the ServerApp's per-stage timeouts still apply).
     However this returns or raises (timeout, an error, KeyboardInterrupt, SIGTERM turned into SystemExit by
-    `procs.exit_on_signals`), every process it started is stopped, Flower's simulation runtime and Ray included.
+    `procs.exit_on_signals`), every process it started is stopped, Flower's simulation runtime and Ray included
+    (SIGTERM, then SIGKILL after procs.GRACE_S s).
     """
     log_dir = Path(log_dir or run_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +142,7 @@ def main(argv=None, prog: str = "python -m deployment.simulate") -> int:
         ap.error(f"need at least two domain folders under {data_root}, found {domains}")
     run_dir = (args.run_dir or ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     print(f"federated run over {', '.join(domains)} -> {run_dir} (logs: flwr-run.log, superlink.log)")
-    previous = exit_on_signals()
+    previous = exit_on_signals()  # Ctrl-C/SIGINT (even when inherited as ignored), SIGTERM, SIGHUP
     try:
         report = run_simulation(domains, data_root, run_dir, args.run_config, args.cpus_per_silo, args.timeout)
     except RuntimeError as exc:

@@ -9,14 +9,14 @@ Fixtures built once per session (tests copy what they change, never edit these):
 - `world`: (root, encoder, domain dirs) with three small demo domains and one shared item-embedding cache
   (`root / "cache"`), so each catalog is encoded once per session.
 
-Every process a test starts through deployment.procs inherits this session's marker (MERGEREC_RUN_ID); at the
-end of the session whatever still carries it is stopped, so a failing test never leaves Flower or Ray running.
+Every process a test starts inherits this session's marker (MERGEREC_RUN_ID, deployment/procs.py); launchers and
+stacks started by tests mark their processes with run ids below it. At the end of the session whatever still
+carries it is stopped, so a failing test never leaves Flower or Ray running.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import pytest
@@ -29,11 +29,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_leftover_processes():
-    from deployment.procs import MARKER, ProcessSet
+    from deployment.procs import MARKER, ProcessSet, new_run_id
 
-    run_id = os.environ.setdefault(MARKER, "pytest-" + uuid.uuid4().hex[:12])
+    run_id = os.environ[MARKER] = new_run_id("pytest-")  # below an inherited marker, if pytest runs inside a run
     yield
-    left = ProcessSet(run_id).stop(grace=5.0)
+    left = ProcessSet(run_id).stop()
     assert not left, f"processes of this test session survived the teardown: {left}"
 
 

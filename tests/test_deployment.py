@@ -203,19 +203,24 @@ def test_run_config_and_node_config_formatting():
 
 
 def test_marker_scan_finds_only_marked_processes():
-    import os
+    """deployment.procs.marked_pids: a run id finds its processes and those of run ids below it, nothing else."""
     import subprocess
 
-    from deployment.local import MARKER, marked_pids
+    from deployment.procs import MARKER, marked_pids
 
     env = dict(os.environ, **{MARKER: "unit-test-marker"})
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    sleep = [sys.executable, "-c", "import time; time.sleep(30)"]
+    p = subprocess.Popen(sleep, env=env)
+    child = subprocess.Popen(sleep, env={**env, MARKER: "unit-test-marker/child"})
+    other = subprocess.Popen(sleep, env={**env, MARKER: "unit-test-marker-2"})
     try:
-        assert marked_pids("unit-test-marker") == [p.pid]
+        assert marked_pids("unit-test-marker") == sorted([p.pid, child.pid])
+        assert marked_pids("unit-test-marker/child") == [child.pid]
         assert marked_pids("another-marker") == []
     finally:
-        p.kill()
-        p.wait()
+        for q in (p, child, other):
+            q.kill()
+            q.wait()
     assert marked_pids("unit-test-marker") == []
 
 
@@ -243,14 +248,16 @@ def test_e2e_smoke_app_on_tls_and_node_auth_stack(tmp_path):
     import signal
     import time
 
-    from deployment.local import SMOKE_APP, group_members, start_stack
+    from deployment.local import SMOKE_APP, start_stack
+    from deployment.procs import group_members, marked_pids
+    from faults import kill_supernode, restart_supernode, superlink_healthy
 
     domains = ["garden", "kitchen", "outdoor"]
     t0 = time.monotonic()
     with start_stack(domains, run_dir=tmp_path / "stack", timeout=90) as stack:
         started = time.monotonic() - t0
         assert set(stack.node_ids) == set(domains)
-        assert stack.healthy()
+        assert superlink_healthy(stack)
 
         code, log = stack.try_unregistered_node(timeout=60)
         assert code not in (None, 0), log
@@ -260,10 +267,10 @@ def test_e2e_smoke_app_on_tls_and_node_auth_stack(tmp_path):
         # SIGTERM: the SuperNode deactivates itself, so it may come back at once (after SIGKILL the SuperLink
         # refuses the key until the node's heartbeat expires, ~60 s: restart_supernode retries through that)
         kitchen = stack.procs["supernode-kitchen"]
-        stack.kill_supernode("kitchen", sig=signal.SIGTERM)
+        kill_supernode(stack, "kitchen", sig=signal.SIGTERM)
         assert not kitchen.alive
         assert group_members(kitchen.popen.pid) == []  # its SuperExec and ClientApps went with it
-        assert stack.restart_supernode("kitchen", timeout=60) < 30
+        assert restart_supernode(stack, "kitchen", timeout=60) < 30
         assert f"SuperNode ID: {stack.node_ids['kitchen']}" in stack.procs["supernode-kitchen"].output()
         assert stack.procs["supernode-kitchen"] is not kitchen and stack.procs["supernode-kitchen"].offset > 0
         res = stack.run_app(SMOKE_APP, run_config={"min-nodes": 3, "expect-domains": ",".join(domains)},
@@ -275,8 +282,6 @@ def test_e2e_smoke_app_on_tls_and_node_auth_stack(tmp_path):
             assert f"SMOKE node {stack.node_ids[d]} domain={d} data-files={d}.txt" in run_log
 
         stack_id = stack.id
-    from deployment.local import marked_pids
-
     assert marked_pids(stack_id) == []
     print(f"\nstack start {started:.1f} s, smoke run {res.elapsed_s:.1f} s, total {time.monotonic() - t0:.1f} s, "
           f"timings {stack.timings}")

@@ -21,6 +21,7 @@ from server.config import pipeline_config
 from server.pipeline import Pipeline
 from server.transport import InProcessTransport
 
+from faults import kill_supernode
 from helpers import make_tiny_encoder
 from privacy import assert_no_user_data, recorded_messages
 
@@ -148,7 +149,7 @@ def test_supernode_killed_during_finetuning_is_dropped(world, tmp_path):
         assert res.run_id is not None, res.details
         _wait_for(lambda: _finetune_requests(tmp_path / "messages") >= 3, 300, "fine-tuning to start")
         time.sleep(2)
-        stack.kill_supernode("kitchen")
+        kill_supernode(stack, "kitchen")
         res = stack.wait_run(res, timeout=900)
         assert res.ok, f"{res.status}: {res.details}\n{stack.log_tails()}"
     report = json.loads((run_dir / "report.json").read_text())

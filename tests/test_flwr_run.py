@@ -6,15 +6,13 @@ third-party request chatter."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from deployment.procs import flwr_env, free_port
+from deployment.procs import MARKER, ProcessSet, flwr_env, free_port, new_run_id
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINES = ["handshake: silos", "epoch 1 loss", "val NDCG@10", "stage finetune done", "fine-tuned", "stage teacher done", "step 20/20",
@@ -33,55 +31,22 @@ def _fresh_copy(dest: Path) -> Path:
     return dest
 
 
-def _stop_local_superlink(home: Path) -> None:
-    """`flwr run` leaves its local SuperLink running; stop the one started for this FLWR_HOME (by its pid)."""
-    import time
-
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "flower-superlink" in cmd and str(home) in cmd:
-            pids.append(int(proc.name))
-            try:
-                os.kill(pids[-1], signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 15
-    while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
-        time.sleep(0.3)
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1]
-    except (OSError, IndexError):
-        return "Z"
-
-
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_flwr_run_dot_on_a_fresh_copy(tmp_path):
     repo = _fresh_copy(tmp_path / "repo")
     home = tmp_path / "flwr-home"
     home.mkdir()
+    # `flwr run` leaves its local SuperLink running (as Flower does): everything it started carries this marker
+    run_id = new_run_id("flwr-run-")
     env = flwr_env(home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-                   FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+                   FLWR_LOCAL_CONTROL_API_PORT=str(free_port()), **{MARKER: run_id})
     try:
         proc = subprocess.run(["flwr", "run", ".", "--run-config", "epochs=2 coef-steps=20", "--stream"], cwd=repo,
                               env=env, capture_output=True, text=True, timeout=900)
     finally:
-        _stop_local_superlink(home)
+        left = ProcessSet(run_id).stop()
+    assert left == [], "processes of `flwr run .` survived the teardown"
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     run = repo / "runs" / "latest"

@@ -1,55 +1,76 @@
-"""`python -m deployment.simulate` stops every process of its run on SIGTERM and on its --timeout: the SuperLink,
-`flwr run`, Flower's simulation runtime (`flwr-simulation`) and Ray's processes. The test marks the launcher's
-environment (deployment.procs.MARKER), which every process of the run inherits, and also snapshots the launcher's
-process tree before stopping it."""
+"""`python -m deployment.simulate` stops every process of its run within seconds on SIGTERM, on Ctrl-C and on its
+--timeout, with every core busy: the SuperLink, `flwr run`, Flower's simulation runtime (`flwr-simulation`) and Ray's
+processes. Two busy loops (`cpu_hog`) run beside each test. The launcher runs under a run id of the test's
+(deployment.procs.MARKER), which every process of the run inherits; the test also snapshots the launcher's process
+tree before stopping it. Every wait is a poll with a short deadline."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from common.data.demo import make_demo
 from deployment.local import format_run_config
-from deployment.procs import MARKER, descendants, marked_pids
-
-from helpers import make_tiny_encoder
+from deployment.procs import MARKER, ProcessSet, alive, cmdline, descendants, marked_pids, new_run_id
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ["garden", "kitchen"]
+START_S = 90.0  # deadline for the run to reach Flower's simulation runtime and Ray's workers (~30 s, cores busy)
+EXIT_S = 10.0  # the launcher's exit after a signal or its --timeout (grace 3 s, then SIGKILL)
+GONE_S = 3.0  # after the launcher's exit: nothing of the run may be left by then
+RUN_TIMEOUT_S = 60  # the --timeout test's limit: Ray's workers must be up before it
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("launcher")
-    enc = make_tiny_encoder(root / "enc")
-    make_demo(root / "data", n_domains=2, n_items=80, n_users=100, seed=3)
-    return root, enc
+@pytest.fixture
+def cpu_hog():
+    """Two busy loops, one per core of the test machine, for the whole test (unmarked, own session)."""
+    env = {k: v for k, v in os.environ.items() if k != MARKER}
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], env=env, start_new_session=True)
+            for _ in range(2)]
+    yield
+    for h in hogs:
+        h.kill()
+        h.wait()
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+@pytest.fixture
+def launch(world, tmp_path, cpu_hog):
+    """start_launcher(world, tmp_path, ...) with the CPU hog beside it; whatever a failed test left of the run is
+    killed at teardown."""
+    started = []
+
+    def _launch(*extra: str, **kw) -> tuple[subprocess.Popen, str]:
+        started.append(start_launcher(world, tmp_path, *extra, **kw))
+        return started[-1]
+
+    yield _launch
+    for proc, run_id in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        ProcessSet(run_id).stop(grace=0)
 
 
-def start_launcher(root: Path, enc: Path, tmp: Path, *extra: str, benchmark: bool = False
+def start_launcher(world, tmp: Path, *extra: str, benchmark: bool = False, sigint_ignored: bool = False
                    ) -> tuple[subprocess.Popen, str]:
-    """A run that would fine-tune for a long time (many epochs, no early stop); `benchmark`: the same run under
-    the pipeline benchmark's driver (benchmarks/pipeline.py) instead of the launcher."""
+    """A run that would fine-tune for a long time (many epochs, no early stop); `benchmark`: the same run under the
+    pipeline benchmark's driver (benchmarks/pipeline.py) instead of the launcher. `sigint_ignored`: the launcher
+    inherits SIGINT ignored, as every background job of a non-interactive shell (CI, `make test &`) does."""
+    root, enc, _ = world
     places = {} if benchmark else {"cache-dir": str(root / "cache"), "silo-state-root": str(tmp / "state")}
     rc = format_run_config({"encoder": str(enc), **places, "epochs": 5000, "patience": 5000,
                             "coef-steps": 5, "teacher-top-k": 8, "baselines": "task_arithmetic",
                             "granularities": "task"})  # the benchmark driver sets both places itself
-    run_id = "test-" + uuid.uuid4().hex[:12]
+    run_id = new_run_id("launcher-")  # below the test session's marker (tests/conftest.py)
     env = {**os.environ, MARKER: run_id, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "deployment.simulate", "--data-root", str(root / "data"), "--domains",
            ",".join(DOMAINS), "--run-dir", str(tmp / "run"), "--run-config", rc, *extra]
@@ -57,89 +78,100 @@ def start_launcher(root: Path, enc: Path, tmp: Path, *extra: str, benchmark: boo
         cmd = [sys.executable, "-m", "benchmarks.pipeline", "--data-root", str(root / "data"), "--domains",
                ",".join(DOMAINS), "--work", str(tmp / "work"), "--runs", "warm", "--cache-dir", str(root / "cache"),
                "--run-config", rc, "--out", str(tmp / "pipeline.json"), *extra]
-    log = open(tmp / "launcher.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp / "launcher.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
+                                else None)
     return proc, run_id
 
 
-def wait_for_runtime(proc: subprocess.Popen, run_id: str, timeout: float = 240.0) -> set[int]:
-    """Wait until Flower's simulation runtime and a Ray worker of this run are up; returns the run's pids."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        assert proc.poll() is None, f"launcher exited early with {proc.returncode}"
-        pids = set(marked_pids(run_id)) | set(descendants([proc.pid]))
-        cmds = [_cmdline(p) for p in pids]
-        if any("flwr-simulation" in c for c in cmds) and any("ray" in c.lower() for c in cmds):
-            time.sleep(3)  # let the workers start their actors
-            return set(marked_pids(run_id)) | set(descendants([proc.pid]))
-        time.sleep(1)
-    raise AssertionError("the simulation runtime and Ray did not start")
+def _log(tmp: Path) -> str:
+    return (tmp / "launcher.log").read_text()[-3000:]
 
 
-def assert_all_gone(run_id: str, before: set[int], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    left: list = []
+def wait_for_runtime(proc: subprocess.Popen, run_id: str, tmp: Path, deadline: float) -> set[int]:
+    """Poll until Flower's simulation runtime and Ray's workers (actors) of this run are up; returns the run's pids."""
     while time.monotonic() < deadline:
-        left = sorted(set(marked_pids(run_id)) | {p for p in before if Path(f"/proc/{p}").exists()
-                                                    and _cmdline(p) and not _zombie(p)})
-        if not left:
-            return
+        assert proc.poll() is None, f"launcher exited early with {proc.returncode}:\n{_log(tmp)}"
+        pids = set(marked_pids(run_id)) | set(descendants([proc.pid]))
+        cmds = [cmdline(p) for p in pids]
+        if any("flwr-simulation" in c for c in cmds) and any(c.startswith("ray::") for c in cmds):
+            return pids
         time.sleep(0.5)
-    for p in left:  # do not leave them to the next test
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    raise AssertionError(f"processes of the run left behind: {[(p, _cmdline(p)[:80]) for p in left]}")
+    raise AssertionError(f"the simulation runtime and Ray's workers did not start:\n{_log(tmp)}")
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
+def wait_exit(proc: subprocess.Popen, deadline: float) -> int | None:
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return proc.poll()
+
+
+def assert_all_gone(run_id: str, before: set[int]) -> None:
+    """No process carrying the run's marker, nor any process of the launcher's tree seen before, is alive."""
+    deadline = time.monotonic() + GONE_S
+    while True:
+        left = sorted(set(marked_pids(run_id)) | {p for p in before if alive(p)})
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if left:
+        described = [(p, cmdline(p)[:80]) for p in left]
+        for p in left:  # do not leave them to the next test (marked ones: the `launch` fixture)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        raise AssertionError(f"processes of the run left behind: {described}")
+
+
+def assert_resumable(run_dir: Path, log: str) -> None:
+    """The launcher said so, no survivor holds the run directory's lock, the checkpoint (if any) is intact."""
+    assert "the same --run-dir resumes" in log, log
+    lock = run_dir / ".lock"
+    if lock.exists():
+        with open(lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a process of the run still holds it
+    if (run_dir / "checkpoint.json").exists():
+        json.loads((run_dir / "checkpoint.json").read_text())
+
+
+def _stop_run(proc: subprocess.Popen, sig: int, run_id: str, tmp: Path) -> tuple[int | None, float, set[int]]:
+    before = wait_for_runtime(proc, run_id, tmp, time.monotonic() + START_S)
+    assert len(before) >= 4, [cmdline(p)[:80] for p in before]
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    code = wait_exit(proc, t0 + EXIT_S)
+    return code, time.monotonic() - t0, before
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_signal_stops_every_process(world, tmp_path, sig):
-    root, enc = world
-    proc, run_id = start_launcher(root, enc, tmp_path)
-    try:
-        before = wait_for_runtime(proc, run_id)
-        assert len(before) >= 4, [_cmdline(p)[:80] for p in before]
-        proc.send_signal(sig)
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert code == 128 + sig, (tmp_path / "launcher.log").read_text()[-2000:]
+def test_signal_stops_every_process(launch, tmp_path, sig):
+    """Ctrl-C: SIGINT to a launcher that inherited SIGINT ignored (how it once sat through Ctrl-C with the run
+    going on; tests/test_procs.py covers both dispositions in miniature)."""
+    proc, run_id = launch(sigint_ignored=sig == signal.SIGINT)
+    code, took, before = _stop_run(proc, sig, run_id, tmp_path)
+    assert code == 128 + sig, f"exit {code} {took:.1f} s after the signal:\n{_log(tmp_path)}"
     assert_all_gone(run_id, before)
+    assert_resumable(tmp_path / "run", _log(tmp_path))
+    print(f"\nlauncher exited {took:.1f} s after {signal.Signals(sig).name}")
 
 
-def test_timeout_stops_every_process(world, tmp_path):
-    root, enc = world
-    proc, run_id = start_launcher(root, enc, tmp_path, "--timeout", "120")
-    try:
-        before = wait_for_runtime(proc, run_id)
-        code = proc.wait(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = (tmp_path / "launcher.log").read_text()
-    assert code == 1 and "did not finish within --timeout 120" in out, out[-2000:]
+def test_timeout_stops_every_process(launch, tmp_path):
+    t0 = time.monotonic()
+    proc, run_id = launch("--timeout", str(RUN_TIMEOUT_S))
+    before = wait_for_runtime(proc, run_id, tmp_path, t0 + RUN_TIMEOUT_S)
+    code = wait_exit(proc, t0 + RUN_TIMEOUT_S + EXIT_S)
+    took = time.monotonic() - t0
+    out = _log(tmp_path)
+    assert code == 1 and f"did not finish within --timeout {RUN_TIMEOUT_S}" in out, f"exit {code}:\n{out}"
     assert_all_gone(run_id, before)
+    assert_resumable(tmp_path / "run", out)
+    print(f"\nlauncher exited {took:.1f} s after it started (--timeout {RUN_TIMEOUT_S}, counted from a little later)")
 
 
-def test_pipeline_benchmark_sigterm_stops_every_process(world, tmp_path):
+def test_pipeline_benchmark_sigterm_stops_every_process(launch, tmp_path):
     """The benchmark driver runs the same launcher code; SIGTERM to it stops its run's processes too."""
-    root, enc = world
-    proc, run_id = start_launcher(root, enc, tmp_path, benchmark=True)
-    try:
-        before = wait_for_runtime(proc, run_id)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert code == 128 + signal.SIGTERM, (tmp_path / "launcher.log").read_text()[-2000:]
+    proc, run_id = launch(benchmark=True)
+    code, took, before = _stop_run(proc, signal.SIGTERM, run_id, tmp_path)
+    assert code == 128 + signal.SIGTERM, f"exit {code} {took:.1f} s after SIGTERM:\n{_log(tmp_path)}"
     assert_all_gone(run_id, before)
+    print(f"\nbenchmark driver exited {took:.1f} s after SIGTERM")
