@@ -45,6 +45,9 @@ clean:
 E2E_DIR        ?= $(CURDIR)/.cache/e2e
 E2E_DOMAINS    ?= garden,kitchen,outdoor
 E2E_RUN_CONFIG ?= epochs=2 coef-steps=20
+# the run's artifacts: a new folder under runs/ (the ServerApp points runs/latest at it, as after `make run`)
+E2E_STAMP      := $(shell date +%Y%m%d-%H%M%S)
+E2E_RUN_DIR    ?= $(CURDIR)/runs/e2e-$(E2E_STAMP)
 
 .PHONY: e2e e2e-containers compose-lint
 
@@ -54,8 +57,8 @@ e2e: $(STAMP)
 	$(BIN)/python -m common.data.demo --out $(E2E_DIR)/data
 	$(BIN)/python -m deployment.local --app . --domains $(E2E_DOMAINS) --data-root $(E2E_DIR)/data \
 	    --run-dir $(E2E_DIR)/stack --timeout 1800 \
-	    --run-config 'run-dir="$(E2E_DIR)/artifacts" cache-dir="$(E2E_DIR)/cache" $(E2E_RUN_CONFIG)'
-	$(BIN)/python -m deployment.check_artifacts $(E2E_DIR)/artifacts --domains $(E2E_DOMAINS)
+	    --run-config 'run-dir="$(E2E_RUN_DIR)" cache-dir="$(E2E_DIR)/cache" $(E2E_RUN_CONFIG)'
+	$(BIN)/python -m deployment.check_artifacts $(E2E_RUN_DIR) --domains $(E2E_DOMAINS)
 
 # Strict compose lint without a Docker engine: docker-compose 1.29.2 (`config -q` rejects unknown keys) in its own
 # venv, since it needs PyYAML 5.4.1 built without isolation. Also checks compose.yaml matches federation.toml.

@@ -73,7 +73,7 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
             else:
                 over.update(epochs=args.light_epochs, patience=args.light_patience, val_max_users=args.light_val_users,
                             refit_on_val=args.light_refit)
-            cfg = TrainConfig.for_backbone(kind, **over)
+            cfg = TrainConfig(**over).with_backbone_defaults(kind)
             if prior is not None and not saved_is_refit and cfg.refit_on_val and prior.get("val_history"):
                 # an earlier selection run (train only, early stopping) of the same settings chose the epoch
                 # count; `refit` is seeded on its own, so this gives the weights a full run would

@@ -4,7 +4,7 @@
                                   [--data-root DIR] [--train KEY=VALUE,...] [--backbone KEY=VALUE,...] [--test-users 5000] [--out FILE]
 
 Each variant is NAME:KEY=VALUE,... (TrainConfig fields, on top of the pipeline's defaults for the backbone,
-`TrainConfig.for_backbone`, and `--train`; list fields as a|b, or none). A driver,
+`TrainConfig.with_backbone_defaults`, and `--train`; list fields as a|b, or none). A driver,
 not a second implementation: it fine-tunes exactly as a silo does (common.model.train.fine_tune: early stopping,
 then the final fit), one thread, from the same base and seed, and tests the result on a seeded user
 subsample of the test split, the same subsample the pipeline's evaluation stage draws (`eval-max-users`,
@@ -54,7 +54,7 @@ def run_one(domain: str, name: str, settings: dict, args) -> dict:
     over = {"progress": False, **parse_settings(args.train), **settings}
     for key in LIST_FIELDS & set(over):  # "a|b" -> ["a", "b"]; "none" -> [] (as in the run-config)
         over[key] = list_setting(over[key], sep="|")
-    cfg = TrainConfig.for_backbone(model.cfg.kind, **over)  # the pipeline's defaults for this backbone
+    cfg = TrainConfig(**over).with_backbone_defaults(model.cfg.kind)  # the pipeline's defaults for this backbone
     t0 = time.perf_counter()
     res = fine_tune(model, silo, dom, cfg)
     seconds = time.perf_counter() - t0

@@ -115,20 +115,42 @@ def exit_status(report: dict, expected: list[str]) -> int:
 
 
 def main(argv=None, prog: str = "python -m deployment.simulate") -> int:
+    def positive(kind):  # argparse type: a finite number > 0
+        def parse(text: str):
+            try:
+                value = kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            if not (value > 0 and value != float("inf")):
+                raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+            return value
+        return parse
+
     ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", type=Path, default=DEMO_ROOT,
                     help="folder with one subfolder per domain (default: the demo data, generated when missing)")
     ap.add_argument("--domains", default="", help="comma list (default: every domain folder under --data-root)")
-    ap.add_argument("--run-dir", type=Path, default=None, help="default: runs/<timestamp>; reuse one to resume")
+    ap.add_argument("--run-dir", type=Path, default=None, help="default: a new runs/<timestamp> (runs/latest points "
+                    "at the newest run); reuse one to resume")
     ap.add_argument("--run-config", default="", help='extra "key=value ..." for [tool.flwr.app.config]')
-    ap.add_argument("--cpus-per-silo", type=int, default=1, help="CPU cores Flower gives each simulated silo")
-    ap.add_argument("--timeout", type=float, default=None,
+    ap.add_argument("--cpus-per-silo", type=positive(int), default=1,
+                    help="CPU cores Flower gives each simulated silo")
+    ap.add_argument("--timeout", type=positive(float), default=None,
                     help="seconds for the whole run, then every process of it is stopped (default: no limit; "
                          "the per-stage limits of run-config timeout-s still apply)")
     args = ap.parse_args(argv)
+    # the whole run-config is checked before anything starts: a bad value is one line naming the key
+    from server.config import ConfigError, app_defaults, parse_overrides, pipeline_config
+
+    try:
+        pipeline_config({**app_defaults(), **parse_overrides(args.run_config)})
+    except ConfigError as exc:
+        print(f"{prog}: error: --run-config: {exc}", file=sys.stderr)
+        return 2  # a usage error, as argparse's
 
     from common.core.report import markdown_table
+    from common.core.runs import new_run_dir
 
     data_root = args.data_root.resolve()
     if data_root == DEMO_ROOT and not data_root.exists():
@@ -140,7 +162,7 @@ def main(argv=None, prog: str = "python -m deployment.simulate") -> int:
         p.name for p in data_root.iterdir() if (p / "smap.json").exists())
     if len(domains) < 2:
         ap.error(f"need at least two domain folders under {data_root}, found {domains}")
-    run_dir = (args.run_dir or ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    run_dir = (args.run_dir or new_run_dir(ROOT / "runs")).resolve()  # the ServerApp points runs/latest at it
     print(f"federated run over {', '.join(domains)} -> {run_dir} (logs: flwr-run.log, superlink.log)")
     previous = exit_on_signals()  # Ctrl-C/SIGINT (even when inherited as ignored), SIGTERM, SIGHUP
     try:

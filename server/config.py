@@ -1,9 +1,15 @@
 """Flower run_config (flat kebab-case keys from [tool.flwr.app.config] / --run-config) -> PipelineConfig.
 
 Every key is listed in pyproject.toml with the value "" ("the default"); the defaults live in the pydantic
-models each key sets (PIPELINE_KEYS below) and in common.protocol.run_options.RunOptions. So a key given explicitly is
-the only thing that overrides a model's default; in particular the training defaults follow the backbone
-(`TrainConfig.for_backbone`) unless epochs / batch-size / lr / patience are given.
+models each key sets (PIPELINE_KEYS below) and in common.protocol.run_options.RunOptions, and so do the one-line
+descriptions pyproject's comments show (`python -m server.config` prints the table). So a key given explicitly is
+the only thing that overrides a model's default, and `PipelineConfig()` is what `flwr run .` runs with no
+overrides; in particular the training defaults follow the backbone (`TrainConfig.BACKBONE_DEFAULTS`, applied by
+PipelineConfig to every training field not given explicitly).
+
+The run-config check is the models' own validation: the silos validate the same models (TrainConfig,
+BackboneConfig and the shared bounds in common/model/config.py inside common/protocol/messages.py's requests), so a
+value the check accepts is not one a silo refuses.
 """
 
 from __future__ import annotations
@@ -17,37 +23,60 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 
 from common.core.strict import Strict
-from common.model.config import MIN_USERS_FOR_METRICS, BackboneConfig, TrainConfig
+from common.core.runs import new_run_dir
+from common.model.config import INT32_MAX, MIN_USERS_FOR_METRICS, BackboneConfig, Count, Seed, TrainConfig
 from common.model.integration import IntegrationConfig
 from common.model.coefficients import CoefficientConfig
 from common.protocol.run_options import OPTION_KEYS, RunOptions, given, list_setting
 from server.validation import check_config
 
+
 class PipelineConfig(Strict):
+    """The whole pipeline's configuration. A training field not given explicitly takes the backbone's default
+    (`TrainConfig.BACKBONE_DEFAULTS`) and fine-tuning draws no progress bar (silos log one line per epoch); a
+    `seed` given here seeds fine-tuning and coefficient learning too, unless they name their own."""
+
     backbone: BackboneConfig = BackboneConfig()
     train: TrainConfig = TrainConfig()
-    baselines: list[str] = Field(default_factory=lambda: ["weight_average", "task_arithmetic", "ties", "dare_ties"])
-    init_method: str = "task_arithmetic"
-    granularities: list[Literal["task", "layer"]] = Field(default_factory=lambda: ["task", "layer"], min_length=1)
+    baselines: list[str] = Field(default_factory=lambda: ["weight_average", "task_arithmetic", "ties", "dare_ties"],
+                                 description="training-free merges to evaluate")
+    init_method: str = Field("task_arithmetic", description="MergeRec starts from this merge")
+    granularities: list[Literal["task", "layer"]] = Field(default_factory=lambda: ["task", "layer"], min_length=1,
+                                                          description="MergeRec coefficients: task and/or layer")
     coefficients: CoefficientConfig = CoefficientConfig()
     integration: IntegrationConfig = IntegrationConfig()  # optional integrated-model candidate
-    pseudo_users: Literal["all", "random", "kmeans"] = "all"
-    pseudo_users_n: int | None = Field(None, ge=1)
-    teacher_top_k: int | None = Field(64, ge=1)
+    pseudo_users: Literal["all", "random", "kmeans"] = Field("all", description="which catalog items become "
+                                                             "pseudo-users: all | random | kmeans")
+    pseudo_users_n: Count | None = Field(None, description="pseudo-users per domain (none / 0 = all items)")
+    teacher_top_k: Count | None = Field(64, description="teacher logits per pseudo-user a silo sends (none / 0 = "
+                                        "all items)")
     evaluate_finetuned: bool = True
-    eval_max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS)  # silos refuse fewer (aggregates only)
-    catalog_root: Path | None = Field(None, description="server's own catalog view: <root>/<domain>/{meta_data,smap}.json")
-    min_silos: int = Field(2, ge=1)
-    retries: int = Field(1, ge=0)
-    timeout_s: float | None = Field(None, gt=0)  # per stage and attempt; None: sized from the data (server/limits.py)
-    max_task_vector_ratio: float = Field(10.0, gt=0, description="a task vector whose L2 norm exceeds this "
-                                         "many times the base model's norm is refused")
-    weave_rounds: int = Field(0, ge=0, le=1000)  # LoRA weaving rounds before merging (server/weaving.py; 0 = off)
-    weave_epochs: int = Field(1, ge=1, le=1000)  # local epochs per weaving hop
-    seed: int = 0
+    # silos refuse fewer than MIN_USERS_FOR_METRICS (aggregates only)
+    eval_max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="evaluate on a "
+                                       "seeded subsample of this many test users (none / 0 = all)")
+    catalog_root: Path | None = Field(None, description="the server's own catalog view, <root>/<domain>/"
+                                      "{meta_data,smap}.json (none = silos send item texts)")
+    min_silos: int = Field(2, ge=1, le=100_000, description="go on without failed silos while at least this many "
+                           "remain")
+    retries: int = Field(1, ge=0, le=100, description="retries per stage and silo")
+    # None: sized from the data (server/limits.py)
+    timeout_s: float | None = Field(None, gt=0, description="seconds per stage and attempt (none / auto = sized "
+                                    "from the data)")
+    max_task_vector_ratio: float = Field(10.0, gt=0, description="refuse a task vector whose L2 norm exceeds this "
+                                         "many times the base model's")
+    weave_rounds: int = Field(0, ge=0, le=1000, description="LoRA modules travel the ring of silos this many "
+                              "rounds before merging (0 = off)")
+    weave_epochs: int = Field(1, ge=1, le=1000, description="local epochs per weaving hop")
+    seed: Seed = Field(0, description="seeds the base, fine-tuning and coefficient learning")
 
     @model_validator(mode="after")
-    def _known_names(self):
+    def _defaults_and_names(self):
+        seed = {"seed": self.seed} if "seed" in self.model_fields_set else {}
+        train = self.train.with_defaults(progress=False, **seed,
+                                         **TrainConfig.backbone_defaults(self.backbone.kind, self.train.finetune))
+        object.__setattr__(self, "train", train)
+        if seed and "seed" not in self.coefficients.model_fields_set:
+            object.__setattr__(self, "coefficients", self.coefficients.model_copy(update=seed))
         check_config(self)
         return self
 
@@ -62,14 +91,13 @@ PIPELINE_KEYS = {
     "backbone": ("backbone", "kind"), "encoder": ("backbone", "encoder"), "base": ("backbone", "base"),
     "center-items": ("backbone", "center_items"),
     "epochs": ("train", "epochs"), "batch-size": ("train", "batch_size"), "lr": ("train", "lr"),
-    "patience": ("train", "patience"), "refit-on-val": ("train", "refit_on_val"), "l2sp": ("train", "l2sp"),
-    "selection": ("train", "selection"), "negatives": ("train", "negatives"),
+    "patience": ("train", "patience"), "selection": ("train", "selection"), "negatives": ("train", "negatives"),
     "num-negatives": ("train", "num_negatives"), "continue-epochs": ("train", "continue_epochs"),
     "freeze": ("train", "freeze"), "max-users": ("train", "max_users"), "val-max-users": ("train", "val_max_users"),
     "finetune": ("train", "finetune"), "lora-rank": ("train", "lora_rank"), "lora-alpha": ("train", "lora_alpha"),
     "lora-targets": ("train", "lora_targets"),
     "coef-steps": ("coefficients", "steps"), "coef-lr": ("coefficients", "lr"),
-    "coef-batch-size": ("coefficients", "batch_size"), "coef-item-refresh": ("coefficients", "item_refresh_every"),
+    "coef-batch-size": ("coefficients", "batch_size"),
     "integration": ("integration", "kind"), "integration-steps": ("integration", "steps"),
     "integration-lr": ("integration", "lr"), "gate-hidden": ("integration", "gate_hidden"),
     **{k: ("", k.replace("-", "_")) for k in (
@@ -77,10 +105,13 @@ PIPELINE_KEYS = {
         "teacher-top-k", "eval-max-users", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed",
         "weave-rounds", "weave-epochs")},
 }
-_ZERO_IS_NONE = {"max-users", "val-max-users", "pseudo-users-n", "teacher-top-k", "eval-max-users"}  # 0 = no limit
+#: 0 or "none" = no limit (None)
+_ZERO_IS_NONE = {"max-users", "val-max-users", "pseudo-users-n", "teacher-top-k", "eval-max-users"}
 _LIST_KEYS = {"freeze", "baselines", "granularities", "lora-targets"}
 _FIELD_KEY = {v: k for k, v in PIPELINE_KEYS.items()}
 KNOWN_KEYS = frozenset(PIPELINE_KEYS) | OPTION_KEYS
+_MODELS = {"": PipelineConfig, "backbone": BackboneConfig, "train": TrainConfig, "coefficients": CoefficientConfig,
+           "integration": IntegrationConfig}
 
 
 class ConfigError(ValueError):
@@ -129,63 +160,33 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
             continue
         if key in _LIST_KEYS:
             value = list_setting(value)
-        if key in _ZERO_IS_NONE and str(value).strip() == "0":
+        if key in _ZERO_IS_NONE and str(value).strip().lower() in ("0", "none"):
             value = None
-        if key == "timeout-s" and isinstance(value, str) and value.strip().lower() == "auto":
+        if key == "timeout-s" and isinstance(value, str) and value.strip().lower() in ("auto", "none"):
             value = None  # sized from the data (server/limits.py)
         model, field = PIPELINE_KEYS[key]
         parts[model][field] = value
     opts = RunOptions.from_run_config(rc)
     if opts.cache_dir is not None:
         parts["backbone"]["cache_dir"] = opts.cache_dir / "item_embeddings"
-    if "seed" in parts[""]:  # one seed for the base, fine-tuning and coefficient learning
-        parts["train"]["seed"] = parts["coefficients"]["seed"] = parts[""]["seed"]
-    backbone = BackboneConfig(**parts["backbone"])
-    train = TrainConfig.for_backbone(backbone.kind, **parts["train"], progress=False)
-    cfg = PipelineConfig(backbone=backbone, train=train, coefficients=CoefficientConfig(**parts["coefficients"]),
+    # each part is built on its own, so that a validation error names its model (and so the run-config key);
+    # PipelineConfig then applies the backbone's training defaults and the one seed to the fields not given
+    cfg = PipelineConfig(backbone=BackboneConfig(**parts["backbone"]), train=TrainConfig(**parts["train"]),
+                         coefficients=CoefficientConfig(**parts["coefficients"]),
                          integration=IntegrationConfig(**parts["integration"]), **parts[""])
+    _check_paths(cfg)
     server = {"min_nodes": opts.min_nodes, "node_wait_s": opts.node_wait_s, "domains": opts.domains,
               "record_messages": str(opts.record_messages or ""), "expect_domains": opts.expect_domains}
-    return cfg, opts.run_dir, server
+    return cfg, opts.run_dir or new_run_dir(), server
 
 
-#: one line per key for pyproject.toml's comments (the models' own field descriptions are longer)
-HELP = {
-    "run-dir": "checkpoints, report, model/ (same dir again = resume)",
-    "domains": "simulation: partition i -> domains[i]", "data-root": "simulation: <data-root>/<domain> is silo i's data",
-    "silo-state-root": "simulation: silos' fine-tuned weights ('' = .cache/silo-state)",
-    "cache-dir": "item-embedding cache ('' = .cache)", "min-nodes": "SuperNodes to wait for (0 = one per domain)",
-    "node-wait-s": "seconds to wait for them", "record-messages": "a folder: every message both ways (audits)",
-    "expect-domains": "comma list that must take part: each one missing is in report.json",
-    "catalog-root": "the server's own catalog view ('' = silos send item texts)",
-    "min-silos": "go on without failed silos while at least this many remain", "retries": "per stage and silo",
-    "timeout-s": "per stage and attempt; (none) or auto = sized from the data", "max-task-vector-ratio": "refuse a task vector whose norm exceeds this x the base's",
-    "backbone": "light | text", "encoder": "'minilm' (bundled) or a local model folder",
-    "base": "light base: init | bundled | a base file",
-    "center-items": "light: centre each catalog's item-text embeddings before the adaptor", "epochs": "at most; early stopping on validation NDCG@10",
-    "batch-size": "fine-tuning batch", "lr": "fine-tuning learning rate", "patience": "epochs without a validation gain",
-    "refit-on-val": "retrain on train + validation items for the chosen epochs", "l2sp": "pull toward the base",
-    "selection": "refit (select, then retrain on train + val) | held-out-users (one run) | continue "
-                 "(held-out-users, then continue-epochs more on every user's train + val)",
-    "continue-epochs": "selection=continue: epochs on train + val after the best epoch",
-    "negatives": "training softmax: full | sampled | inbatch", "num-negatives": "negatives=sampled: items per batch",
-    "freeze": "parameter prefixes kept at the base (none = train everything)", "max-users": "0 = all users",
-    "val-max-users": "early stopping validates on this many users (0 = all)",
-    "baselines": "training-free merges to evaluate", "init-method": "MergeRec starts from this merge",
-    "granularities": "MergeRec coefficients: task and/or layer", "coef-steps": "coefficient-learning steps",
-    "coef-lr": "coefficient-learning lr", "coef-batch-size": "pseudo-users per step",
-    "coef-item-refresh": "K: recompute the merged item embeddings every K coefficient steps (0 = frozen at the initial W, the reference)",
-    "integration": "none | xcross: also evaluate per-layer gated domain blocks",
-    "integration-steps": "gate-training steps", "integration-lr": "gate-training lr",
-    "gate-hidden": "integrated model: 0 = linear gate per layer, H = MLP with H hidden units",
-    "pseudo-users": "all | random | kmeans", "pseudo-users-n": "0 = all items", "teacher-top-k": "0 = all items",
-    "eval-max-users": "0 = every test user", "seed": "base, fine-tuning and coefficient learning",
-    "finetune": "full (dense task vector) | lora (silos train and send LoRA factors)",
-    "lora-rank": "LoRA rank r", "lora-alpha": "LoRA scale: delta = (alpha / r) * B @ A",
-    "lora-targets": "glob patterns of the 2-D weights LoRA adapts",
-    "weave-rounds": "LoRA modules travel the ring of silos before merging (0 = off)",
-    "weave-epochs": "local epochs per weaving hop",
-}
+def _check_paths(cfg: PipelineConfig) -> None:
+    """The server builds the base model itself before any silo is contacted: an encoder folder or base file
+    given as a path must exist here (a bare name such as a hub id is left to the encoder's loader)."""
+    for key, value in (("encoder", cfg.backbone.encoder), ("base", cfg.backbone.base)):
+        looks_like_path = value.startswith(("/", ".", "~")) or value.endswith(".safetensors")
+        if looks_like_path and not Path(value).expanduser().exists():
+            raise ConfigError(f"bad run-config: {key}: no such file or folder (got {value!r:.200})")
 
 
 def _fmt(v) -> str:
@@ -196,16 +197,27 @@ def _fmt(v) -> str:
 
 def defaults() -> dict[str, str]:
     """Each run-config key's default as text, read from the models (training keys: per backbone)."""
-    light, text = TrainConfig.for_backbone("light"), TrainConfig.for_backbone("text")
-    models = {"": PipelineConfig(), "backbone": BackboneConfig(), "coefficients": CoefficientConfig(),
-              "integration": IntegrationConfig()}
+    light, text = PipelineConfig(), PipelineConfig(backbone=BackboneConfig(kind="text"))
+    parts = {"": light, "backbone": light.backbone, "coefficients": light.coefficients,
+             "integration": light.integration}
     out = {k.replace("_", "-"): _fmt(getattr(RunOptions(), k)) for k in RunOptions.model_fields}
     for key, (model, field) in PIPELINE_KEYS.items():
         if model == "train":
-            a, b = getattr(light, field), getattr(text, field)
+            a, b = getattr(light.train, field), getattr(text.train, field)
             out[key] = _fmt(a) if a == b else f"{_fmt(a)} (light) / {_fmt(b)} (text)"
         else:
-            out[key] = _fmt(getattr(models[model], field))
+            out[key] = _fmt(getattr(parts[model], field))
+    return out
+
+
+def descriptions() -> dict[str, str]:
+    """Each run-config key's one-line description: the description of the pydantic field it sets."""
+    out = {kebab: RunOptions.model_fields[kebab.replace("-", "_")].description for kebab in
+           (k.replace("_", "-") for k in RunOptions.model_fields)}
+    out.update({key: _MODELS[model].model_fields[field].description for key, (model, field) in PIPELINE_KEYS.items()})
+    bad = sorted(k for k, text in out.items() if not text or "\n" in text)
+    if bad:
+        raise RuntimeError(f"run-config key(s) {bad}: their pydantic field needs a one-line description")
     return out
 
 
@@ -213,9 +225,11 @@ def pyproject_block() -> str:
     """The [tool.flwr.app.config] table pyproject.toml carries (a test keeps them equal)."""
     lines = ["[tool.flwr.app.config]",
              "# Generated by `python -m server.config`. Every run-config key; \"\" = the default in the comment, which",
-             "# lives in code (server/config.py, common/protocol/run_options.py). Override: --run-config \"key=value ...\"."]
+             "# lives in code (server/config.py, common/protocol/run_options.py). Override: --run-config \"key=value ...\".",
+             "# The text after the default is the pydantic field's description."]
+    help_text = descriptions()
     for key, default in defaults().items():
-        lines.append(f'{key} = ""'.ljust(27) + f"# {default}: {HELP[key]}")
+        lines.append(f'{key} = ""'.ljust(27) + f"# {default}: {help_text[key]}")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.core.logs import setup_logging
+from common.core.runs import link_latest
 from server.config import pipeline_config
 from server.artifacts import results_table
 from server.pipeline import Pipeline
@@ -41,7 +42,10 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout_s: float, domains: int = 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
-    cfg, run_dir, server = pipeline_config(dict(context.run_config))
+    cfg, run_dir, server = pipeline_config(dict(context.run_config))  # a bad run-config stops here, naming the key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if link_latest(run_dir):  # runs/latest -> this run, whichever launcher started it
+        log.info("run directory %s (runs/latest points at it)", run_dir.resolve())
     wait_for_nodes(grid, server["min_nodes"], server["node_wait_s"], len(server["domains"]))
     recorder = MessageRecorder(server["record_messages"]) if server["record_messages"] else None
     report = Pipeline(FlowerTransport(grid, observer=recorder), cfg, run_dir, expected=server["expect_domains"]).run()

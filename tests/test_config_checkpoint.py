@@ -34,11 +34,73 @@ DEFAULTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"][
     ("batch-size", 0), ("lr", -1.0), ("min-silos", 0), ("retries", -1), ("timeout-s", 0),
     ("max-task-vector-ratio", 0), ("backbone", "huge"), ("min-nodes", -1), ("node-wait-s", "soon"),
     ("finetune", "partial"), ("lora-rank", 0), ("lora-alpha", 0), ("lora-targets", ","), ("weave-rounds", -1),
-    ("weave-rounds", 2), ("weave-epochs", 0), ("coef-item-refresh", -1),
+    ("weave-rounds", 2), ("weave-epochs", 0),
 ])
 def test_bad_config_names_the_key(key, value):
     with pytest.raises(ConfigError, match=f"(^|[ ;]){key}: "):
         pipeline_config({**DEFAULTS, key: value})
+
+
+#: values a silo would refuse (or overflow on) that the run-config check must stop first, naming the key
+SILO_WOULD_REFUSE = [
+    ("lr", float("inf")), ("lr", float("nan")), ("lora-alpha", float("inf")), ("coef-lr", float("inf")),
+    ("integration-lr", float("nan")), ("timeout-s", float("inf")), ("max-task-vector-ratio", float("inf")),
+    ("node-wait-s", float("inf")), ("seed", 2**70), ("seed", -1), ("epochs", 10**6), ("patience", 10**6),
+    ("continue-epochs", 10**6), ("batch-size", 2**40), ("num-negatives", 2**40), ("max-users", 2**40),
+    ("val-max-users", 3), ("teacher-top-k", 2**40), ("eval-max-users", 2**40), ("eval-max-users", 4),
+    ("pseudo-users-n", 2**40), ("coef-steps", 2**40), ("coef-batch-size", 2**40), ("weave-epochs", 10**6),
+    ("min-nodes", 2**70), ("encoder", "/no/such/encoder"), ("base", "./no-such-base.safetensors"),
+]
+
+
+class _UntouchableGrid:
+    """A ServerApp grid that fails the test if anything asks it for nodes or sends a message."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a silo was contacted (grid.{name}) before the run-config check")
+
+
+@pytest.mark.parametrize("key,value", SILO_WOULD_REFUSE)
+def test_values_a_silo_refuses_stop_the_server_app_before_any_silo(key, value, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from server import server_app
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"(^|[ ;]){key}: "):
+        server_app.main(_UntouchableGrid(), SimpleNamespace(run_config={**DEFAULTS, key: value}))
+    assert not (tmp_path / "runs").exists()  # nothing written either
+
+
+EDGE_VALUES = [
+    ("seed", 2**63 - 1), ("lr", 1e-30), ("lr", 1e30), ("epochs", 10_000), ("patience", 10_000),
+    ("batch-size", 2**31 - 1), ("num-negatives", 3), ("max-users", 2**31 - 1), ("val-max-users", 5),
+    ("teacher-top-k", 2**31 - 1), ("eval-max-users", 5), ("eval-max-users", 2**31 - 1), ("lora-alpha", 1e30),
+    ("finetune", "lora"), ("backbone", "text"), ("timeout-s", 1e12),
+]
+
+
+@pytest.mark.parametrize("key,value", EDGE_VALUES)
+def test_every_request_from_an_accepted_config_passes_the_silos_checks(key, value):
+    """One validation on both sides: whatever the run-config check accepts, the requests built from it (as
+    server/pipeline.py, merge_store.py and weaving.py build them) decode at a silo without a contract error,
+    and the seed fits torch's generators."""
+    from common.protocol.messages import (BaseSpec, EvaluateRequest, FinetuneRequest, HandshakeRequest,
+                                          TeacherRequest, WeaveRequest, decode, encode)
+
+    cfg, _, _ = pipeline_config({**DEFAULTS, key: value})
+    base = BaseSpec(backbone=cfg.backbone, seed=cfg.seed, fingerprint="0" * 64)
+    requests = [(HandshakeRequest(base=base), {}), (FinetuneRequest(base=base, train=cfg.train), {}),
+                (TeacherRequest(base=base, pseudo_item_ids=[0, 1], top_k=cfg.teacher_top_k), {}),
+                (EvaluateRequest(base=base, models=["m"], max_users=cfg.eval_max_users, seed=cfg.seed), {"m": {}})]
+    if cfg.train.finetune == "lora":
+        requests.append((WeaveRequest(base=base, train=cfg.train, module="garden", round=1,
+                                      epochs=cfg.weave_epochs), {"lora": {}}))
+    for req, arrays in requests:
+        header, _ = decode(encode(req, arrays), type(req))
+        assert header == req
+    torch.Generator().manual_seed(cfg.seed)
+    torch.Generator().manual_seed(cfg.train.seed)
 
 
 def test_unknown_key_and_good_defaults():
@@ -47,7 +109,17 @@ def test_unknown_key_and_good_defaults():
     cfg, _, _ = pipeline_config(DEFAULTS)
     assert cfg.teacher_top_k == 64 and cfg.eval_max_users is None and cfg.max_task_vector_ratio == 10.0
     assert cfg.coefficients.item_refresh_every == 0  # the reference: merged item embeddings frozen at the init W
-    assert pipeline_config({**DEFAULTS, "coef-item-refresh": 1})[0].coefficients.item_refresh_every == 1
+
+
+@pytest.mark.parametrize("key,field", [("l2sp", ("train", "l2sp")), ("refit-on-val", ("train", "refit_on_val")),
+                                       ("coef-item-refresh", ("coefficients", "item_refresh_every"))])
+def test_knobs_measured_useless_are_python_only(key, field):
+    """Not run-config keys (the benchmarks that measured them set the Python fields)."""
+    assert key not in KNOWN_KEYS and key not in DEFAULTS
+    with pytest.raises(ConfigError, match=f"unknown run-config key.*{key}"):
+        pipeline_config({**DEFAULTS, key: 1})
+    model, name = field
+    assert name in type(getattr(PipelineConfig(), model)).model_fields
 
 
 def test_pyproject_lists_every_key_and_defaults_live_in_code():
@@ -58,18 +130,55 @@ def test_pyproject_lists_every_key_and_defaults_live_in_code():
     assert pyproject_block() in text, "pyproject.toml is stale: paste `python -m server.config` over its table"
 
 
+def test_pyproject_comments_are_the_field_descriptions():
+    """Each key's comment ends with the one-line description of the pydantic field it sets: no second help
+    table to keep in step."""
+    import server.config as config
+    from common.protocol.run_options import RunOptions
+
+    assert not hasattr(config, "HELP")
+    text = (ROOT / "pyproject.toml").read_text()
+    fields = {**{k: (RunOptions, k.replace("-", "_")) for k in config.OPTION_KEYS},
+              **{k: (config._MODELS[m], f) for k, (m, f) in config.PIPELINE_KEYS.items()}}
+    assert set(fields) == KNOWN_KEYS
+    for key, (model, name) in fields.items():
+        desc = model.model_fields[name].description
+        assert desc and "\n" not in desc, f"{model.__name__}.{name} ({key}) needs a one-line description"
+        (line,) = [x for x in text.splitlines() if x.startswith(f'{key} = ""')]
+        assert line.endswith(f": {desc}"), line
+
+
+def test_pipeline_config_is_what_flwr_run_runs():
+    """`PipelineConfig()` is the configuration `flwr run .` runs with no overrides (and with backbone=text, the
+    text backbone's training defaults); a training field given explicitly beats the backbone's default."""
+    assert PipelineConfig() == pipeline_config(DEFAULTS)[0]
+    text = PipelineConfig(backbone=BackboneConfig(kind="text"))
+    assert text == pipeline_config({**DEFAULTS, "backbone": "text"})[0]
+    assert (text.train.lr, text.train.batch_size, text.train.epochs, text.train.patience) == (5e-5, 32, 3, 1)
+    assert PipelineConfig().train.freeze == ["blocks"] and text.train.freeze == []
+    mine = PipelineConfig(backbone=BackboneConfig(kind="text"), train=TrainConfig(lr=0.01, freeze=["adaptor"]))
+    assert (mine.train.lr, mine.train.freeze, mine.train.batch_size) == (0.01, ["adaptor"], 32)
+    assert PipelineConfig(train=TrainConfig(freeze=[])).train.freeze == []  # given explicitly: not the default
+    assert PipelineConfig(train=TrainConfig(epochs=2)).train.freeze == ["blocks"]  # not given: the default
+    assert PipelineConfig(train=TrainConfig(epochs=7)) == pipeline_config({**DEFAULTS, "epochs": 7})[0]
+    # the defaults do not stick: a configuration built for one backbone takes another's when moved to it
+    light_train = PipelineConfig(train=TrainConfig(epochs=2)).train
+    assert PipelineConfig(backbone=BackboneConfig(kind="text"), train=light_train).train.freeze == []
+
+
 def test_training_defaults_follow_the_backbone_unless_given():
-    text = TrainConfig.for_backbone("text")
+    text = TrainConfig().with_backbone_defaults("text")
     cfg, _, _ = pipeline_config({**DEFAULTS, "backbone": "text"})
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.patience) == \
         (text.lr, text.batch_size, text.epochs, text.patience) == (5e-5, 32, 3, 1)
     cfg, _, _ = pipeline_config({**DEFAULTS, "backbone": "text", "epochs": 7})
     assert cfg.train.epochs == 7 and cfg.train.lr == 5e-5  # only the given key changes
     light, _, _ = pipeline_config(DEFAULTS)
-    assert light.train == TrainConfig.for_backbone("light", progress=False)
+    assert light.train == TrainConfig(progress=False).with_backbone_defaults("light")
     cfg, run_dir, server = pipeline_config({**DEFAULTS, "seed": 3, "min-nodes": 2, "run-dir": "x"})
     assert cfg.train.seed == cfg.coefficients.seed == cfg.seed == 3 and run_dir == Path("x")
     assert server["min_nodes"] == 2
+    assert PipelineConfig(seed=3) == cfg  # one seed for the base, fine-tuning and coefficient learning
 
 
 def test_light_dense_fine_tuning_freezes_the_blocks_unless_told_otherwise():

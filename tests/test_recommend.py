@@ -4,6 +4,7 @@ recommend / evaluate / export commands, checked against the pipeline's own evalu
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,6 +183,52 @@ def test_recommend_evaluate_export_commands(run, capsys, tmp_path):
     assert exported["ndcg@10"] == pytest.approx(run["report"]["metrics"][d.name][f"finetuned-{d.name}"]["values"]
                                                 ["ndcg@10"], abs=1e-12)
     assert mergerec(["recommend", "--model", str(tmp_path / "missing"), "--catalog", str(d), "--history", "x"]) == 1
+
+
+def test_history_keys_or_explicit_texts(run, capsys):
+    """`--history` takes item keys (an unknown one is an error naming it); `--history-texts` takes raw item texts,
+    which give what the Python API gives for the same texts."""
+    d = run["dirs"][1]
+    silo = load_silo(d)
+    titles = [silo.catalog.items[i].title for i in silo.train[2]]
+    assert mergerec(["recommend", "--model", str(run["model"]), "--catalog", str(d), "--history",
+                     ",".join(titles), "-k", "4", "--format", "json"]) == 1
+    err = capsys.readouterr().err
+    assert f"--history: {titles[0]!r} is not an item key" in err and "--history-texts" in err
+    assert mergerec(["recommend", "--model", str(run["model"]), "--catalog", str(d), "--history-texts",
+                     "--history", ",".join(titles), "-k", "4", "--format", "json"]) == 0
+    got = [r["key"] for r in json.loads(capsys.readouterr().out)]
+    want = MergedRecommender.from_pretrained(run["model"]).index(d).recommend([{"title": t} for t in titles], k=4)
+    assert got == [r.key for r in want] and len(got) == 4
+
+
+def _readme_commands() -> list[str]:
+    """The `mergerec ...` lines of the README's "Use the merged model" block, continuations joined."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("### Use the merged model", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    return [line.split("   #", 1)[0].strip() for line in lines if line.strip().startswith("mergerec ")]
+
+
+def test_readme_commands_work_on_runs_latest(run, tmp_path, monkeypatch, capsys):
+    """After a run, the README's next commands work as written: runs/latest is the newest run (linked the way
+    the ServerApp links it) and the demo data sits at .cache/demo-data."""
+    import shlex
+    import shutil
+
+    from common.core.runs import link_latest
+
+    commands = _readme_commands()
+    assert len(commands) == 3 and all("runs/latest/model" in c for c in commands)
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "demo-data").symlink_to(run["dirs"][0].parent)
+    shutil.copytree(run["model"], tmp_path / "runs" / "20250101-000000" / "model")
+    monkeypatch.chdir(tmp_path)
+    assert link_latest(Path("runs") / "20250101-000000")
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        assert mergerec(argv) == 0, (command, capsys.readouterr().err)
+        assert capsys.readouterr().out.strip()
 
 
 def test_every_option_has_help(capsys):

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.core.strict import Strict
-from common.model.config import BackboneConfig
+from common.model.config import BackboneConfig, Seed
 from common.core.files import atomic_path, atomic_write
 
 CONFIG_FILE = "config.json"
@@ -43,7 +43,7 @@ class ModelConfig(Strict):
     format: str = FORMAT
     version: int = 1
     backbone: BackboneConfig
-    seed: int = 0
+    seed: Seed = 0
     base_fingerprint: str = ""
     fingerprint: str = Field("", description="SHA-256 fingerprint of the weights (common.merging.task_vectors)")
     method: str = Field("", description="how the weights were made, e.g. mergerec-layer, finetuned-<domain>")
@@ -70,11 +70,18 @@ def weights_metadata(config: ModelConfig) -> dict[str, str]:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a damaged file, or weights holding NaN / Inf (a model that
+    would score every item NaN), are a ModelFolderError naming the file."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            state, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as exc:  # a damaged or foreign file: say which
         raise ModelFolderError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    bad = [n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ModelFolderError(f"{path}: weights {bad[0]!r}{more} hold NaN or Inf values; refusing this model")
+    return state, meta
 
 
 def _parse_config(text: str, where: str) -> ModelConfig:

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from common.model.backbones import items_in_batches
+from common.model.config import INT32_MAX, Count, Seed
 from common.merging.losses import adamerging_entropy, mergerec_loss
 from common.merging.task_vectors import State, check_compatible
 from common.merging.teacher import TopKLogits
@@ -38,28 +39,31 @@ DEFAULT_INIT: dict[str, float] = {"task_arithmetic": 0.2, "ties": 1.0, "dare_tie
 
 
 class CoefficientConfig(BaseModel):
-    """How the coefficients are learned. Defaults follow MergeRec (Adam 1e-3, 500 steps, 16 pseudo-users)."""
+    """How the coefficients are learned. Defaults follow MergeRec (Adam 1e-3, 500 steps, 16 pseudo-users).
+    Floats must be finite (as in every configuration model, common/core/strict.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     granularity: Literal["task", "layer"] = "task"
     init: float | None = Field(None, description="None: the init method's default (DEFAULT_INIT; 1/D for "
                                                  "weight_average)")
-    lr: float = Field(1e-3, gt=0)
-    steps: int = Field(500, ge=0)
-    batch_size: PositiveInt = 16
+    lr: float = Field(1e-3, gt=0, description="coefficient-learning rate (Adam)")
+    steps: int = Field(500, ge=0, le=INT32_MAX, description="coefficient-learning steps")
+    batch_size: Count = Field(16, description="pseudo-users per coefficient step")
     kd_weight: float = Field(1000.0, ge=0)
     tau: float = Field(0.05, gt=0)
     loss: Literal["mergerec", "adamerging"] = "mergerec"
     dropout: bool = Field(True, description="model.train() during steps (the reference keeps dropout on)")
-    item_refresh_every: int = Field(0, ge=0, description="0: item embeddings frozen at the init W (reference); "
-                                    "K > 0: recomputed, with gradient, every K steps (K = 1: every step)")
+    # Python only (not a run-config key: measured useless, docs/benchmarks.md)
+    item_refresh_every: int = Field(0, ge=0, le=INT32_MAX, description="0: item embeddings frozen at the init W "
+                                    "(reference); K > 0: recomputed, with gradient, every K steps (K = 1: every "
+                                    "step)")
     holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="pseudo-users held out to pick the "
                                     "best W (0: off, the last W is returned)")
-    eval_every: PositiveInt = 50
-    item_batch_size: PositiveInt = 1024
-    seed: int = 0
-    log_every: PositiveInt = 50
+    eval_every: Count = 50
+    item_batch_size: Count = 1024
+    seed: Seed = 0
+    log_every: Count = 50
 
 
 def initial_value(cfg: CoefficientConfig, method: str | None, num_tasks: int) -> float:

@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from common.model.backbones import DomainInputs, LightRecommender, Recommender, pad_histories
 from common.core.strict import Strict
+from common.model.config import INT32_MAX
 
 #: most domain models an integrated model may carry (bounds what a request can make a silo allocate)
 MAX_INTEGRATED_DOMAINS = 32
@@ -63,10 +64,12 @@ class IntegrationConfig(Strict):
     """Run-config `integration*` keys: the optional integrated-model candidate and how its gates are trained
     (the loss, batch size, held-out fraction and seed are coefficient learning's: `CoefficientConfig`)."""
 
-    kind: Literal["none", "xcross"] = Field("none", description="none | xcross (per-layer gated domain blocks)")
-    steps: int = Field(200, ge=0, description="gate-training steps (Adam)")
+    kind: Literal["none", "xcross"] = Field("none", description="none | xcross: also evaluate per-layer gated "
+                                            "domain blocks")
+    steps: int = Field(200, ge=0, le=INT32_MAX, description="gate-training steps (Adam)")
     lr: float = Field(1e-2, gt=0, description="gate-training learning rate")
-    gate_hidden: int = Field(0, ge=0, le=1024, description="0: linear gate per layer; H: MLP with H hidden units")
+    gate_hidden: int = Field(0, ge=0, le=1024, description="integrated model: 0 = linear gate per layer, H = "
+                             "MLP with H hidden units")
 
 
 def is_block(name: str) -> bool:

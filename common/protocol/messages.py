@@ -21,7 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from common.core.errors import ContractError  # noqa: F401 (re-exported: the contracts' error)
 from common.merging.task_vectors import check_state_arrays  # noqa: F401 (re-exported)
 from common.merging.teacher import check_teacher_arrays  # noqa: F401 (re-exported)
-from common.model.config import MIN_USERS_FOR_METRICS, BackboneConfig, TrainConfig  # noqa: F401 (re-exported)
+from common.model.config import (  # noqa: F401 (re-exported)
+    INT32_MAX,
+    MAX_EPOCHS,
+    MIN_USERS_FOR_METRICS,
+    BackboneConfig,
+    Seed,
+    TrainConfig,
+)
 from common.model.integration import IntegratedSpec  # noqa: F401 (re-exported)
 
 _METRIC = re.compile(r"^(recall|ndcg)@\d{1,3}$")
@@ -45,6 +52,10 @@ class SiloReplyError(Exception):
 
 
 class Header(BaseModel):
+    """Every message header. The configuration models requests carry (BackboneConfig, TrainConfig) and the
+    bounds here (Seed, INT32_MAX, MAX_EPOCHS, MIN_USERS_FOR_METRICS) are the ones the server's run-config check
+    validates (server/config.py), so a request built from a checked configuration is never refused here."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def array_groups(self) -> set[str]:
@@ -88,7 +99,7 @@ class BaseSpec(Header):
     every request, because a silo process may be new for each message (Flower starts ClientApps on demand)."""
 
     backbone: BackboneConfig
-    seed: int
+    seed: Seed
     fingerprint: str
 
 
@@ -119,7 +130,7 @@ class FinetuneRequest(Header):
 class EpochProgress(Header):
     """One epoch of a silo's fine-tuning, aggregates only (shown in the ServerApp's log as progress)."""
 
-    epoch: int = Field(ge=0, le=100_000)
+    epoch: int = Field(ge=0, le=MAX_EPOCHS)
     loss: float | None = Field(None, ge=0)  # mean training loss (None for epoch 0, the starting weights)
     val_ndcg10: float = Field(ge=0, le=1)  # validation NDCG@10 after the epoch
 
@@ -135,7 +146,8 @@ class FinetuneReply(Header):
     epochs: int = Field(ge=0)  # epochs of the selection run
     refit_epochs: int = Field(0, ge=0)  # epochs of the final fit on train + validation items (0: best epoch sent)
     seconds: float = Field(ge=0)
-    history: list[EpochProgress] = Field(default_factory=list, max_length=10_000)  # selection run, per epoch
+    # selection run, per epoch (and the starting weights)
+    history: list[EpochProgress] = Field(default_factory=list, max_length=MAX_EPOCHS + 1)
 
     def array_groups(self) -> set[str]:
         return {"task_vector"} if self.mode == "full" else {"lora"}
@@ -178,7 +190,7 @@ class WeaveReply(Header):
 class TeacherRequest(Header):
     base: BaseSpec
     pseudo_item_ids: list[int] = Field(min_length=1)
-    top_k: int | None = Field(None, gt=0, description="None: dense (k = number of items)")
+    top_k: int | None = Field(None, gt=0, le=INT32_MAX, description="None: dense (k = number of items)")
     chunk_size: int = Field(256, gt=0)
 
     @field_validator("pseudo_item_ids")
@@ -210,9 +222,9 @@ class EvaluateRequest(Header):
     base: BaseSpec
     split: Literal["val", "test"] = "test"
     models: list[str] = Field(min_length=1)
-    max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, description="a seeded subsample; never "
-                                  "fewer users than an aggregate needs, so no metric describes a single user")
-    seed: int = 0
+    max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="a seeded subsample; "
+                                  "never fewer users than an aggregate needs, so no metric describes a single user")
+    seed: Seed = 0
     integrated: dict[str, IntegratedSpec] = Field(default_factory=dict)
 
     @field_validator("integrated")
@@ -246,8 +258,8 @@ class GateTuneRequest(Header):
     spec: IntegratedSpec
     train: TrainConfig
     user_fraction: float = Field(gt=0, le=1)
-    max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, description="evaluation subsample")
-    seed: int = 0
+    max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="evaluation subsample")
+    seed: Seed = 0
 
     def array_groups(self) -> set[str]:
         return {"model"}

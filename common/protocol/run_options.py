@@ -39,18 +39,21 @@ class RunOptions(BaseModel):
     """Options of the run itself (not of the method): validated from the run-config, unknown keys ignored
     here (server/config.py rejects keys that nothing reads)."""
 
-    model_config = ConfigDict(extra="ignore", alias_generator=kebab, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", alias_generator=kebab, populate_by_name=True, allow_inf_nan=False)
 
-    run_dir: Path = Field(Path("runs/latest"), description="checkpoints, report, model/ (same dir again = resume)")
+    # None: a new runs/<timestamp> (common/core/runs.py), relative to the ServerApp's working directory (the project
+    # folder under `flwr run .`'s local simulation); the ServerApp points runs/latest at the run it starts
+    run_dir: Path | None = Field(None, description="checkpoints, report, model/ (none = a new runs/<timestamp>, "
+                                 "linked as runs/latest; the same dir again = resume)")
     domains: list[str] = Field(["garden", "kitchen", "outdoor"],
                                description="simulation: partition i is domains[i] (comma list)")
     data_root: Path = Field(Path(".cache/demo-data"), description="simulation: <data-root>/<domain> is a silo's data")
     silo_state_root: Path | None = Field(None, description="simulation: where silos keep fine-tuned weights "
-                                         "(default .cache/silo-state)")
-    cache_dir: Path | None = Field(None, description="item-embedding cache (default .cache)")
-    min_nodes: int = Field(0, ge=0, description="SuperNodes to wait for before starting (0 = one per domain "
-                           "in `domains`, or the federation's own count)")
-    node_wait_s: float = Field(300.0, gt=0, description="how long to wait for them")
+                                         "(none = .cache/silo-state)")
+    cache_dir: Path | None = Field(None, description="item-embedding cache (none = .cache)")
+    min_nodes: int = Field(0, ge=0, le=100_000, description="SuperNodes to wait for before starting (0 = one per "
+                           "domain, or the federation's own count)")
+    node_wait_s: float = Field(300.0, gt=0, description="seconds to wait for them")
     record_messages: Path | None = Field(None, description="write every message both ways to this folder (audits)")
     expect_domains: list[str] = Field([], description="domains that must take part; each one missing is reported")
 
