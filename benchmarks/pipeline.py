@@ -76,7 +76,8 @@ def summarise(name: str, report: dict, run_dir: Path, wall_s: float, sampler: Rs
     metrics = [{"run": name, "domain": d, "model": model, "recall@10": round(m["values"]["recall@10"], 5),
                 "ndcg@10": round(m["values"]["ndcg@10"], 5), "users": m["users"]}
                for d, per_model in sorted(report.get("metrics", {}).items()) for model, m in per_model.items()]
-    return {"run": name, "wall_s": round(wall_s, 1), "stages_s": report.get("timings", {}), "silos": silos,
+    return {"run": name, "wall_s": round(wall_s, 1), "seen_items": report.get("seen_items"),
+            "shipped": report.get("selection", {}).get("chosen"), "stages_s": report.get("timings", {}), "silos": silos,
             "peak_rss_process_mb": round(sampler.peak_process_mb, 1),
             "peak_rss_total_mb": round(sampler.peak_total_mb, 1), "dropped": report.get("dropped", []),
             "metrics": metrics, "run_dir": str(run_dir)}
@@ -102,7 +103,8 @@ def markdown(result: dict) -> str:
         cols = ["domain", "epochs", "refit_epochs", "seconds", "sent_to_silo", "received_from_silo",
                 "task_vector_bytes", "teacher_bytes"]
         parts += [f"## {r['run']}: {r['wall_s']} s wall, peak RSS {r['peak_rss_process_mb']} MB (largest process), "
-                  f"{r['peak_rss_total_mb']} MB (all)\n", markdown_table(stages, ["stage", "seconds"]), "",
+                  f"{r['peak_rss_total_mb']} MB (all); shipped model `{r['shipped']}`; seen items: "
+                  f"{r['seen_items']}\n", markdown_table(stages, ["stage", "seconds"]), "",
                   markdown_table(silos, cols), "",
                   markdown_table(r["metrics"], ["domain", "model", "recall@10", "ndcg@10", "users"]), ""]
     return "\n".join(parts)

@@ -23,6 +23,7 @@ from common.core.logs import setup_logging
 from common.protocol.run_options import RunOptions
 from common.protocol.messages import (
     EVALUATE,
+    FED_ROUND,
     FINETUNE,
     HANDSHAKE,
     TEACHER,
@@ -30,6 +31,7 @@ from common.protocol.messages import (
     TUNE_GATES,
     ContractError,
     EvaluateRequest,
+    FedRoundRequest,
     FinetuneRequest,
     GateTuneRequest,
     HandshakeRequest,
@@ -53,8 +55,9 @@ _ROUTES = {
     EVALUATE: (EvaluateRequest, "evaluate"),
     WEAVE: (WeaveRequest, "weave"),
     TUNE_GATES: (GateTuneRequest, "tune_gates"),
+    FED_ROUND: (FedRoundRequest, "fed_round"),
 }
-_WITH_ARRAYS = {"evaluate", "weave", "tune_gates"}  # handlers whose requests carry array groups (models)
+_WITH_ARRAYS = {"evaluate", "weave", "tune_gates", "fed_round"}  # handlers whose requests carry array groups (models)
 _workers: dict[tuple, SiloWorker] = {}
 
 

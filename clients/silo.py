@@ -34,6 +34,8 @@ from common.protocol.messages import (
     EpochProgress,
     EvaluateReply,
     EvaluateRequest,
+    FedRoundReply,
+    FedRoundRequest,
     FinetuneReply,
     GATE_FROZEN_PREFIXES,
     GateTuneReply,
@@ -49,7 +51,7 @@ from common.protocol.messages import (
     check_state_arrays,
     fraction_users,
 )
-from common.model.train import evaluate_split, fine_tune, refit
+from common.model.train import evaluate_split, fine_tune, local_round, refit
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,25 @@ class SiloWorker:
                            epochs=req.epochs, seconds=seconds)
         return reply, {"lora": lora.factors(model, targets)}
 
+    def fed_round(self, req: FedRoundRequest, arrays: Arrays) -> tuple[FedRoundReply, Arrays]:
+        """One FedAvg / FedProx round (common/model/train.local_round): the received global model's validation
+        aggregate on this silo's held-out users, then (epochs > 0) local training; only the weight update and
+        aggregates go back. FedProx: the proximal term mu/2 ||theta - theta_global||^2 is L2-SP toward the
+        received weights."""
+        base = self._require_base(req.base)
+        shapes = {n: tuple(t.shape) for n, t in base.named_parameters()}
+        check_state_arrays(arrays.get("model", {}), shapes, "global model")
+        model = self._model_with(arrays["model"])
+        received = shared_state(model)
+        cfg = req.train.model_copy(update={"l2sp": req.prox_mu / 2.0})
+        res = local_round(model, self.silo, self._dom, cfg, req.epochs, req.round)
+        reply = FedRoundReply(domain=self.domain, base_fingerprint=self._base_fp, round=req.round, epochs=req.epochs,
+                              users=res.users, loss=res.loss, seconds=res.seconds,
+                              val=AggregateMetrics.from_result(res.val))
+        if req.epochs == 0:
+            return reply, {}
+        return reply, {"update": state_to_numpy(task_vector(shared_state(model), received))}
+
     def teacher(self, req: TeacherRequest) -> tuple[TeacherReply, Arrays]:
         self._require_base(req.base)
         path = self._finetuned_path(self._base_fp)
@@ -189,7 +210,8 @@ class SiloWorker:
             def queries(ids: torch.Tensor) -> torch.Tensor:
                 return model(dom, "histories", ids.view(-1, 1))
 
-            top = teacher_topk(queries, items, torch.tensor(req.pseudo_item_ids), req.top_k, req.chunk_size)
+            top = teacher_topk(queries, items, torch.tensor(req.pseudo_item_ids), req.top_k, req.chunk_size,
+                               exclude_own=req.seen_items == "exclude")
         arrays = top.to_arrays()
         return TeacherReply(domain=self.domain, num_items=n, k=int(arrays["indices"].shape[1])), {"teacher": arrays}
 
@@ -207,7 +229,8 @@ class SiloWorker:
             else:
                 check_state_arrays(arrays[name], shapes, f"model {name}")
                 model = self._model_with(arrays[name])
-            res = evaluate_split(model, self.silo, self._dom, req.split, max_users=req.max_users, seed=req.seed)
+            res = evaluate_split(model, self.silo, self._dom, req.split, max_users=req.max_users, seed=req.seed,
+                                 seen_items=req.seen_items)
             metrics[name] = AggregateMetrics.from_result(res)
         return EvaluateReply(domain=self.domain, metrics=metrics), {}
 
@@ -218,11 +241,14 @@ class SiloWorker:
 
         base = self._require_base(req.base)
         model = from_arrays(base, req.spec, arrays["model"], "model")
-        before = evaluate_split(model, self.silo, self._dom, "test", max_users=req.max_users, seed=req.seed)
+        seen = req.train.seen_items
+        before = evaluate_split(model, self.silo, self._dom, "test", max_users=req.max_users, seed=req.seed,
+                                seen_items=seen)
         users = fraction_users(req.user_fraction, len(self.silo.users))
         cfg = req.train.model_copy(update={"freeze": list(GATE_FROZEN_PREFIXES), "max_users": users})
         res = fine_tune(model, self.silo, self._dom, cfg)
-        after = evaluate_split(model, self.silo, self._dom, "test", max_users=req.max_users, seed=req.seed)
+        after = evaluate_split(model, self.silo, self._dom, "test", max_users=req.max_users, seed=req.seed,
+                               seen_items=seen)
         path = self.state_dir / f"integrated-tuned-{self._base_fp[:16]}.safetensors"
         with atomic_path(path, mode=0o600) as tmp:  # trained on this silo's users: it stays here
             save_file({n: t.contiguous() for n, t in res.state.items()}, str(tmp))

@@ -1,9 +1,10 @@
 """The run's outputs people use: the shipped model folder (with its model card), report.json, report.md and
 plots. Called by the pipeline's last stage (`Pipeline.artifacts`).
 
-Which MergeRec variant is shipped (`select_variant`): the learned variant (task-wise or layer-wise
-coefficients) with the higher mean validation NDCG@10 over the silos that took part. Test metrics never
-enter the choice; a tie keeps the variant listed first in `granularities`.
+Which merged model is shipped (`select_variant`): of every merged candidate (the training-free merges of
+`baselines` and the MergeRec variants), the one with the highest mean validation NDCG@10 over the silos that
+took part. Test metrics never enter the choice; a tie keeps the candidate listed first (MergeRec variants in
+`granularities` order, then the baselines in theirs).
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ from common.api.model_folder import ModelConfig, save_model_folder
 from common.core.files import atomic_write
 from common.core.fingerprint import fingerprint
 from common.core.report import markdown_table
+from common.model.metrics import SEEN_ITEMS
 from server.base import BaseContext
 from server.checkpoint import Checkpoint
 from server.integration_stage import summary as integration_summary
-from server.merges import Merges
 from server.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
-SELECT_RULE = ("the MergeRec variant (task-wise or layer-wise coefficients) with the higher mean validation "
-               "NDCG@10 over the participating domains; test data is never used for the choice, and a tie "
-               "keeps the variant listed first in the run's `granularities`")
+SELECT_RULE = ("the merged candidate (MergeRec task-/layer-wise or a training-free merge) with the highest mean "
+               "validation NDCG@10 over the participating domains; test data is never used for the choice, and a "
+               "tie keeps the candidate listed first (MergeRec variants, then the baselines)")
 CITATION = ("Kim, Moon, Park, Lee. MergeRec: Model Merging for Data-Isolated Cross-Domain Sequential Recommendation. KDD 2026, "
             "arXiv:2601.01753, https://arxiv.org/abs/2601.01753")
 
@@ -72,6 +73,39 @@ def coefficient_tables(learned: dict) -> str:
     return "\n\n".join(parts)
 
 
+def method_text(info: dict) -> str:
+    """The model card's Method paragraph: how the shipped model was made."""
+    own = (f"Each domain trained the same ID-free, text-based sequential recommender ({info['backbone']} backbone) "
+           "in its own silo and sent only changes of its weights; no user data left any silo.")
+    merged = (" The server merged the silos' fine-tuned task vectors with training-free merges and with MergeRec: "
+              f"starting from {info['init']}, it learned merging coefficients by distillation (pseudo-users built "
+              "from the item catalogs alone, each silo's top-k scores for them as targets).")
+    fed = info.get("fedavg")
+    if info.get("strategy") != "fedavg" or not fed:
+        return own + merged
+    start = "the shared base" if fed["init"] == "base" else f"the merged model `{fed['init']}`"
+    rounds = len(fed["rounds"]) - 1
+    return own + (merged if fed["init"] != "base" else "") + (
+        f" Then {rounds} round(s) of federated averaging from {start}: each silo trained the global model on its own "
+        f"users and sent the update; the server averaged them weighted by users. Round {fed['chosen']} is shipped "
+        "(the best mean validation NDCG@10 on each silo's held-out users).")
+
+
+def fedavg_section(fed: dict | None) -> list[str]:
+    """report.md lines for the federated rounds: users, loss and held-out validation per round ([] if none)."""
+    if not fed:
+        return []
+    rows = [{"round": r["round"], "silos": len(r["users"]) or len(r["val"]), "users": sum(r["users"].values()),
+             "mean held-out val NDCG@10": _mean_val(r["val"])} for r in fed["rounds"]]
+    return [f"## Federated rounds (start: {fed['init']}; shipped: round {fed['chosen']})", "",
+            markdown_table(rows, ["round", "silos", "users", "mean held-out val NDCG@10"]), ""]
+
+
+def _mean_val(val: dict) -> float | str:
+    vals = [m["values"]["ndcg@10"] for m in val.values()]
+    return sum(vals) / len(vals) if vals else ""
+
+
 def model_card(info: dict) -> str:
     """README.md of the shipped model folder (Hugging Face style front matter + sections)."""
     val = info["val_scores"]
@@ -79,16 +113,11 @@ def model_card(info: dict) -> str:
         "---", "license: apache-2.0", "library_name: mergerec-fed", "tags:", "- recommendation",
         "- sequential-recommendation", "- model-merging", "- federated-learning", "---", "",
         f"# {info['method']}: merged sequential recommender for {', '.join(info['domains'])}", "",
-        "## Method",
-        f"Each domain fine-tuned the same ID-free, text-based sequential recommender ({info['backbone']} backbone) "
-        "in its own silo and sent only the change of its weights (a task vector). The server merged the task "
-        f"vectors, starting from {info['init']}, and learned the merging coefficients ({info['method']}) by "
-        "distillation: pseudo-users built from the item catalogs alone, each silo's top-k scores for them as "
-        "targets. No user data left any silo.", "",
-        f"Shipped variant: `{info['method']}`, chosen by this rule: {SELECT_RULE}. Mean validation NDCG@10: "
+        "## Method", method_text(info), "",
+        f"Shipped: `{info['method']}`, chosen by this rule: {SELECT_RULE}. Mean validation NDCG@10: "
         + ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in val.items()) + ".", "",
-        "## Learned coefficients", coefficient_tables(info["coefficients"]), "",
-        "## Metrics (test split, full ranking over each domain's catalog)",
+        "## Learned coefficients", coefficient_tables(info["coefficients"]) or "(none: no merge was learned)", "",
+        f"## Metrics (test split, full ranking over each domain's catalog; {SEEN_ITEMS[info['seen_items']]})",
         "Recall@10:", "", metrics_table(info["test"], "recall@10"), "", "NDCG@10:", "",
         metrics_table(info["test"], "ndcg@10"), "",
         "## Data", "Trained on the interaction histories of these domains, which never left their silos: "
@@ -112,21 +141,32 @@ def model_card(info: dict) -> str:
     return "\n".join(lines)
 
 
-def write_model(cfg, run: RunDir, base: BaseContext, merges: Merges, learned: dict, metrics: dict,
-                val_metrics: dict) -> tuple[Path, str, dict]:
-    """Select the variant, write run_dir/model/ (config.json, model.safetensors, README.md)."""
-    candidates = [f"mergerec-{g}" for g in cfg.granularities]
-    chosen, scores = select_variant(candidates, val_metrics)
+def write_model(cfg, run: RunDir, state: Checkpoint, base: BaseContext, candidates: dict, learned: dict,
+                metrics: dict, val_metrics: dict) -> tuple[Path, str, dict]:
+    """Select the shipped one of `candidates` (name -> weights), write run_dir/model/ (config.json,
+    model.safetensors, README.md)."""
+    chosen, scores = select_variant(list(candidates), val_metrics)
     log.info("shipping %s (mean validation NDCG@10: %s)", chosen, json.dumps(scores))
-    state = merges.mergerec_states()[chosen]
+    weights = candidates[chosen]
     gran = chosen.removeprefix("mergerec-")
+    domains = learned[gran]["domains"] if gran in learned else state.merges.get(chosen, state.active())
     card_cfg = ModelConfig(backbone=cfg.backbone, seed=cfg.seed, base_fingerprint=base.fingerprint,
-                           fingerprint=fingerprint(state), method=chosen, domains=learned[gran]["domains"])
+                           fingerprint=fingerprint(weights), method=chosen, domains=domains)
     info = {"method": chosen, "domains": card_cfg.domains, "backbone": cfg.backbone.kind, "init": cfg.init_method,
-            "val_scores": scores, "coefficients": learned, "test": metrics,
+            "strategy": cfg.strategy, "fedavg": state.fedavg.model_dump() if state.fedavg else None,
+            "val_scores": scores, "coefficients": learned, "test": metrics, "seen_items": cfg.train.seen_items,
             "catalog_sizes": {d: len(base.catalogs[d]) for d in card_cfg.domains if d in base.catalogs}}
-    folder = save_model_folder(run.model, state, card_cfg, model_card(info))
+    folder = save_model_folder(run.model, weights, card_cfg, model_card(info))
     return folder, chosen, scores
+
+
+def shipping_candidates(cfg) -> list[str]:
+    """The models the shipped one is chosen from, in tie-break order: the merged ones (MergeRec variants, then
+    the training-free baselines), or with strategy = fedavg the federated model (its round was chosen on held-out
+    validation; a hybrid's round 0 is the best merged model)."""
+    if cfg.strategy == "fedavg":
+        return ["hybrid" if cfg.fedavg.init == "merged" else "fedavg"]
+    return [*(f"mergerec-{g}" for g in cfg.granularities), *cfg.baselines]
 
 
 def integration_section(info: dict | None) -> list[str]:
@@ -153,12 +193,13 @@ def report_markdown(report: dict, plots: list[Path]) -> str:
     parts = [
         f"# Run report: {', '.join(report['active'])}", "",
         f"Shipped model: `{sel['chosen']}` in `model/` (rule: {sel['rule']}).", "",
-        "## Test Recall@10 (full ranking)", metrics_table(report["metrics"], "recall@10"), "",
+        f"Protocol: full ranking over each domain's catalog; {SEEN_ITEMS[report['seen_items']]}.", "",
+        "## Test Recall@10", metrics_table(report["metrics"], "recall@10"), "",
         "## Test NDCG@10", metrics_table(report["metrics"], "ndcg@10"), "",
-        "## Validation NDCG@10 of the MergeRec variants", metrics_table(report.get("metrics_val") or {}, "ndcg@10")
+        "## Validation NDCG@10 of the merged candidates (what picks the shipped model)", metrics_table(report.get("metrics_val") or {}, "ndcg@10")
         if report.get("metrics_val") else "(not computed in this run)", "",
         "## Learned coefficients", coefficient_tables(report["coefficients"]), "",
-        *integration_section(report.get("integration")),
+        *integration_section(report.get("integration")), *fedavg_section(report.get("fedavg")),
         "## Stage timings", markdown_table(timings, ["stage", "seconds"]), "",
         "## Bytes per silo", markdown_table(nbytes, ["silo", "sent to silo (MB)", "received from silo (MB)"]), "",
     ]
@@ -169,17 +210,19 @@ def report_markdown(report: dict, plots: list[Path]) -> str:
     return "\n".join(parts)
 
 
-def write_artifacts(cfg, run: RunDir, state: Checkpoint, base: BaseContext, merges: Merges) -> dict:
-    """Model folder, report.json, report.md and plots of a run whose evaluate stage is done."""
+def write_artifacts(cfg, run: RunDir, state: Checkpoint, base: BaseContext, candidates: dict) -> dict:
+    """Model folder, report.json, report.md and plots of a run whose evaluate stage is done; `candidates`: name ->
+    weights of the models the shipped one is chosen from (`shipping_candidates`)."""
     metrics = run.read_json(run.metrics)
     val_metrics = run.read_json(run.metrics_val) if run.metrics_val.exists() else {}
-    learned = run.read_json(run.coefficients)
-    folder, chosen, scores = write_model(cfg, run, base, merges, learned, metrics, val_metrics)
+    learned = run.read_json(run.coefficients) if run.coefficients.exists() else {}
+    folder, chosen, scores = write_model(cfg, run, state, base, candidates, learned, metrics, val_metrics)
     st = state.model_dump(mode="json")
     report = {"run_dir": str(run.root), "config": cfg.model_dump(mode="json"), "base_fingerprint": base.fingerprint,
+              "seen_items": cfg.train.seen_items,
               "domains": st["domains"], "active": state.active(), "dropped": st["dropped"],
               "metrics": metrics, "metrics_val": val_metrics, "validation": st["val"],
-              "finetune": st["finetune"], "weave": st["weave"],
+              "finetune": st["finetune"], "weave": st["weave"], "strategy": cfg.strategy, "fedavg": st["fedavg"],
               "coefficients": {g: {k: v for k, v in c.items() if k not in ("history", "holdout")}
                                for g, c in learned.items()},
               "selection": {"chosen": chosen, "rule": SELECT_RULE, "mean_val_ndcg@10": scores},

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 log = logging.getLogger(__name__)
 
 STAGES = ["handshake", "finetune", "weave", "merge_init", "pseudo_users", "teacher", "coefficients", "integration",
-          "evaluate", "artifacts"]
+          "fedavg", "evaluate", "artifacts"]
 
 # the PipelineConfig fields each stage's output depends on (its own and those of the stages it reads from);
 # fields listed nowhere and not in NO_EFFECT count for every stage
@@ -31,10 +31,11 @@ _OWN = {"finetune": {"backbone", "train", "seed"}, "weave": {"weave_rounds", "we
         "merge_init": {"baselines"},
         "pseudo_users": {"pseudo_users", "pseudo_users_n"}, "teacher": {"teacher_top_k"},
         "coefficients": {"init_method", "granularities", "coefficients"}, "integration": {"integration"},
-        "evaluate": {"baselines", "eval_max_users", "evaluate_finetuned"}}
+        "fedavg": {"strategy", "fedavg"}, "evaluate": {"baselines", "eval_max_users", "evaluate_finetuned"}}
 _READS = {"merge_init": ["weave"], "teacher": ["pseudo_users"], "coefficients": ["teacher", "pseudo_users", "weave"],
           "integration": ["coefficients", "teacher", "pseudo_users", "weave"],
-          "evaluate": ["integration", "coefficients", "teacher", "pseudo_users", "weave"]}
+          "fedavg": ["merge_init", "coefficients", "teacher", "pseudo_users", "weave"],
+          "evaluate": ["fedavg", "integration", "coefficients", "teacher", "pseudo_users", "weave"]}
 NO_EFFECT = {"min_silos", "retries", "timeout_s", "max_task_vector_ratio", "catalog_root"}
 
 
@@ -91,6 +92,25 @@ class WeaveState(_Part):
     skipped: list[WeaveSkip] = []
 
 
+class FedRound(_Part):
+    """The global model after `round` rounds (rounds/<round>.safetensors; 0 = the starting model)."""
+
+    round: int
+    val: dict[str, dict] = {}  # domain -> that model's held-out validation AggregateMetrics (as a dict)
+    users: dict[str, int] = {}  # domain -> users it trained on in the round that made this model (its weight)
+    loss: dict[str, float | None] = {}
+    seconds: dict[str, float] = {}
+
+
+class FedAvgState(_Part):
+    """Federated averaging progress (server/fedavg.py)."""
+
+    init: str  # "base", or the merged candidate the hybrid started from
+    init_val: dict[str, float | None] = {}  # hybrid: each merged candidate's mean held-out validation NDCG@10
+    rounds: list[FedRound] = []
+    chosen: int | None = None  # the round shipped: best mean held-out validation NDCG@10
+
+
 class Checkpoint(_Part):
     """The whole run state. Stages change it in place; `RunDir.save` writes it."""
 
@@ -107,6 +127,7 @@ class Checkpoint(_Part):
     files: dict[str, str] = {}  # path relative to the run directory -> SHA-256
     merges: dict[str, list[str]] = {}  # stored merge (merges/<name>.safetensors) -> the domains it merged
     weave: WeaveState | None = None
+    fedavg: FedAvgState | None = None
 
     @field_validator("weave", mode="before")
     @classmethod
@@ -139,6 +160,9 @@ def _dump(cfg) -> dict:
             dump["train"].pop(k, None)
     if not dump.get("weave_rounds"):
         for k in ("weave_rounds", "weave_epochs"):
+            dump.pop(k, None)
+    if dump.get("strategy", "mergerec") == "mergerec":
+        for k in ("strategy", "fedavg"):
             dump.pop(k, None)
     return dump
 
@@ -202,7 +226,7 @@ def stage_of(rel: str) -> str:
         return "coefficients" if rel.startswith("merges/mergerec-") else "merge_init"
     return {"task_vectors": "finetune", "lora": "finetune", "woven": "weave", "teacher": "teacher",
             "pseudo_users.json": "pseudo_users", "coefficients.json": "coefficients", "integration": "integration",
-            "integration.json": "integration", "metrics.json": "evaluate",
+            "integration.json": "integration", "rounds": "fedavg", "metrics.json": "evaluate",
             "metrics_val.json": "evaluate"}.get(rel.split("/")[0], "")
 
 

@@ -24,11 +24,25 @@ from pydantic import Field, ValidationError, model_validator
 
 from common.core.strict import Strict
 from common.core.runs import new_run_dir
-from common.model.config import INT32_MAX, MIN_USERS_FOR_METRICS, BackboneConfig, Count, Seed, TrainConfig
+from common.model.config import INT32_MAX, MAX_EPOCHS, MIN_USERS_FOR_METRICS, BackboneConfig, Count, Seed, TrainConfig
 from common.model.integration import IntegrationConfig
 from common.model.coefficients import CoefficientConfig
 from common.protocol.run_options import OPTION_KEYS, RunOptions, given, list_setting
 from server.validation import check_config
+
+
+class FedAvgConfig(Strict):
+    """Federated averaging (strategy = fedavg; server/fedavg.py)."""
+
+    rounds: int = Field(10, ge=1, le=10_000, description="federated rounds (strategy=fedavg)")
+    local_epochs: int = Field(1, ge=1, le=MAX_EPOCHS, description="local epochs per round (strategy=fedavg)")
+    prox_mu: float = Field(0.0, ge=0.0, le=1e6, description="FedProx proximal weight mu (0 = plain FedAvg)")
+    init: Literal["base", "merged"] = Field("base", description="rounds start from the shared base, or from the best "
+                                            "merged model after the MergeRec stages (the hybrid)")
+    # rounds average small updates from one shared point each time: the interference that makes one-shot merging
+    # keep the blocks frozen does not arise, so every parameter trains unless named here
+    freeze: list[str] = Field(default_factory=list, description="parameter prefixes kept fixed in federated rounds "
+                              "(none = train everything)")
 
 
 class PipelineConfig(Strict):
@@ -68,6 +82,9 @@ class PipelineConfig(Strict):
                               "rounds before merging (0 = off)")
     weave_epochs: int = Field(1, ge=1, le=1000, description="local epochs per weaving hop")
     seed: Seed = Field(0, description="seeds the base, fine-tuning and coefficient learning")
+    strategy: Literal["mergerec", "fedavg"] = Field("mergerec", description="mergerec: one-shot fine-tuning and "
+                                                    "merging | fedavg: rounds of federated averaging")
+    fedavg: FedAvgConfig = FedAvgConfig()
 
     @model_validator(mode="after")
     def _defaults_and_names(self):
@@ -75,8 +92,10 @@ class PipelineConfig(Strict):
         train = self.train.with_defaults(progress=False, **seed,
                                          **TrainConfig.backbone_defaults(self.backbone.kind, self.train.finetune))
         object.__setattr__(self, "train", train)
-        if seed and "seed" not in self.coefficients.model_fields_set:
-            object.__setattr__(self, "coefficients", self.coefficients.model_copy(update=seed))
+        follow = {**seed, "seen_items": self.train.seen_items}  # one key each: coefficient learning follows
+        follow = {k: v for k, v in follow.items() if k not in self.coefficients.model_fields_set}
+        if follow:
+            object.__setattr__(self, "coefficients", self.coefficients.model_copy(update=follow))
         check_config(self)
         return self
 
@@ -95,23 +114,25 @@ PIPELINE_KEYS = {
     "num-negatives": ("train", "num_negatives"), "continue-epochs": ("train", "continue_epochs"),
     "freeze": ("train", "freeze"), "max-users": ("train", "max_users"), "val-max-users": ("train", "val_max_users"),
     "finetune": ("train", "finetune"), "lora-rank": ("train", "lora_rank"), "lora-alpha": ("train", "lora_alpha"),
-    "lora-targets": ("train", "lora_targets"),
+    "lora-targets": ("train", "lora_targets"), "seen-items": ("train", "seen_items"),
     "coef-steps": ("coefficients", "steps"), "coef-lr": ("coefficients", "lr"),
     "coef-batch-size": ("coefficients", "batch_size"),
     "integration": ("integration", "kind"), "integration-steps": ("integration", "steps"),
     "integration-lr": ("integration", "lr"), "gate-hidden": ("integration", "gate_hidden"),
+    "fedavg-rounds": ("fedavg", "rounds"), "fedavg-epochs": ("fedavg", "local_epochs"),
+    "fedprox-mu": ("fedavg", "prox_mu"), "fedavg-init": ("fedavg", "init"), "fedavg-freeze": ("fedavg", "freeze"),
     **{k: ("", k.replace("-", "_")) for k in (
         "catalog-root", "baselines", "init-method", "granularities", "pseudo-users", "pseudo-users-n",
         "teacher-top-k", "eval-max-users", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed",
-        "weave-rounds", "weave-epochs")},
+        "weave-rounds", "weave-epochs", "strategy")},
 }
 #: 0 or "none" = no limit (None)
 _ZERO_IS_NONE = {"max-users", "val-max-users", "pseudo-users-n", "teacher-top-k", "eval-max-users"}
-_LIST_KEYS = {"freeze", "baselines", "granularities", "lora-targets"}
+_LIST_KEYS = {"freeze", "baselines", "granularities", "lora-targets", "fedavg-freeze"}
 _FIELD_KEY = {v: k for k, v in PIPELINE_KEYS.items()}
 KNOWN_KEYS = frozenset(PIPELINE_KEYS) | OPTION_KEYS
 _MODELS = {"": PipelineConfig, "backbone": BackboneConfig, "train": TrainConfig, "coefficients": CoefficientConfig,
-           "integration": IntegrationConfig}
+           "integration": IntegrationConfig, "fedavg": FedAvgConfig}
 
 
 class ConfigError(ValueError):
@@ -154,7 +175,7 @@ def pipeline_config(rc: dict) -> tuple[PipelineConfig, Path, dict]:
 
 
 def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
-    parts: dict[str, dict] = {"": {}, "backbone": {}, "train": {}, "coefficients": {}, "integration": {}}
+    parts: dict[str, dict] = {"": {}, "backbone": {}, "train": {}, "coefficients": {}, "integration": {}, "fedavg": {}}
     for key, value in rc.items():
         if key not in PIPELINE_KEYS:
             continue
@@ -173,7 +194,8 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
     # PipelineConfig then applies the backbone's training defaults and the one seed to the fields not given
     cfg = PipelineConfig(backbone=BackboneConfig(**parts["backbone"]), train=TrainConfig(**parts["train"]),
                          coefficients=CoefficientConfig(**parts["coefficients"]),
-                         integration=IntegrationConfig(**parts["integration"]), **parts[""])
+                         integration=IntegrationConfig(**parts["integration"]), fedavg=FedAvgConfig(**parts["fedavg"]),
+                         **parts[""])
     _check_paths(cfg)
     server = {"min_nodes": opts.min_nodes, "node_wait_s": opts.node_wait_s, "domains": opts.domains,
               "record_messages": str(opts.record_messages or ""), "expect_domains": opts.expect_domains}
@@ -199,7 +221,7 @@ def defaults() -> dict[str, str]:
     """Each run-config key's default as text, read from the models (training keys: per backbone)."""
     light, text = PipelineConfig(), PipelineConfig(backbone=BackboneConfig(kind="text"))
     parts = {"": light, "backbone": light.backbone, "coefficients": light.coefficients,
-             "integration": light.integration}
+             "integration": light.integration, "fedavg": light.fedavg}
     out = {k.replace("_", "-"): _fmt(getattr(RunOptions(), k)) for k in RunOptions.model_fields}
     for key, (model, field) in PIPELINE_KEYS.items():
         if model == "train":

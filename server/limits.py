@@ -32,6 +32,8 @@ def stage_timeout(stage: str, timeout_s: float | None, *, max_items: int = 0, ep
         return HANDSHAKE_S
     if stage == "finetune":
         return BASE_S + FINETUNE_S_PER_ITEM_EPOCH * max_items * epochs * (2 if refit else 1)
+    if stage == "fedavg":  # one round: a validation pass, then `epochs` local epochs
+        return BASE_S + EVALUATE_S_PER_ITEM_MODEL * max_items + FINETUNE_S_PER_ITEM_EPOCH * max_items * epochs
     if stage == "tune_gates":
         return BASE_S + GATE_TUNE_FACTOR * FINETUNE_S_PER_ITEM_EPOCH * max_items * epochs * (2 if refit else 1)
     if stage == "teacher":

@@ -118,15 +118,17 @@ class Merges:
 
     # ------------------------------------------------------------------ evaluation at the silos
     def evaluate_at(self, models: dict[str, dict[str, torch.Tensor]], domains: list[str],
-                    split: str = "test", integrated: dict | None = None) -> dict[str, dict[str, dict]]:
+                    split: str = "test", integrated: dict | None = None,
+                    seen_items: str | None = None) -> dict[str, dict[str, dict]]:
         """Send `models` (name -> state) and `integrated` models (name -> (IntegratedSpec, parameters)) to the
-        silos of `domains`; each evaluates them on its own `split` and returns aggregate metrics only.
-        Returns domain -> model name -> AggregateMetrics as a dict."""
+        silos of `domains`; each evaluates them on its own `split` (seen items as the run's protocol says, or
+        `seen_items`) and returns aggregate metrics only. Returns domain -> model name -> AggregateMetrics as a
+        dict."""
         integrated = integrated or {}
         arrays = {name: state_to_numpy(s) for name, s in {**models, **{n: s for n, (_, s) in integrated.items()}}.items()}
         req = EvaluateRequest(base=self.base.spec, split=split, models=[*models, *integrated],
                               max_users=self.cfg.eval_max_users, seed=self.cfg.seed,
-                              integrated={n: spec for n, (spec, _) in integrated.items()})
+                              seen_items=seen_items or self.cfg.train.seen_items, integrated={n: spec for n, (spec, _) in integrated.items()})
 
         def validate(domain, o):
             check_evaluate(o.header, o.arrays, domain=domain, models=req.models)

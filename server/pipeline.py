@@ -8,8 +8,9 @@ get exactly what they need:
     TaskVectors (server/task_vectors.py), Weaver (server/weaving.py), Merges (server/merges.py),
     Integration (server/integration_stage.py), write_artifacts (server/artifacts.py)
 
-handshake -> finetune -> weave -> merge_init -> pseudo_users -> teacher -> coefficients -> integration -> evaluate
--> artifacts (weave and integration are optional). The transport (server/transport.py) is Flower or in-process;
+handshake -> finetune -> weave -> merge_init -> pseudo_users -> teacher -> coefficients -> integration -> fedavg
+-> evaluate -> artifacts (weave, integration and fedavg are optional; strategy = fedavg from the base skips the
+merge stages, FedAvg (server/fedavg.py) then being the whole training). The transport (server/transport.py) is Flower or in-process;
 the stages do not care. Starting again with the same run directory resumes after the last completed stage
 (silos that already fine-tuned are not asked again). A silo that errors or does not answer is retried
 `retries` times, then dropped for the rest of the run if at least `min_silos` remain; the report says which,
@@ -39,8 +40,9 @@ from common.protocol.messages import (
     TeacherRequest,
 )
 from server import checkpoint
-from server.artifacts import write_artifacts
+from server.artifacts import shipping_candidates, write_artifacts
 from server.base import BaseContext, ConfigProblem
+from server.fedavg import FedAvg
 from server.config import PipelineConfig
 from server.integration_stage import Integration
 from server.limits import stage_timeout
@@ -81,6 +83,7 @@ class Pipeline:
         self.merges = Merges(cfg, self.rundir, self.state, self.base, self.vectors, self.calls)
         self.weaver = Weaver(cfg, self.rundir, self.state, self.base, self.calls)
         self.xcross = Integration(cfg, self.rundir, self.state, self.base, self.merges, self.calls)
+        self.fed = FedAvg(cfg, self.rundir, self.state, self.base, self.calls)
 
     # ---------------------------------------------------------------- bookkeeping
     @property
@@ -101,8 +104,9 @@ class Pipeline:
 
     def _timeout(self, stage: str, requests: dict) -> float:
         first = next(iter(requests.values()), (None, {}))
-        return stage_timeout(stage, self.cfg.timeout_s, max_items=self.base.max_items(),
-                             epochs=self.cfg.train.epochs + (self.cfg.train.final_fit_epochs or 0),
+        epochs = self.cfg.fedavg.local_epochs if stage == "fedavg" else \
+            self.cfg.train.epochs + (self.cfg.train.final_fit_epochs or 0)
+        return stage_timeout(stage, self.cfg.timeout_s, max_items=self.base.max_items(), epochs=epochs,
                              refit=self.cfg.train.refits, models=len(first[1]))
 
     # ---------------------------------------------------------------- stages
@@ -236,12 +240,14 @@ class Pipeline:
         t0 = time.perf_counter()
         chosen = self.rundir.read_json(self.rundir.pseudo_users)
         todo = [d for d in self.active() if not self.rundir.teacher(d).exists()]
-        reqs = {d: (TeacherRequest(base=self.base.spec, pseudo_item_ids=chosen[d], top_k=self.cfg.teacher_top_k), {})
-                for d in todo}
+        seen = self.cfg.train.seen_items
+        reqs = {d: (TeacherRequest(base=self.base.spec, pseudo_item_ids=chosen[d], top_k=self.cfg.teacher_top_k,
+                                   seen_items=seen), {}) for d in todo}
 
         def validate(domain, o):
-            check_teacher(o.header, o.arrays, domain=domain, rows=len(chosen[domain]),
-                          num_items=len(self.base.catalogs[domain]), top_k=self.cfg.teacher_top_k)
+            check_teacher(o.header, o.arrays, domain=domain, pseudo_item_ids=chosen[domain],
+                          num_items=len(self.base.catalogs[domain]), top_k=self.cfg.teacher_top_k,
+                          exclude_own=seen == "exclude")
 
         def store(d, o):
             self.rundir.write_arrays(self.state, self.rundir.teacher(d), o.arrays["teacher"])
@@ -269,16 +275,38 @@ class Pipeline:
         self.xcross.run_stage()
         self._done("integration", time.perf_counter() - t0)
 
+    def fedavg(self) -> None:
+        """Optional stage (strategy = fedavg): rounds of federated averaging (server/fedavg.py), from the base or,
+        the hybrid, from the best merged candidate."""
+        t0 = time.perf_counter()
+        if self.cfg.strategy == "fedavg":
+            merged = None
+            if self.cfg.fedavg.init == "merged":
+                names = [*(f"mergerec-{g}" for g in self.cfg.granularities), *self.cfg.baselines]
+                states = {**self.merges.mergerec_states(), **self.merges.merged_states()}
+                merged = {n: states[n] for n in names}
+            self.fed.run_stage(merged)
+        self._done("fedavg", time.perf_counter() - t0)
+
+    def merging(self) -> bool:
+        """Whether the run fine-tunes and merges (every strategy but fedavg from the base)."""
+        return self.cfg.strategy == "mergerec" or self.cfg.fedavg.init == "merged"
+
+    def candidate_models(self) -> dict:
+        """Every model the evaluation scores (name -> weights)."""
+        models = self.merges.candidate_models() if self.merging() else {"pretrained": self.base.state}
+        return {**models, **self.fed.candidates()}
+
     def evaluate(self) -> None:
         t0 = time.perf_counter()
-        models = self.merges.candidate_models()
+        models = self.candidate_models()
         metrics = self.merges.evaluate_at(models, self.active(), integrated=self.xcross.candidates())
         for d, per in sorted(metrics.items()):
             log.info("evaluate: silo %s test NDCG@10: %s", d, ", ".join(f"{m} {v['values']['ndcg@10']:.4f}"
                                                                       for m, v in per.items() if "-" in m))
         self.rundir.write_json(self.state, self.rundir.metrics, metrics)
-        # validation split of the MergeRec variants: what picks the shipped model (never the test split)
-        variants = {m: st for m, st in models.items() if m.startswith("mergerec-")}
+        # validation split of every merged candidate: what picks the shipped model (never the test split)
+        variants = {m: models[m] for m in shipping_candidates(self.cfg)}
         self.rundir.write_json(self.state, self.rundir.metrics_val,
                             self.merges.evaluate_at(variants, self.active(), split="val"))
         self._done("evaluate", time.perf_counter() - t0)
@@ -286,7 +314,9 @@ class Pipeline:
     def artifacts(self) -> dict:
         """The shipped model folder, report.json, report.md, plots (server/artifacts.py)."""
         t0 = time.perf_counter()
-        report = write_artifacts(self.cfg, self.rundir, self.state, self.base, self.merges)
+        models = self.candidate_models()
+        report = write_artifacts(self.cfg, self.rundir, self.state, self.base,
+                                 {n: models[n] for n in shipping_candidates(self.cfg)})
         self.state.timings["artifacts"] = round(time.perf_counter() - t0, 3)
         if "artifacts" not in self.state.completed:
             self._done("artifacts", time.perf_counter() - t0)
@@ -332,7 +362,9 @@ class Pipeline:
         """The stages after the handshake, in order; their names are the checkpoint's (server/checkpoint.py)."""
         order = [("finetune", self.finetune), ("weave", self.weave), ("merge_init", self.merge_init),
                  ("pseudo_users", self.pseudo_users), ("teacher", self.teacher), ("coefficients", self.coefficients),
-                 ("integration", self.integration), ("evaluate", self.evaluate),
+                 ("integration", self.integration), ("fedavg", self.fedavg), ("evaluate", self.evaluate),
                  ("artifacts", self.artifacts)]
         assert [n for n, _ in order] == STAGES[1:], "stage list and checkpoint.STAGES disagree"
+        if not self.merging():  # FedAvg from the base: no fine-tuning, no merges
+            order = [(n, s) for n, s in order if n in ("fedavg", "evaluate", "artifacts")]
         return order

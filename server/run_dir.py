@@ -4,7 +4,8 @@ the lock that keeps two pipelines out of one directory.
     checkpoint.json            the run state (server/checkpoint.py)
     task_vectors/<d>.safetensors, lora/<d>.safetensors, woven/<d>.safetensors
     pseudo_users.json, teacher/<d>.npz, coefficients.json, merges/<name>.safetensors
-    integration/<name>.safetensors, integration.json, metrics.json, metrics_val.json
+    integration/<name>.safetensors, integration.json, rounds/<r>.safetensors (FedAvg)
+    metrics.json, metrics_val.json
     model/, report.json, report.md, plots/, flwr-run.log (launchers)
 
 Writes are atomic (a crash never leaves half a file); `record` remembers a file's SHA-256 in the state so that a
@@ -57,6 +58,10 @@ class RunDir:
 
     def merge(self, name: str) -> Path:
         return self.root / "merges" / f"{name}.safetensors"
+
+    def round(self, r: int) -> Path:
+        """The FedAvg global model after r rounds (server/fedavg.py)."""
+        return self.root / "rounds" / f"{r}.safetensors"
 
     def integrated(self, name: str) -> Path:
         return self.root / "integration" / f"{name}.safetensors"

@@ -10,7 +10,8 @@ import numpy as np
 from common.model.integration import IntegratedRecommender, IntegratedSpec, load_exact
 from server.base import BaseContext
 from server.run_dir import RunDir
-from server.validation import check_lora_module, check_task_vector, check_teacher_top, expected_k
+from common.merging.teacher import teacher_k
+from server.validation import check_lora_module, check_task_vector, check_teacher_rows
 
 
 class StoredFileCheck:
@@ -28,8 +29,9 @@ class StoredFileCheck:
         elif rel.startswith("teacher/") and path.stem in b.catalogs:
             chosen = self.run.read_json(self.run.pseudo_users)
             n = len(b.catalogs[path.stem])
-            check_teacher_top(self.run.read_arrays(path), len(chosen[path.stem]), n,
-                              expected_k(self.cfg.teacher_top_k, n))
+            exclude = self.cfg.train.seen_items == "exclude"
+            check_teacher_rows(self.run.read_arrays(path), chosen[path.stem], n,
+                               teacher_k(self.cfg.teacher_top_k, n, exclude), exclude)
         elif rel.startswith("merges/"):
             stored = self.run.read_arrays(path)
             if {n: a.shape for n, a in stored.items()} != b.shapes or not all(np.isfinite(a).all()

@@ -17,12 +17,14 @@ from common.protocol.messages import (
     AggregateMetrics,
     ContractError,
     EvaluateReply,
+    FedRoundReply,
     FinetuneReply,
     TeacherReply,
     WeaveReply,
     check_state_arrays,
     check_teacher_arrays,
 )
+from common.merging.teacher import teacher_k
 from common.model.metrics import DEFAULT_KS
 
 METRIC_KEYS = frozenset(f"{m}@{k}" for m in ("recall", "ndcg") for k in DEFAULT_KS)
@@ -97,6 +99,21 @@ def check_weave(reply: WeaveReply, arrays, *, domain: str, base_fp: str, module:
     check_lora_module(arrays["lora"], lora, base_state, base_norm, max_ratio, f"module {module} from {domain}")
 
 
+def check_round(reply: FedRoundReply, arrays, *, domain: str, base_fp: str, round_: int, epochs: int, shapes: dict,
+                base_norm: float, max_ratio: float) -> None:
+    """A FedAvg round's reply: the silo, base, round and epochs asked; finite aggregates; with epochs > 0 a user
+    count to weigh by and an update of the model's exact shapes within the task-vector norm bound."""
+    _same(reply.domain, domain, "domain")
+    _same(reply.base_fingerprint, base_fp, "base fingerprint")
+    if reply.round != round_ or reply.epochs != epochs:
+        raise ContractError(f"round/epochs differ from the request's ({round_}, {epochs})")
+    check_metrics(reply.val, "validation metrics")
+    if epochs > 0:
+        if reply.users < 1:
+            raise ContractError("users must be at least 1 after a training round")
+        check_task_vector(arrays["update"], shapes, base_norm, max_ratio, f"update of {domain}")
+
+
 def check_metrics(m: AggregateMetrics, what: str) -> None:
     if set(m.values) != METRIC_KEYS:
         raise ContractError(f"{what}: metric names must be exactly {sorted(METRIC_KEYS)}")
@@ -104,19 +121,26 @@ def check_metrics(m: AggregateMetrics, what: str) -> None:
         raise ContractError(f"{what}: metric values must be finite and in [0, 1]")
 
 
-def expected_k(top_k: int | None, num_items: int) -> int:
-    return num_items if top_k is None or top_k >= num_items else top_k
-
-
-def check_teacher(reply: TeacherReply, arrays, *, domain: str, rows: int, num_items: int,
-                  top_k: int | None) -> None:
+def check_teacher(reply: TeacherReply, arrays, *, domain: str, pseudo_item_ids: list[int], num_items: int,
+                  top_k: int | None, exclude_own: bool) -> None:
+    """A teacher reply: its domain, catalog size, k; its arrays (check_teacher_top); and with `exclude_own` no row
+    targets its own pseudo-user's item (the student leaves that item out: a target there would be an infinite
+    loss)."""
     _same(reply.domain, domain, "domain")
     if reply.num_items != num_items:
         raise ContractError(f"num_items differs from the catalog's {num_items}")
-    k = expected_k(top_k, num_items)
+    k = teacher_k(top_k, num_items, exclude_own)
     if reply.k != k:
         raise ContractError(f"k must be {k} (top-k asked {top_k}, catalog of {num_items} items)")
-    check_teacher_top(arrays["teacher"], rows, num_items, k)
+    check_teacher_rows(arrays["teacher"], pseudo_item_ids, num_items, k, exclude_own)
+
+
+def check_teacher_rows(named, pseudo_item_ids: list[int], num_items: int, k: int, exclude_own: bool) -> None:
+    """Teacher top-k arrays for `pseudo_item_ids` (fresh or stored): check_teacher_top, and with `exclude_own`
+    no row targets its own pseudo-user's item."""
+    check_teacher_top(named, len(pseudo_item_ids), num_items, k)
+    if exclude_own and (named["indices"] == np.asarray(pseudo_item_ids).reshape(-1, 1)).any():
+        raise ContractError("teacher rows must not target their own pseudo-user's item (seen-items exclude)")
 
 
 def check_teacher_top(named, rows: int, num_items: int, k: int) -> None:
@@ -165,6 +189,14 @@ def check_config(cfg) -> None:
         raise ValueError("granularities: a granularity is listed twice")
     if cfg.weave_rounds and cfg.train.finetune != "lora":
         raise ValueError("weave-rounds: weaving moves LoRA modules; set finetune = lora (or weave-rounds = 0)")
+    if cfg.strategy == "fedavg":
+        if cfg.train.finetune != "full":
+            raise ValueError("strategy: federated averaging trains every parameter; set finetune = full")
+        if cfg.train.val_max_users is None:
+            raise ValueError("strategy: federated averaging picks its round on held-out users; set val-max-users")
+        if cfg.fedavg.init == "base" and (cfg.weave_rounds or cfg.integration.kind != "none"):
+            raise ValueError("strategy: fedavg from the base runs no merge stages; weave-rounds and integration "
+                             "need fedavg-init = merged")
 
 
 def silo_name(handle: str, error: str) -> str:

@@ -83,6 +83,7 @@ def test_narrow_adaptor_roughly_preserves_text_similarity():
     assert corr > 0.9
 
 
+@pytest.mark.slow
 def test_base_is_bit_identical_whatever_the_thread_count():
     """Silos run with other thread counts than the server (Ray gives each 1 CPU): same fingerprint."""
     import subprocess

@@ -16,6 +16,8 @@ from server.transport import InProcessTransport
 
 from helpers import make_tiny_encoder
 
+pytestmark = pytest.mark.slow  # more than a few seconds on 2 cores: not in `make test-fast`
+
 SHARED = ["pretrained", "task_arithmetic", "ties", "mergerec-task", "mergerec-layer"]
 
 

@@ -3,6 +3,8 @@ like the base once its blocks are reset, and like itself when only its blocks ar
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import torch
@@ -12,6 +14,8 @@ from benchmarks import transfer_parts
 from common.model.backbones import build_backbone, shared_state
 from common.model.config import BackboneConfig
 from common.data.demo import make_domain
+
+pytestmark = pytest.mark.slow  # more than a few seconds on 2 cores: not in `make test-fast`
 
 
 def test_part_swaps_recover_the_base_and_the_tuned_model(tmp_path):

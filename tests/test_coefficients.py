@@ -79,7 +79,7 @@ def make_problem(dtype=torch.float32, sizes=(12, 9), k=5, target=None, seed=0, p
         with torch.no_grad():
             items = functional_call(model, teacher_params, (dom, "items", torch.arange(n_items)))
             top = teacher_topk(lambda ids: functional_call(model, teacher_params, (dom, "histories", ids.view(-1, 1))),
-                               items, torch.arange(n_items), k, chunk_size=4)
+                               items, torch.arange(n_items), k, chunk_size=4, exclude_own=True)
         sources.append(DomainBatchSource(dom_inputs=dom, pseudo_item_ids=torch.arange(n_items), teacher=top))
     return model, base, vectors, sources
 
@@ -263,7 +263,7 @@ def test_learned_coefficients_do_not_depend_on_prior_rng_use():
     vec = {n: 0.05 * _t.randn_like(t) for n, t in base.items()}
     ids = _t.arange(40)
     with _t.no_grad():
-        top = teacher_topk(lambda i: model(dom, "histories", i.view(-1, 1)), model(dom, "items", ids), ids, 8)
+        top = teacher_topk(lambda i: model(dom, "histories", i.view(-1, 1)), model(dom, "items", ids), ids, 8, exclude_own=True)
     src = [DomainBatchSource(dom_inputs=dom, pseudo_item_ids=ids, teacher=top)]
     cfg = CoefficientConfig(steps=5, batch_size=4, init=0.5, lr=0.05)
     results = []
@@ -272,3 +272,27 @@ def test_learned_coefficients_do_not_depend_on_prior_rng_use():
         _t.rand(burn)
         results.append(learn_coefficients(model, base, [vec], model.layer_of, src, cfg, progress=False).W)
     assert _t.equal(results[0], results[1])
+
+
+def test_seen_items_exclude_leaves_the_pseudo_users_own_item_out_of_the_student_softmax():
+    """The student's loss for a pseudo-user [i] equals mergerec_loss over its scores with item i at -inf (the
+    teacher never targets it either); with seen-items rank the scores are used as they are."""
+    from common.merging.losses import mergerec_loss
+    from common.model.coefficients import pseudo_user_losses
+
+    model, base, vectors, sources = make_problem(k=4)
+    params = apply(base, vectors, [0.5, 0.5])
+    src, rows = sources[0], torch.arange(6)
+    model.eval()
+    with torch.no_grad():
+        items = functional_call(model, params, (src.dom_inputs, "items", torch.arange(src.dom_inputs.num_items)))
+        q = functional_call(model, params, (src.dom_inputs, "histories", src.pseudo_item_ids[rows].view(-1, 1)))
+        scores = q @ items.T
+        masked = scores.clone()
+        masked[torch.arange(6), src.pseudo_item_ids[rows]] = float("-inf")
+        t = src.teacher
+        for seen, s in (("exclude", masked), ("rank", scores)):
+            got = pseudo_user_losses(model, params, src, rows, items, CoefficientConfig(seen_items=seen))
+            want = mergerec_loss(s, t.indices[rows], t.values[rows], reduction="none")
+            torch.testing.assert_close(got, want)
+            assert bool(got.isfinite().all())

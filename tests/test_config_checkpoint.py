@@ -256,7 +256,7 @@ def test_config_change_reuses_unaffected_stages(world, tmp_path):
     calls = []
     report = Pipeline(_transport(world, calls), _cfg(world, eval_max_users=10, baselines=["ties"]), run).run()
     assert _asked(calls, "train.finetune") == [] and _asked(calls, "query.teacher") == []
-    # test split for every candidate, then the validation split for the MergeRec variants (model selection)
+    # test split for every candidate, then the validation split for the merged candidates (model selection)
     assert _asked(calls, "evaluate.merged") == sorted(["garden", "kitchen", "outdoor"] * 2)
     assert "ties" in report["metrics"]["garden"] and report["metrics"]["garden"]["ties"]["users"] == 10
     calls.clear()

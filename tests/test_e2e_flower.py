@@ -1,7 +1,8 @@
 """The real thing on loopback: one flower-superlink (TLS + SuperNode authentication) and one flower-supernode
-per demo domain, the full MergeRec pipeline submitted with `flwr run`. Checks artifacts, equality with the
-in-process pipeline, privacy of every recorded message, and the two faults (a SuperNode killed during
-fine-tuning; the ServerApp stopped after fine-tuning and started again)."""
+per demo domain, shared by the tests of this module, the full pipeline submitted with `flwr run`. Checks
+artifacts, equality with the in-process pipeline (MergeRec and FedAvg), privacy of every recorded message, and
+the faults: the ServerApp stopped after fine-tuning and again mid-round of the hybrid, started again each time;
+a SuperNode killed during fine-tuning (last: the stack keeps that node down)."""
 
 from __future__ import annotations
 
@@ -34,14 +35,22 @@ DOMAINS = ["garden", "kitchen", "outdoor"]
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     enc = make_tiny_encoder(root / "enc")
-    make_demo(root / "data", n_domains=3, n_items=120, n_users=150, seed=5)
+    make_demo(root / "data", n_domains=3, n_items=80, n_users=60, seed=5)
     return root, enc
 
 
+@pytest.fixture(scope="module")
+def stack(world, tmp_path_factory):
+    """One SuperLink + three SuperNodes for the module (starting them is most of an end-to-end test's time)."""
+    root, _ = world
+    with start_stack(DOMAINS, root / "data", run_dir=tmp_path_factory.mktemp("stack")) as s:
+        yield s
+
+
 def run_config(root: Path, enc: Path, run_dir: Path, **extra) -> dict:
-    rc = {"run-dir": str(run_dir), "encoder": str(enc), "cache-dir": str(root / "cache"), "epochs": 3,
-          "coef-steps": 30, "teacher-top-k": 32, "min-nodes": 3, "timeout-s": 120.0, "node-wait-s": 120.0,
-          "baselines": "task_arithmetic,ties"}
+    rc = {"run-dir": str(run_dir), "encoder": str(enc), "cache-dir": str(root / "cache"), "epochs": 2,
+          "coef-steps": 20, "teacher-top-k": 16, "min-nodes": 3, "timeout-s": 120.0, "node-wait-s": 120.0,
+          "baselines": "task_arithmetic", "granularities": "task,layer"}
     rc.update(extra)
     return rc
 
@@ -74,12 +83,13 @@ def _finetune_requests(folder: Path) -> int:
     return len(list(folder.glob("*-down-train.finetune-*.json")))
 
 
-def test_deployment_matches_in_process_and_leaks_nothing(world, tmp_path):
+@pytest.mark.parametrize("strategy", ["mergerec", "fedavg"])
+def test_deployment_matches_in_process_and_leaks_nothing(world, stack, tmp_path, strategy):
     root, enc = world
-    rc = run_config(root, enc, tmp_path / "run", **{"record-messages": str(tmp_path / "messages")})
-    with start_stack(DOMAINS, root / "data", run_dir=tmp_path / "stack") as stack:
-        res = stack.run_app(ROOT, run_config=rc, timeout=900)
-        assert res.ok, f"{res.status}: {res.details}\n{stack.log_tails()}"
+    extra = {"strategy": "fedavg", "fedavg-rounds": 2} if strategy == "fedavg" else {}
+    rc = run_config(root, enc, tmp_path / "run", **{"record-messages": str(tmp_path / "messages")}, **extra)
+    res = stack.run_app(ROOT, run_config=rc, timeout=900)
+    assert res.ok, f"{res.status}: {res.details}\n{stack.log_tails()}"
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert sorted(report["active"]) == DOMAINS and report["dropped"] == []
     card = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
@@ -96,10 +106,14 @@ def test_deployment_matches_in_process_and_leaks_nothing(world, tmp_path):
                 assert got[k] == pytest.approx(v, abs=1e-6), f"{d}/{model}/{k}: flower {got[k]} vs in-process {v}"
 
     n = assert_no_user_data(recorded_messages(tmp_path / "messages"), [root / "data" / d for d in DOMAINS])
-    assert n >= 24 and _finetune_requests(tmp_path / "messages") == 3
+    if strategy == "fedavg":  # rounds, not fine-tuning: 2 rounds + the last model's validation, per silo
+        assert report["selection"]["chosen"] == "fedavg" and _finetune_requests(tmp_path / "messages") == 0
+        assert len(list((tmp_path / "messages").glob("*-down-train.round-*.json"))) == 9 and n >= 18
+    else:
+        assert n >= 24 and _finetune_requests(tmp_path / "messages") == 3
 
 
-def test_lora_and_weaving_through_flower(world, tmp_path):
+def test_lora_and_weaving_through_flower(world, stack, tmp_path):
     """finetune = lora with one weaving round over real SuperNodes: the train.weave action reaches every silo,
     the metrics equal the in-process pipeline's, and no recorded message leaks user data."""
     root, enc = world
@@ -107,9 +121,8 @@ def test_lora_and_weaving_through_flower(world, tmp_path):
                                                     "finetune": "lora", "lora-rank": 4, "weave-rounds": 1,
                                                     "epochs": 2, "coef-steps": 10, "baselines": "task_arithmetic",
                                                     "granularities": "task"})
-    with start_stack(DOMAINS, root / "data", run_dir=tmp_path / "stack") as stack:
-        res = stack.run_app(ROOT, run_config=rc, timeout=900)
-        assert res.ok, f"{res.status}: {res.details}\n{stack.log_tails()}"
+    res = stack.run_app(ROOT, run_config=rc, timeout=900)
+    assert res.ok, f"{res.status}: {res.details}\n{stack.log_tails()}"
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert sorted(report["active"]) == DOMAINS and report["dropped"] == []
     assert len(report["weave"]["hops"]) == 3 and report["weave"]["skipped"] == []
@@ -139,19 +152,67 @@ def _completed(run_dir: Path) -> list[str]:
         return []
 
 
-def test_supernode_killed_during_finetuning_is_dropped(world, tmp_path):
+def _rounds_done(run_dir: Path) -> int:
+    try:
+        fed = json.loads((run_dir / "checkpoint.json").read_text()).get("fedavg") or {}
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return max((r["round"] for r in fed.get("rounds", [])), default=0)
+
+
+def _requests(folder: Path, kind: str) -> int:
+    return len(list(folder.glob(f"*-down-{kind}-*.json")))
+
+
+def test_serverapp_stopped_after_finetuning_and_mid_round_resumes_each_time(world, stack, tmp_path):
+    """The hybrid (MergeRec, then FedAvg rounds from the best merge), through `flwr run`: the ServerApp is stopped
+    once after fine-tuning and once after the first round; each restart goes on where it stopped (no silo
+    fine-tunes again, no finished round is trained again)."""
     root, enc = world
     run_dir = tmp_path / "run"
-    rc = run_config(root, enc, run_dir, epochs=30, patience=30, **{"record-messages": str(tmp_path / "messages"),
+    msgs = tmp_path / "messages"
+    # long coefficient learning and several epochs per round give time to stop the ServerApp where wanted
+    rc = run_config(root, enc, run_dir, **{"record-messages": str(msgs), "coef-steps": 400, "strategy": "fedavg",
+                                           "fedavg-init": "merged", "fedavg-rounds": 3, "fedavg-epochs": 10})
+
+    def stop_when(done, what):
+        run = stack.run_app(ROOT, run_config=rc, timeout=900, wait=False)
+        assert run.run_id is not None, run.details
+        _wait_for(done, 600, what)
+        stack.flwr("stop", str(run.run_id), stack.connection, timeout=60)
+        assert not stack.wait_run(run, timeout=120).ok
+
+    stop_when(lambda: "finetune" in _completed(run_dir), "fine-tuning to complete")
+    assert "coefficients" not in _completed(run_dir) and _finetune_requests(msgs) == 3
+    stop_when(lambda: _rounds_done(run_dir) >= 1, "the first round to be stored")
+    done = _rounds_done(run_dir)
+    assert 1 <= done < 3 and _finetune_requests(msgs) == 3
+    rounds_before = _requests(msgs, "train.round")
+    last = stack.run_app(ROOT, run_config=rc, timeout=900)
+    assert last.ok, f"{last.status}: {last.details}\n{stack.log_tails()}"
+    assert _finetune_requests(msgs) == 3, "silos were asked to fine-tune again after a restart"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert sorted(report["active"]) == DOMAINS and report["selection"]["chosen"] == "hybrid"
+    assert [r["round"] for r in report["fedavg"]["rounds"]] == [0, 1, 2, 3]
+    # after the second restart only the rounds not stored yet and the last model's validation reach the silos
+    assert _requests(msgs, "train.round") - rounds_before == 3 * (3 - done + 1)
+    assert "mergerec-layer" in report["metrics"]["garden"] and "hybrid" in report["metrics"]["garden"]
+    assert assert_no_user_data(recorded_messages(msgs), [root / "data" / d for d in DOMAINS]) >= 24
+
+
+def test_supernode_killed_during_finetuning_is_dropped(world, stack, tmp_path):
+    """Last in the module: the stack keeps the killed SuperNode down."""
+    root, enc = world
+    run_dir = tmp_path / "run"
+    rc = run_config(root, enc, run_dir, epochs=12, patience=12, **{"record-messages": str(tmp_path / "messages"),
                                                                    "timeout-s": 60.0})
-    with start_stack(DOMAINS, root / "data", run_dir=tmp_path / "stack") as stack:
-        res = stack.run_app(ROOT, run_config=rc, timeout=900, wait=False)
-        assert res.run_id is not None, res.details
-        _wait_for(lambda: _finetune_requests(tmp_path / "messages") >= 3, 300, "fine-tuning to start")
-        time.sleep(2)
-        kill_supernode(stack, "kitchen")
-        res = stack.wait_run(res, timeout=900)
-        assert res.ok, f"{res.status}: {res.details}\n{stack.log_tails()}"
+    res = stack.run_app(ROOT, run_config=rc, timeout=900, wait=False)
+    assert res.run_id is not None, res.details
+    _wait_for(lambda: _finetune_requests(tmp_path / "messages") >= 3, 300, "fine-tuning to start")
+    time.sleep(1)
+    kill_supernode(stack, "kitchen")
+    res = stack.wait_run(res, timeout=900)
+    assert res.ok, f"{res.status}: {res.details}\n{stack.log_tails()}"
     report = json.loads((run_dir / "report.json").read_text())
     assert sorted(report["active"]) == ["garden", "outdoor"]
     assert [d["domain"] for d in report["dropped"]] == ["kitchen"]
@@ -160,43 +221,21 @@ def test_supernode_killed_during_finetuning_is_dropped(world, tmp_path):
     assert assert_no_user_data(recorded_messages(tmp_path / "messages"), [root / "data" / d for d in DOMAINS]) >= 12
 
 
-def test_serverapp_stopped_after_finetuning_resumes_without_finetuning_again(world, tmp_path):
-    root, enc = world
-    run_dir = tmp_path / "run"
-    msgs = tmp_path / "messages"
-    # a long coefficient stage gives time to stop the ServerApp after fine-tuning
-    rc = run_config(root, enc, run_dir, **{"record-messages": str(msgs), "coef-steps": 400})
-    with start_stack(DOMAINS, root / "data", run_dir=tmp_path / "stack") as stack:
-        first = stack.run_app(ROOT, run_config=rc, timeout=900, wait=False)
-        assert first.run_id is not None, first.details
-        _wait_for(lambda: "finetune" in _completed(run_dir), 600, "fine-tuning to complete")
-        stack.flwr("stop", str(first.run_id), stack.connection, timeout=60)
-        first = stack.wait_run(first, timeout=120)
-        assert not first.ok
-        assert "coefficients" not in _completed(run_dir)
-        before = _finetune_requests(msgs)
-        assert before == 3
-        second = stack.run_app(ROOT, run_config=rc, timeout=900)
-        assert second.ok, f"{second.status}: {second.details}\n{stack.log_tails()}"
-    assert _finetune_requests(msgs) == before, "silos were asked to fine-tune again after the restart"
-    report = json.loads((run_dir / "report.json").read_text())
-    assert sorted(report["active"]) == DOMAINS
-    assert "mergerec-layer" in report["metrics"]["garden"]
-    assert assert_no_user_data(recorded_messages(msgs), [root / "data" / d for d in DOMAINS]) >= 24
-
-
 def test_simulation_run_leaks_nothing(world, tmp_path):
-    """`python -m deployment.simulate`'s path (simulation SuperLink, Ray): every recorded message passes the
-    privacy check, and every expected silo took part."""
+    """`python -m deployment.simulate`'s path (simulation SuperLink, Ray), with the hybrid (the MergeRec stages,
+    then a FedAvg round from the best merge): every recorded message passes the privacy check, and every expected
+    silo took part."""
     from deployment.local import format_run_config
     from deployment.simulate import exit_status, run_simulation
 
     root, enc = world
     rc = {"encoder": str(enc), "cache-dir": str(root / "cache"), "silo-state-root": str(tmp_path / "state"),
           "epochs": 2, "coef-steps": 10, "teacher-top-k": 16, "baselines": "task_arithmetic",
-          "granularities": "task", "record-messages": str(tmp_path / "messages"), "timeout-s": 300.0}
+          "granularities": "task", "record-messages": str(tmp_path / "messages"), "timeout-s": 300.0,
+          "strategy": "fedavg", "fedavg-init": "merged", "fedavg-rounds": 1}
     report = run_simulation(DOMAINS, root / "data", tmp_path / "run", format_run_config(rc), timeout=900)
     assert sorted(report["active"]) == DOMAINS and report["dropped"] == []
     assert exit_status(report, DOMAINS) == 0
+    assert report["selection"]["chosen"] == "hybrid" and len(report["fedavg"]["rounds"]) == 2
     n = assert_no_user_data(recorded_messages(tmp_path / "messages"), [root / "data" / d for d in DOMAINS])
     assert n >= 24

@@ -99,7 +99,7 @@ def _sources(base, states, doms):
         ids = torch.arange(dom.num_items)
         with torch.no_grad():
             items = ref(dom, "items", ids)
-            top = teacher_topk(lambda q: ref(dom, "histories", q.view(-1, 1)), items, ids, 16, 64)
+            top = teacher_topk(lambda q: ref(dom, "histories", q.view(-1, 1)), items, ids, 16, 64, exclude_own=True)
         out.append(DomainBatchSource(dom_inputs=dom, pseudo_item_ids=ids, teacher=top, name=dom.domain))
     return out
 
@@ -120,6 +120,7 @@ def test_gate_training_lowers_the_held_out_loss(models):
     assert not any(p.requires_grad for p in m.parameters())
 
 
+@pytest.mark.slow
 def test_pipeline_with_xcross_candidate_is_evaluated_and_private(world, tmp_path):
     root, enc, dirs = world
     recorder = MessageRecorder(tmp_path / "messages")
@@ -193,6 +194,7 @@ def test_bad_integration_config_names_the_key(key, value):
         pipeline_config({**app_defaults(), key: value})
 
 
+@pytest.mark.slow
 def test_turning_integration_on_redoes_only_integration_and_evaluation(world, tmp_path):
     root, enc, dirs = world
     calls = []

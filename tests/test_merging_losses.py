@@ -84,3 +84,18 @@ def test_adamerging_entropy():
 def test_shape_errors():
     with pytest.raises(ValueError):
         mergerec_loss(torch.zeros(2, 5), torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2))
+
+
+def test_entropy_ignores_items_left_out_of_the_softmax():
+    """A score of -inf (an item the pseudo-user has seen) has probability 0 and adds nothing: the entropy equals
+    the entropy over the remaining items, not nan."""
+    import torch
+
+    from common.merging.losses import adamerging_entropy
+
+    s = torch.tensor([[0.3, -0.2, 0.5, 0.1]])
+    masked = s.clone()
+    masked[0, 2] = float("-inf")
+    got = adamerging_entropy(masked, tau=0.5)
+    want = adamerging_entropy(s[:, [0, 1, 3]], tau=0.5)
+    assert torch.isfinite(got) and torch.allclose(got, want)

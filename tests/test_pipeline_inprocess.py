@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from clients.client_app import in_process_endpoint
@@ -72,6 +73,13 @@ def test_full_pipeline_and_report(world, tmp_path, caplog):
     assert config["method"] == chosen
     val = report["selection"]["mean_val_ndcg@10"]
     assert val[chosen] == max(val.values())
+    # every merged candidate competes (not only the MergeRec variants), and the folder holds exactly its weights
+    assert set(val) == {"mergerec-task", "mergerec-layer", "task_arithmetic", "ties"}
+    from safetensors.torch import load_file
+
+    shipped, stored = load_file(str(model_dir / "model.safetensors")), load_file(str(tmp_path / "run" / "merges" / f"{chosen}.safetensors"))
+    assert shipped.keys() == stored.keys() and all(torch.equal(shipped[n], stored[n]) for n in stored)
+    assert report["seen_items"] == "exclude" and "left out of the ranking" in (tmp_path / "run" / "report.md").read_text()
     card = (model_dir / "README.md").read_text()
     assert "2601.01753" in card and "validation NDCG@10" in card and chosen in card
     report_md = (tmp_path / "run" / "report.md").read_text()

@@ -18,7 +18,7 @@ from common.data.format import load_silo
 from common.data.demo import make_demo
 from common.model.coefficients import CoefficientConfig
 from common.protocol.messages import EvaluateRequest
-from common.model.metrics import metrics_from_ranks, target_ranks
+from common.model.metrics import metrics_from_ranks, ranks_excluding_seen
 from common.api.model_folder import ModelFolderError
 from common.api.recommend import MergedRecommender
 from server.config import PipelineConfig
@@ -42,7 +42,7 @@ def run(tmp_path_factory):
     pipeline = Pipeline(transport, cfg, root / "run")
     report = pipeline.run()
     return {"root": root, "dirs": dirs, "report": report, "model": root / "run" / "model", "workers": workers,
-            "spec": pipeline.spec}
+            "spec": pipeline.base.spec}
 
 
 def _values(result: dict) -> dict:
@@ -96,7 +96,7 @@ def test_scores_and_metrics_equal_the_pipeline_evaluation(run):
         rec.index(d)
         scores, _ = rec.scores([_keys(silo, h) for h in histories])
         assert torch.allclose(scores, rec.score_ids(histories), atol=1e-6)
-        ours = metrics_from_ranks(target_ranks(scores, torch.tensor(targets)))
+        ours = metrics_from_ranks(ranks_excluding_seen(scores.clone(), torch.tensor(targets), histories))
         for k in ("recall@10", "ndcg@10", "recall@50"):
             assert ours[k] == pytest.approx(pipeline[k], abs=1.5 / len(targets))
 
@@ -108,8 +108,9 @@ def test_scores_equal_those_the_silo_evaluation_ranks(run, monkeypatch):
 
     d = run["dirs"][1]
     captured = []
-    real = common.model.train.target_ranks
-    monkeypatch.setattr(common.model.train, "target_ranks", lambda sc, t, g=None: captured.append(sc.clone()) or real(sc, t, g))
+    real = common.model.train.ranks_excluding_seen  # the default protocol: history items left out
+    monkeypatch.setattr(common.model.train, "ranks_excluding_seen",
+                        lambda sc, t, h, g=None: captured.append(sc.clone()) or real(sc, t, h, g))
     arrays = {n: t.numpy() for n, t in load_file(str(run["model"] / "model.safetensors")).items()}
     reply, _ = run["workers"][d.name].evaluate(EvaluateRequest(base=run["spec"], models=["shipped"]), {"shipped": arrays})
     rec = MergedRecommender.from_pretrained(run["model"]).index(d)

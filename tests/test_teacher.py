@@ -45,6 +45,23 @@ def test_k_equal_n_is_dense_and_topk_is_its_prefix():
     assert bool((top.values[:, :-1] >= top.values[:, 1:]).all())
 
 
+def test_excluding_the_own_item_is_the_dense_topk_without_it():
+    """seen-items exclude: a pseudo-user's own item is never among its targets (the MergeRec reference keeps it,
+    and it is the top-1 for nearly every pseudo-user); k is at most N - 1, and None means N - 1."""
+    items, queries = _setup()
+    ids = torch.tensor([3, 0, 49, 17])
+    dense = queries(ids) @ items.T
+    dense[torch.arange(4), ids] = float("-inf")
+    top = teacher_topk(queries, items, ids, 6, chunk_size=3, exclude_own=True)
+    ref = dense.topk(6, dim=1)
+    assert torch.equal(top.indices, ref.indices)
+    torch.testing.assert_close(top.values, ref.values)
+    assert not (top.indices == ids.view(-1, 1)).any()
+    full = teacher_topk(queries, items, ids, None, exclude_own=True)
+    assert full.k == 49 and bool(full.values.isfinite().all())
+    assert not (teacher_topk(queries, items, ids, 6).indices == ids.view(-1, 1)).all(1).all()  # kept by default
+
+
 def test_wire_dtypes_follow_catalog_size():
     """uint16 indices up to 65,536 items (ids 0..65535), uint32 above; float16 values, 4 bytes per entry."""
     from common.protocol.messages import ContractError, check_teacher_arrays
@@ -123,6 +140,7 @@ _MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_as_the_catalog_grows():
     """P = N = 12000: no operator of the streamed teacher allocates more than a chunk (256 x N floats, 12 MiB);
     the dense variant, measured the same way, allocates the 549 MiB P x N matrix, so the check would catch it."""

@@ -148,14 +148,15 @@ def cmd_evaluate(args) -> int:
     rec = _load(args)
     rows = []
     for folder in args.data:
-        res = rec.evaluate(folder, args.split, max_users=args.max_users, seed=args.seed)
-        rows.append({"domain": Path(folder).name, "split": args.split, **res})
+        res = rec.evaluate(folder, args.split, max_users=args.max_users, seed=args.seed, seen_items=args.seen_items)
+        rows.append({"domain": Path(folder).name, "split": args.split, "seen_items": args.seen_items, **res})
     if args.format == "json":
         print(json.dumps(rows, indent=1))
     else:
         from common.core.report import markdown_table
 
-        print(markdown_table(rows, ["domain", "split", "recall@10", "ndcg@10", "recall@50", "ndcg@50", "users"]))
+        print(markdown_table(rows, ["domain", "split", "seen_items", "recall@10", "ndcg@10", "recall@50", "ndcg@50",
+                                    "users"]))
     return 0
 
 
@@ -210,6 +211,9 @@ def build_parser(delegated: dict | None = None) -> argparse.ArgumentParser:
                     help="evaluate a seeded subsample of this many users (default all)")
     ev.add_argument("--seed", type=_int_at_least(0, SEED_MAX), default=0,
                     help="subsample and tie-breaking seed (default 0)")
+    ev.add_argument("--seen-items", choices=["exclude", "rank"], default="exclude",
+                    help="exclude: a user's history items are left out of the ranking, as recommend serves users "
+                    "(default); rank: every item is ranked")
     ev.set_defaults(func=cmd_evaluate)
     ex = sub.add_parser("export", help="write a model folder (config.json, model.safetensors, README.md)",
                         description="Turn a silo's fine-tuned weights file or the base model into a model folder.")

@@ -192,14 +192,18 @@ class MergedRecommender:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, domain_dir: str | Path, split: str = "test", *, max_users: int | None = None,
-                 seed: int = 0) -> dict[str, float]:
+                 seed: int = 0, seen_items: str = "exclude") -> dict[str, float]:
         """Full-ranking Recall@k / NDCG@k on a domain folder's `val` or `test` split: the same code (and so
-        the same numbers for the same model, split, max_users and seed) as the pipeline's evaluation."""
+        the same numbers for the same model, split, max_users, seed and seen-items protocol) as the pipeline's
+        evaluation. `seen_items`: "exclude" (a user's history is not ranked, as `recommend` serves it) or
+        "rank"."""
         from common.protocol.messages import MIN_USERS_FOR_METRICS
         from common.model.train import evaluate_split
 
         if split not in ("val", "test"):
             raise ValueError("split must be 'val' or 'test'")
         silo = load_silo(domain_dir, min_users=MIN_USERS_FOR_METRICS)
+        if seen_items not in ("exclude", "rank"):
+            raise ValueError("seen_items must be 'exclude' or 'rank'")
         return evaluate_split(self.model, silo, self.model.domain_inputs(silo.catalog), split,
-                              max_users=max_users, seed=seed)
+                              max_users=max_users, seed=seed, seen_items=seen_items)

@@ -48,5 +48,6 @@ def adamerging_entropy(student_scores: torch.Tensor, tau: float = 0.05, *,
                        reduction: Literal["mean", "none"] = "mean") -> torch.Tensor:
     """Entropy of softmax(s / tau) per row [B, N] -> mean (or [B] with ``reduction="none"``). Needs no teacher."""
     log_q = F.log_softmax(student_scores / tau, dim=1)
-    ent = -(log_q.exp() * log_q).sum(1)
+    # items left out of the softmax (score -inf) have probability 0 and add 0 (not 0 * -inf = nan)
+    ent = -torch.where(log_q.isfinite(), log_q.exp() * log_q, torch.zeros_like(log_q)).sum(1)
     return ent.mean() if reduction == "mean" else ent

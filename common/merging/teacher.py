@@ -90,14 +90,23 @@ class TopKLogits(BaseModel):
 
 
 @torch.no_grad()
+def teacher_k(k: int | None, num_items: int, exclude_own: bool) -> int:
+    """The k a teacher reply carries: the k asked (None = every item), at most N, or N - 1 when a pseudo-user's
+    own item is left out."""
+    n = num_items - 1 if exclude_own else num_items
+    return n if k is None or k >= n else int(k)
+
+
 def teacher_topk(query_embeddings_fn: Callable[[torch.Tensor], torch.Tensor], item_embeddings: torch.Tensor,
-                 pseudo_item_ids: torch.Tensor, k: int | None, chunk_size: int = 256) -> TopKLogits:
+                 pseudo_item_ids: torch.Tensor, k: int | None, chunk_size: int = 256,
+                 exclude_own: bool = False) -> TopKLogits:
     """Top-k cosine logits of each pseudo-user against all N items, computed ``chunk_size`` pseudo-users at a time.
 
     ``query_embeddings_fn(item_ids [c]) -> [c, d]``: the fine-tuned model's embedding of the pseudo-users whose
     history is that single item; ``item_embeddings`` [N, d]. Both L2-normalised, so logits = q @ items.T.
-    ``k`` None or >= N gives k = N (dense, rows sorted). Memory: O(chunk_size * N + P * k) besides the inputs;
-    the P x N matrix never exists.
+    ``k`` None or >= N gives k = N (dense, rows sorted). ``exclude_own``: a pseudo-user's own item is never one of its
+    targets (the seen-items protocol "exclude": a recommender does not offer what the user just saw); k is then at
+    most N - 1. Memory: O(chunk_size * N + P * k) besides the inputs; the P x N matrix never exists.
     """
     if item_embeddings.dim() != 2:
         raise ValueError(f"item_embeddings must be [N, d], got {list(item_embeddings.shape)}")
@@ -109,7 +118,9 @@ def teacher_topk(query_embeddings_fn: Callable[[torch.Tensor], torch.Tensor], it
         raise ValueError(f"pseudo-user item ids out of range [0, {n})")
     if k is not None and k <= 0:
         raise ValueError(f"k must be positive or None, got {k}")
-    k_eff = n if k is None or k >= n else int(k)
+    if exclude_own and n < 2:
+        raise ValueError("a catalog of one item has no target besides the pseudo-user's own item")
+    k_eff = teacher_k(k, n, exclude_own)
     p = ids.numel()
     out_idx = torch.empty((p, k_eff), dtype=torch.long)
     out_val = torch.empty((p, k_eff), dtype=torch.float32)
@@ -119,6 +130,9 @@ def teacher_topk(query_embeddings_fn: Callable[[torch.Tensor], torch.Tensor], it
         if q.dim() != 2 or q.shape[0] != min(chunk_size, p - s) or q.shape[1] != item_embeddings.shape[1]:
             raise ValueError(f"query_embeddings_fn returned {list(q.shape)} for a chunk of {min(chunk_size, p - s)}")
         scores = (q.to(items_t.dtype) @ items_t).float()  # [c, N]
+        if exclude_own:
+            chunk = ids[s:s + chunk_size]
+            scores[torch.arange(len(chunk)), chunk] = float("-inf")
         top = torch.topk(scores, k_eff, dim=1, largest=True, sorted=True)
         out_val[s:s + chunk_size] = top.values
         out_idx[s:s + chunk_size] = top.indices

@@ -26,6 +26,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from common.model.backbones import items_in_batches
+from common.model.metrics import SeenItems
 from common.model.config import INT32_MAX, Count, Seed
 from common.merging.losses import adamerging_entropy, mergerec_loss
 from common.merging.task_vectors import State, check_compatible
@@ -54,6 +55,9 @@ class CoefficientConfig(BaseModel):
     tau: float = Field(0.05, gt=0)
     loss: Literal["mergerec", "adamerging"] = "mergerec"
     dropout: bool = Field(True, description="model.train() during steps (the reference keeps dropout on)")
+    # follows TrainConfig.seen_items in a PipelineConfig (one run-config key, seen-items)
+    seen_items: SeenItems = Field("exclude", description="exclude: a pseudo-user's own item is left out of the "
+                                  "student's softmax, as the teacher leaves it out of its targets")
     # Python only (not a run-config key: measured useless, docs/benchmarks.md)
     item_refresh_every: int = Field(0, ge=0, le=INT32_MAX, description="0: item embeddings frozen at the init W "
                                     "(reference); K > 0: recomputed, with gradient, every K steps (K = 1: every "
@@ -196,6 +200,8 @@ def pseudo_user_losses(model: nn.Module, params: Mapping[str, torch.Tensor], sou
     hist = source.pseudo_item_ids[rows].view(-1, 1).to(device)  # a history of one item, right-aligned
     q = functional_call(model, params, (source.dom_inputs, "histories", hist))
     scores = q @ item_embeddings.T  # [b, N] cosines
+    if cfg.seen_items == "exclude":  # the pseudo-user's own item is no candidate (nor a teacher target)
+        scores = scores.masked_fill(torch.nn.functional.one_hot(hist.view(-1), scores.shape[1]).bool(), float("-inf"))
     if cfg.loss == "adamerging":
         return adamerging_entropy(scores, cfg.tau, reduction="none")
     t = source.teacher

@@ -8,6 +8,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, PositiveInt, field_validator
 
 from common.core.strict import Strict
+from common.model.metrics import SeenItems
 
 #: no metric a silo reports may average over fewer users (it would describe individuals)
 MIN_USERS_FOR_METRICS = 5
@@ -74,8 +75,10 @@ class TrainConfig(Strict):
     # at least 3: a position masks at most two of them, its target and its current item
     num_negatives: int = Field(2048, ge=3, le=INT32_MAX, description="negatives=sampled: items drawn uniformly "
                                "per batch (at least 3)")
-    mask_current_item: bool = Field(True, description="leave the most recent input item out of the training "
-                                    "softmax unless it is the target (evaluation always ranks every item)")
+    seen_items: SeenItems = Field("exclude", description="items a user has already seen: exclude (left out of "
+                                  "the ranking, as users get it) | rank (ranked with the rest)")
+    mask_current_item: bool = Field(True, description="seen-items=rank: leave the most recent input item out of "
+                                    "the training softmax unless it is the target")
     # on Amazon data validation NDCG@10 dips for a few epochs before it passes the untrained model
     patience: int = Field(5, ge=1, le=MAX_EPOCHS, description="epochs without a validation NDCG@10 gain before "
                           "stopping")

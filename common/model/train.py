@@ -6,8 +6,9 @@ at once (next item at each step); the text backbone on (train[:-1] -> train[-1])
 item table re-encoded without gradient once per epoch (as Recformer-style training does on CPU budgets).
 By default the most recent input item is left out of the training softmax unless it is the target
 (`TrainConfig.mask_current_item`): a text model's nearest neighbour of an item is the item itself, and
-without the mask much of the early gradient only pushes histories away from their own last item.
-Evaluation ranks every item of the domain, history items included.
+without the mask much of the early gradient only pushes histories away from their own last item. With
+`seen_items="exclude"` (the default) the softmax leaves out every item of the input so far instead (except the
+target), consistent with an evaluation that does not rank a user's history (common/model/metrics.py).
 
 Training on validation items (`TrainConfig.selection`). Real Amazon data drift over time (popularity ranks
 val items ~30% better than test items), and the validation item is each user's most recent interaction before
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from common.model.backbones import DomainInputs, Recommender, encode_all_items, pad_histories, shared_state
 from common.model.config import TrainConfig, resolve_device
 from common.data.format import SiloData
-from common.model.metrics import DEFAULT_KS, RankingAccumulator, target_ranks
+from common.model.metrics import DEFAULT_KS, RankingAccumulator, SeenItems, ranks_excluding_seen, target_ranks
 
 log = logging.getLogger(__name__)
 
@@ -118,33 +119,45 @@ def _batch_loss(model: Recommender, dom: DomainInputs, rows, cfg: TrainConfig, i
         targets = pad_histories([r[1] for r in rows], model.cfg.max_items).to(device)
         out = model(dom, "positions", inputs)
         valid = inputs >= 0
-        queries, tgt, current = out[valid], targets[valid], inputs[valid]
+        queries, tgt = out[valid], targets[valid]
+        if cfg.seen_items == "exclude":  # each position's whole prefix: [P, L] item ids, -1 beyond it
+            upto = torch.ones(inputs.shape[1], inputs.shape[1], dtype=torch.bool, device=device).tril()
+            seen = torch.where(upto, inputs.unsqueeze(1), torch.full_like(inputs.unsqueeze(1), -1))[valid]
+        else:
+            seen = inputs[valid].unsqueeze(1)
     else:
         queries = model(dom, "histories", inputs)
         tgt = torch.tensor([r[1][0] for r in rows], device=device)
-        current = inputs[:, -1]
+        seen = inputs if cfg.seen_items == "exclude" else inputs[:, -1:]
+    if cfg.seen_items == "rank" and not cfg.mask_current_item:
+        seen = seen[:, :0]
     queries = queries / cfg.tau
     if cfg.negatives == "sampled" and cfg.num_negatives < dom.num_items:
-        return _sampled_loss(model, dom, queries, tgt, current, cfg, device)
+        return _sampled_loss(model, dom, queries, tgt, seen, cfg, device)
     if cfg.negatives == "inbatch":
         cands, tgt = torch.unique(tgt, return_inverse=True)
         items = model(dom, "items", cands)
-        pos = torch.searchsorted(cands, current).clamp_max(len(cands) - 1)
-        current = torch.where(cands[pos] == current, pos, -1)  # not among the candidates: nothing to mask
+        pos = torch.searchsorted(cands, seen.clamp_min(0)).clamp_max(len(cands) - 1)
+        seen = torch.where((seen >= 0) & (cands[pos] == seen), pos, -1)  # not among the candidates: no mask
     else:
         items = item_table if item_table is not None else model(dom, "items", torch.arange(dom.num_items, device=device))
     logits = queries @ items.T
-    if cfg.mask_current_item:
-        # the item just seen is the nearest text neighbour of itself; unless it is the target, leave it out
-        # of the softmax instead of teaching the model to move away from it
-        drop = torch.nonzero((current >= 0) & (current != tgt)).squeeze(1)
-        logits[drop, current[drop]] = float("-inf")  # in place: mm's backward needs its inputs, not its output
+    # an item already seen is the nearest text neighbour of itself; unless it is the target, leave it out of the
+    # softmax instead of teaching the model to move away from it
+    r, c = _masked(seen, tgt)
+    logits[r, seen[r, c]] = float("-inf")  # in place: mm's backward needs its inputs, not its output
     return F.cross_entropy(logits, tgt)
 
 
-def _sampled_loss(model: Recommender, dom: DomainInputs, queries, tgt, current, cfg: TrainConfig, device):
+def _masked(seen: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the entries of `seen` [P, S] (item ids, -1 = none) to leave out of position p's
+    softmax: every seen item but the position's own target."""
+    return torch.nonzero((seen >= 0) & (seen != tgt.unsqueeze(1)), as_tuple=True)
+
+
+def _sampled_loss(model: Recommender, dom: DomainInputs, queries, tgt, seen, cfg: TrainConfig, device):
     """Sampled softmax: column 0 is each position's target, then the batch's shared uniform negatives.
-    queries [P, d] already divided by tau; tgt, current [P] item ids."""
+    queries [P, d] already divided by tau; tgt [P] item ids; seen [P, S] item ids left out (-1 = none)."""
     neg, log_weight = _sampled_candidates(dom, cfg.num_negatives, device)
     emb = model(dom, "items", torch.cat([tgt, neg]))
     pos_logit = (queries * emb[: len(tgt)]).sum(-1)
@@ -154,9 +167,8 @@ def _sampled_loss(model: Recommender, dom: DomainInputs, queries, tgt, current, 
     column[neg] = torch.arange(len(neg), device=device)
     rows = torch.arange(len(tgt), device=device)
     drop = [(rows, column[tgt])]  # the target drawn as a negative: counted once, as the positive
-    if cfg.mask_current_item:
-        cur = (current >= 0) & (current != tgt)
-        drop.append((rows[cur], column[current[cur]]))
+    r, c = _masked(seen, tgt)
+    drop.append((r, column[seen[r, c]]))
     for r, c in drop:
         hit = c >= 0
         neg_logits[r[hit], c[hit]] = float("-inf")  # in place: mm's backward needs its inputs, not its output
@@ -178,8 +190,10 @@ def evaluate(
     seed: int = 0,
     progress: bool = False,
     item_embeddings: torch.Tensor | None = None,
+    seen_items: SeenItems = "exclude",
 ) -> dict[str, float]:
-    """Full ranking over every item of the domain; aggregate Recall@k / NDCG@k only.
+    """Full ranking over every item of the domain (`seen_items`: a user's history items left out, or ranked too;
+    common/model/metrics.py); aggregate Recall@k / NDCG@k only.
 
     item_embeddings: [N, d] the model's own item embeddings when already known (e.g. an untrained text
     encoder's are the cached item-text embeddings); computed here otherwise."""
@@ -197,7 +211,11 @@ def evaluate(
         idx = keep[s : s + batch_size]
         hist = pad_histories([histories[i] for i in idx], model.cfg.max_items).to(device)
         scores = (model(dom, "histories", hist) @ items.T).cpu()
-        acc.add(target_ranks(scores, torch.tensor([targets[i] for i in idx]), gen))
+        tg = torch.tensor([targets[i] for i in idx])
+        if seen_items == "exclude":
+            acc.add(ranks_excluding_seen(scores, tg, [histories[i] for i in idx], gen))
+        else:
+            acc.add(target_ranks(scores, tg, gen))
     model.train(was_training)
     return acc.result()
 
@@ -207,16 +225,18 @@ def evaluate_split(model: Recommender, silo: SiloData, dom: DomainInputs, split:
     return evaluate(model, dom, histories, targets, **kw)
 
 
-def popularity_metrics(silo: SiloData, split: str, *, ks=DEFAULT_KS, seed: int = 0) -> dict[str, float]:
+def popularity_metrics(silo: SiloData, split: str, *, ks=DEFAULT_KS, seed: int = 0,
+                       seen_items: SeenItems = "exclude") -> dict[str, float]:
     """Baseline: rank items by their training interaction count (ties broken at random)."""
     counts = torch.as_tensor(silo.interaction_counts(), dtype=torch.float32)
-    _, targets = silo.eval_split(split)
+    histories, targets = silo.eval_split(split)
     acc = RankingAccumulator(ks)
     gen = torch.Generator().manual_seed(seed)
     t = torch.tensor(targets)
     for s in range(0, len(t), 1024):
-        chunk = t[s : s + 1024]
-        acc.add(target_ranks(counts.expand(len(chunk), -1), chunk, gen))
+        chunk, scores = t[s : s + 1024], counts.expand(len(t[s : s + 1024]), -1).clone()
+        acc.add(ranks_excluding_seen(scores, chunk, histories[s : s + 1024], gen) if seen_items == "exclude"
+                else target_ranks(scores, chunk, gen))
     return acc.result()
 
 
@@ -330,15 +350,17 @@ def _start(model: Recommender, cfg: TrainConfig) -> torch.device:
 
 
 def refit(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs | list[DomainInputs],
-          cfg: TrainConfig, epochs: int) -> tuple[int, float]:
+          cfg: TrainConfig, epochs: int, held_out: frozenset[int] = frozenset()) -> tuple[int, float]:
     """Train `model` in place for exactly `epochs` epochs on each user's train sequence followed by their
     validation item (no validation, nothing restored): the final fit once early stopping has chosen the
     epoch count. Seeded on its own, so it gives the same weights whether or not a selection run came first.
+    `held_out` (one silo: indices into silo.users): users whose validation item is not trained on.
     Returns (steps, seconds)."""
     silos, doms, name = _as_lists(silo, dom)
     t0 = time.perf_counter()
     device = _start(model, cfg)
-    rows = [_training_rows(s, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed, with_val=True) for s in silos]
+    rows = [_training_rows(s, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed, with_val=True,
+                           held_out=held_out) for s in silos]
     opt, sched = _optimiser(model, cfg, rows)
     anchor = _anchor(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -352,6 +374,49 @@ def refit(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs
         p.requires_grad_(True)
     model.eval()
     return steps, time.perf_counter() - t0
+
+
+@dataclass
+class RoundResult:
+    """One federated round at a silo: aggregates only (the weights stay in the model)."""
+
+    val: dict[str, float]  # the received model on the held-out users' validation items
+    users: int  # users whose sequences were trained on (the FedAvg weight)
+    loss: float | None
+    seconds: float
+
+
+def local_round(model: Recommender, silo: SiloData, dom: DomainInputs, cfg: TrainConfig, epochs: int,
+                round_: int = 0) -> RoundResult:
+    """A silo's part of one FedAvg / FedProx round, in place: score the received model on the validation items of
+    the held-out users (`held_out_users`: the same seeded users every round, never trained on), then train it
+    `epochs` epochs on every other user's train + validation items (each round reseeded: cfg.seed + round_;
+    FedProx: `cfg.l2sp` pulls toward the received weights, which are the starting weights)."""
+    t0 = time.perf_counter()
+    held = held_out_users(silo, cfg)
+    histories, targets = [list(silo.train[u]) for u in held], [silo.val[silo.users[u]] for u in held]
+    device = _start(model, cfg)
+    val = evaluate(model, dom, histories, targets, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                   seen_items=cfg.seen_items)
+    if epochs == 0:
+        return RoundResult(val, 0, None, time.perf_counter() - t0)
+    round_cfg = cfg.model_copy(update={"seed": cfg.seed + round_})
+    rows = _training_rows(silo, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed, with_val=True,
+                          held_out=frozenset(held))  # the same users every round; batches reshuffled per round
+    torch.manual_seed(round_cfg.seed)
+    opt, sched = _optimiser(model, round_cfg, [rows])
+    anchor = _anchor(model, round_cfg)
+    gen = torch.Generator().manual_seed(round_cfg.seed)
+    losses = []
+    for epoch in range(1, epochs + 1):
+        loss, _ = _run_epoch(model, [rows], [dom], round_cfg, opt, sched, gen, device,
+                             f"{silo.domain} round {round_} epoch {epoch}/{epochs}", anchor)
+        losses.append(loss)
+        log.info("%s: round %d, epoch %d/%d loss %.4f", silo.domain, round_, epoch, epochs, loss)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return RoundResult(val, len(rows), sum(losses) / len(losses), time.perf_counter() - t0)
 
 
 def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs | list[DomainInputs],
@@ -377,7 +442,8 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def validate() -> dict[str, float]:
-        results = [evaluate(model, d, h, t, batch_size=cfg.eval_batch_size, max_users=n, seed=cfg.seed)
+        results = [evaluate(model, d, h, t, batch_size=cfg.eval_batch_size, max_users=n, seed=cfg.seed,
+                            seen_items=cfg.seen_items)
                    for d, (h, t), n in zip(doms, vals, val_users)]
         return results[0] if len(results) == 1 else {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 

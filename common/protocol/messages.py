@@ -30,6 +30,7 @@ from common.model.config import (  # noqa: F401 (re-exported)
     TrainConfig,
 )
 from common.model.integration import IntegratedSpec  # noqa: F401 (re-exported)
+from common.model.metrics import SeenItems
 
 _METRIC = re.compile(r"^(recall|ndcg)@\d{1,3}$")
 
@@ -39,6 +40,7 @@ FINETUNE = "train.finetune"
 TEACHER = "query.teacher"
 EVALUATE = "evaluate.merged"
 WEAVE = "train.weave"
+FED_ROUND = "train.round"
 TUNE_GATES = "train.gates"
 
 
@@ -187,11 +189,56 @@ class WeaveReply(Header):
         return {"lora"}
 
 
+class FedRoundRequest(Header):
+    """One round of federated averaging at a silo (server/fedavg.py). Arrays: group "model", the global model's
+    full weights (as EvaluateRequest's). The silo first scores that model on the validation items of its
+    held-out users (the seeded `train.val_max_users` subsample, never trained on in a round), then, when
+    `epochs` > 0, trains it `epochs` epochs on every other user's train + validation items; FedProx adds
+    `prox_mu` / 2 * ||theta - theta_global||^2 to the loss. `epochs` = 0: validation only."""
+
+    base: BaseSpec
+    train: TrainConfig
+    round: int = Field(ge=0, le=10_000)
+    epochs: int = Field(ge=0, le=MAX_EPOCHS)
+    prox_mu: float = Field(0.0, ge=0.0, le=1e6)
+
+    @model_validator(mode="after")
+    def _dense(self):
+        if self.train.finetune != "full":
+            raise ValueError("federated averaging trains every parameter: train.finetune must be 'full'")
+        if self.train.val_max_users is None:
+            raise ValueError("federated averaging validates on held-out users: train.val_max_users must be set")
+        return self
+
+    def array_groups(self) -> set[str]:
+        return {"model"}
+
+
+class FedRoundReply(Header):
+    """`val`: the received model on the held-out users' validation items (aggregate). Arrays (when `epochs` > 0):
+    group "update" = the trained weights minus the received ones, float32, every parameter. `users`: how many
+    users' sequences the silo trained on (the FedAvg weight)."""
+
+    domain: str
+    base_fingerprint: str
+    round: int = Field(ge=0, le=10_000)
+    epochs: int = Field(ge=0, le=MAX_EPOCHS)
+    users: int = Field(ge=0, le=INT32_MAX)
+    loss: float | None = Field(None, ge=0.0, le=1e6)
+    seconds: float = Field(ge=0, le=1e7)
+    val: AggregateMetrics
+
+    def array_groups(self) -> set[str]:
+        return {"update"} if self.epochs > 0 else set()
+
+
 class TeacherRequest(Header):
     base: BaseSpec
     pseudo_item_ids: list[int] = Field(min_length=1)
     top_k: int | None = Field(None, gt=0, le=INT32_MAX, description="None: dense (k = number of items)")
     chunk_size: int = Field(256, gt=0)
+    seen_items: SeenItems = Field("exclude", description="exclude: a pseudo-user's own item is not among its targets "
+                                  "(k is then at most N - 1)")
 
     @field_validator("pseudo_item_ids")
     @classmethod
@@ -225,6 +272,7 @@ class EvaluateRequest(Header):
     max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="a seeded subsample; "
                                   "never fewer users than an aggregate needs, so no metric describes a single user")
     seed: Seed = 0
+    seen_items: SeenItems = "exclude"
     integrated: dict[str, IntegratedSpec] = Field(default_factory=dict)
 
     @field_validator("integrated")
