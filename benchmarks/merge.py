@@ -25,16 +25,13 @@ import copy
 import hashlib
 import json
 import logging
-import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.core import DEFAULT_DATA, RESULTS
-from clients.client_app import in_process_endpoint
-from clients.silo import SiloWorker
+from benchmarks.driver import Stages, silo_pipeline
 from common.model.backbones import shared_state
 from common.data.format import load_silo
 from common.merging import methods as mm
@@ -43,7 +40,6 @@ from common.core.report import markdown_table, write_results
 from common.model.train import refit
 from server.config import app_defaults, parse_overrides, pipeline_config
 from server.pipeline import Pipeline
-from server.transport import InProcessTransport
 
 log = logging.getLogger("benchmarks.merge")
 TRAINING_FREE = ["weight_average", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs"]
@@ -56,29 +52,6 @@ EXTRAS = ["picked", "adamerging", "ablations", "unseen"]
 ABLATIONS = [("dropout off", {"dropout": False}), ("items refreshed every 50 steps", {"item_refresh_every": 50}),
              ("W picked on 10% held-out pseudo-users", {"holdout_fraction": 0.1})]
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
-
-
-class Stages:
-    """Wall time and peak RSS (process high-water mark, MB) at the end of each stage."""
-
-    def __init__(self):
-        self.rows: list[dict] = []
-
-    def __call__(self, name: str):
-        stages = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-                log.info("stage %s ...", name)
-
-            def __exit__(self, *exc):
-                dt = time.perf_counter() - self.t0
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                stages.rows.append({"stage": name, "seconds": round(dt, 1), "peak_rss_mb": round(peak, 1)})
-                log.info("stage %s: %.1fs, peak RSS %.0f MB", name, dt, peak)
-
-        return _Ctx()
 
 
 def compare(summary: list[dict]) -> list[dict]:
@@ -310,9 +283,7 @@ def build(args) -> Pipeline:
     if args.run_dir is None:
         key = hashlib.sha256(json.dumps([cfg.fingerprint(), str(args.data.resolve()), args.domains]).encode())
         args.run_dir = args.cache / "bench-runs" / key.hexdigest()[:12]
-    endpoints = {d: in_process_endpoint(SiloWorker(d, args.data / d, state_dir=args.run_dir / "silo-state" / d,
-                                                   cache_dir=args.cache)) for d in args.domains}
-    return Pipeline(InProcessTransport(endpoints), cfg, args.run_dir, expected=args.domains)
+    return silo_pipeline(cfg, args.data, args.domains, args.run_dir, args.cache)
 
 
 def main(argv=None) -> int:

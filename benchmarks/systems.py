@@ -37,9 +37,8 @@ from hashlib import sha256
 from pathlib import Path
 
 from benchmarks.core import DEFAULT_DATA, RESULTS
-from benchmarks.merge import METRICS, Stages
-from clients.client_app import in_process_endpoint
-from clients.silo import SiloWorker
+from benchmarks.driver import Stages, silo_pipeline
+from benchmarks.merge import METRICS
 from common.data.format import load_silo
 from common.core.files import atomic_write
 from common.merging.task_vectors import add_vector
@@ -48,7 +47,7 @@ from common.core.report import markdown_table, write_results
 from server import checkpoint, integration_stage  # noqa: F401
 from server.config import app_defaults, parse_overrides, pipeline_config
 from server.pipeline import Pipeline
-from server.transport import InProcessTransport, record_bytes
+from server.transport import record_bytes
 
 log = logging.getLogger("benchmarks.systems")
 VARIANTS = ("full", "lora", "weave")
@@ -97,13 +96,6 @@ class Traffic:
 
     def down(self, silo: str, *types: str) -> int:
         return sum(self._get("down", silo, t) for t in types)
-
-
-def silo_pipeline(cfg, data: Path, domains: list[str], run_dir: Path, cache: Path, traffic: Traffic) -> Pipeline:
-    """The pipeline over one in-process silo per domain (state folders inside `run_dir`)."""
-    endpoints = {d: in_process_endpoint(SiloWorker(d, data / d, state_dir=run_dir / "silo-state" / d,
-                                                   cache_dir=cache)) for d in domains}
-    return Pipeline(InProcessTransport(endpoints, observer=traffic), cfg, run_dir, expected=domains)
 
 
 class Systems:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class FedRound(_Part):
     users: dict[str, int] = {}  # domain -> users it trained on in the round that made this model (its weight)
     loss: dict[str, float | None] = {}
     seconds: dict[str, float] = {}
+    up: dict[str, int] = {}  # domain -> bytes it sent in that round (its update)
+    down: dict[str, int] = {}  # domain -> bytes sent to it (the global model)
 
 
 class FedAvgState(_Part):

@@ -32,7 +32,6 @@ from common.merging.task_vectors import state_from_numpy, state_to_numpy
 from common.protocol.messages import FED_ROUND, FedRoundReply, FedRoundRequest
 from server.base import BaseContext
 from server.checkpoint import Checkpoint, FedAvgState, FedRound
-from server.limits import stage_timeout
 from server.run_dir import RunDir
 from server.silo_caller import SiloCaller
 from server.validation import check_round
@@ -118,7 +117,9 @@ class FedAvg:
             theta = average(theta, updates, users)
             self.run.write_tensors(self.state, self.run.round(r), theta)
             st.rounds.append(FedRound(round=r, users=users, loss={d: o.header.loss for d, o in got.items()},
-                                      seconds={d: round(o.header.seconds, 2) for d, o in got.items()}))
+                                      seconds={d: round(o.header.seconds, 2) for d, o in got.items()},
+                                      up={d: o.bytes_up for d, o in got.items()},
+                                      down={d: o.bytes_down for d, o in got.items()}))
             self.run.save(self.state)
             log.info("fedavg: round %d/%d with %s in %.1fs; held-out validation NDCG@10 of round %d: %s", r, f.rounds,
                      ", ".join(f"{d} ({users[d]} users)" for d in sorted(users)), time.perf_counter() - t0, r - 1,

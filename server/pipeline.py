@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from common.data.format import CatalogView, ItemMeta, load_catalog
 from common.merging.pseudo_users import select_pseudo_users

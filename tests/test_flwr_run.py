@@ -16,7 +16,7 @@ from deployment.procs import MARKER, ProcessSet, flwr_env, free_port, new_run_id
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINES = ["handshake: silos", "epoch 1 loss", "val NDCG@10", "stage finetune done", "fine-tuned", "stage teacher done", "step 20/20",
-               "stage coefficients done", "evaluate: silo", "stage evaluate done", "shipping mergerec-"]
+               "stage coefficients done", "evaluate: silo", "stage evaluate done", "shipping "]
 
 
 def _fresh_copy(dest: Path) -> Path:
