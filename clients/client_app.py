@@ -29,6 +29,9 @@ from common.protocol.messages import (
     TEACHER,
     WEAVE,
     TUNE_GATES,
+    CONTRACT_ERROR_CODE,
+    DATA_ERROR_CODE,
+    INTERNAL_ERROR_CODE,
     ContractError,
     EvaluateRequest,
     FedRoundRequest,
@@ -40,13 +43,12 @@ from common.protocol.messages import (
     WeaveRequest,
     decode,
     encode,
+    error_text,
 )
 
 log = logging.getLogger(__name__)
 app = ClientApp()
-CONTRACT_ERROR_CODE = 100  # the request broke its contract (the text names what; no user data in it)
-DATA_ERROR_CODE = 101  # the silo's own data is broken (fixed text naming the file; details in the silo's log)
-INTERNAL_ERROR_CODE = 102  # anything else (fixed text naming the exception type; details in the silo's log)
+ERRORS_LOG = "errors.log"  # in the silo's state folder: the full text of its failures, never in a console log
 
 _ROUTES = {
     HANDSHAKE: (HandshakeRequest, "handshake"),
@@ -114,25 +116,47 @@ def _data_file(exc: DataError) -> str:
     return name if name in DOMAIN_FILES else "the silo's data"
 
 
+def _detail(worker: SiloWorker | None, message_type: str) -> str:
+    """Append the current exception's full text and traceback to the silo's own errors.log (its state folder,
+    on the silo's side; never the run directory, whose flwr-run.log holds every simulated ClientApp's console).
+    Returns where it went, for the console line."""
+    if worker is None:
+        return "nowhere: the silo has no state folder yet"
+    import traceback
+    from datetime import datetime, timezone
+
+    path = worker.state_dir / ERRORS_LOG
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{datetime.now(timezone.utc).isoformat()} {message_type}\n{traceback.format_exc()}\n")
+    except OSError:
+        return "nowhere: the silo's state folder is not writable"
+    return str(path)
+
+
 def safe_handle(get_worker, message_type: str, content):
-    """`handle`, with every failure turned into a SiloReplyError whose text holds no user data: DataError
-    messages quote user keys and sequences, so their full text goes to this silo's log only."""
-    domain = "?"
+    """`handle`, with every failure turned into a SiloReplyError of a code and its fixed text (`error_text`).
+    DataError messages quote user keys and sequences, and any exception may: the console line (which simulation
+    writes into the run directory's flwr-run.log) names only the category, the file or exception type and where
+    the full text went (`_detail`)."""
+    domain, worker = "?", None
     try:
         worker = get_worker()
         domain = worker.domain
         return handle(worker, message_type, content)
     except DataError as exc:
-        log.error("silo %s: data error on %s: %s", domain, message_type, exc)
-        raise SiloReplyError(DATA_ERROR_CODE, f"silo {domain}: data error in {_data_file(exc)} "
-                                              "(see the silo's log)") from None
-    except ContractError as exc:
+        log.error("silo %s: data error in %s on %s (details in %s)", domain, _data_file(exc), message_type,
+                  _detail(worker, message_type))
+        code = DATA_ERROR_CODE
+    except ContractError as exc:  # its text names what in the request was wrong, never user data
         log.error("silo %s: rejected %s: %s", domain, message_type, exc)
-        raise SiloReplyError(CONTRACT_ERROR_CODE, f"silo {domain}: contract: {exc}") from None
+        code = CONTRACT_ERROR_CODE
     except Exception as exc:
-        log.exception("silo %s: %s failed", domain, message_type)
-        raise SiloReplyError(INTERNAL_ERROR_CODE, f"silo {domain}: internal error ({type(exc).__name__}) in "
-                                                  f"{message_type} (see the silo's log)") from None
+        log.error("silo %s: internal error (%s) in %s (details in %s)", domain, type(exc).__name__, message_type,
+                  _detail(worker, message_type))
+        code = INTERNAL_ERROR_CODE
+    raise SiloReplyError(code, error_text(code))
 
 
 def in_process_endpoint(worker: SiloWorker):

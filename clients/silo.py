@@ -116,8 +116,9 @@ class SiloWorker:
         if req.send_catalog:
             items = [CatalogItem(key=k, title=m.title, brand=m.brand, category=m.category)
                      for k, m in zip(cat.item_keys, cat.items)]
-        return HandshakeReply(domain=self.domain, num_items=len(cat), catalog_fingerprint=cat.fingerprint(),
-                              base_fingerprint=self._base_fp, catalog=items), {}
+        return HandshakeReply(domain=self.domain, num_items=len(cat), users=self.silo.num_users,
+                              catalog_fingerprint=cat.fingerprint(), base_fingerprint=self._base_fp,
+                              catalog=items), {}
 
     def _lora_targets(self, train: TrainConfig) -> list[str]:
         """The base's parameter names the request's lora_targets select (a bad pattern is the request's fault)."""

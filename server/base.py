@@ -25,7 +25,7 @@ class ConfigProblem(ValueError):
 class BaseContext:
     """model: the base Recommender; state: its shared parameters (what task vectors and merges are made of);
     spec: what every request names (backbone, seed, fingerprint); lora: the run's LoraSpec when finetune = lora;
-    catalogs: domain -> CatalogView, filled by the handshake."""
+    catalogs: domain -> CatalogView and users: domain -> the silo's user count, filled by the handshake."""
 
     model: Recommender
     state: dict[str, torch.Tensor]
@@ -36,6 +36,7 @@ class BaseContext:
     lora: LoraSpec | None
     dense_bytes: int
     catalogs: dict[str, CatalogView] = field(default_factory=dict)
+    users: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def build(cls, cfg) -> "BaseContext":

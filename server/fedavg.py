@@ -73,7 +73,8 @@ class FedAvg:
 
         def validate(d, o):
             check_round(o.header, o.arrays, domain=d, base_fp=self.base.fingerprint, round_=r, epochs=epochs,
-                        shapes=self.base.shapes, base_norm=self.base.norm, max_ratio=self.cfg.max_task_vector_ratio)
+                        shapes=self.base.shapes, base_norm=self.base.norm, max_ratio=self.cfg.max_task_vector_ratio,
+                        users=self.base.users.get(d))
 
         return self.calls.ask("fedavg", FED_ROUND, {d: (req, arrays) for d in self.state.active()}, FedRoundReply,
                               validate)

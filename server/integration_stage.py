@@ -119,8 +119,11 @@ class Integration:
         def validate(d, o):
             if o.header.domain != d:
                 raise ContractError(f"domain must be {d!r}")
-            check_metrics(o.header.before, "before")
-            check_metrics(o.header.after, "after")
+            users = min([n for n in (self.base.users.get(d), req.max_users) if n is not None], default=None)
+            check_metrics(o.header.before, "before", users)
+            check_metrics(o.header.after, "after", users)
+            if o.header.epochs > train_cfg.epochs:
+                raise ContractError(f"epochs must be <= the request's {train_cfg.epochs}")
 
         got = self.calls.ask("tune_gates", TUNE_GATES, {domain: (req, {"model": state_to_numpy(params)})},
                              GateTuneReply, validate)

@@ -131,7 +131,8 @@ class Merges:
                               seen_items=seen_items or self.cfg.train.seen_items, integrated={n: spec for n, (spec, _) in integrated.items()})
 
         def validate(domain, o):
-            check_evaluate(o.header, o.arrays, domain=domain, models=req.models)
+            users = [n for n in (self.base.users.get(domain), req.max_users) if n is not None]
+            check_evaluate(o.header, o.arrays, domain=domain, models=req.models, users=min(users, default=None))
 
         results = self.calls.ask("evaluate", EVALUATE, {d: (req, arrays) for d in domains}, EvaluateReply, validate)
         return {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}

@@ -51,7 +51,7 @@ from server.silo_caller import PipelineError, SiloCaller
 from server.stored_files import StoredFileCheck
 from server.task_vectors import TaskVectors
 from server.transport import Transport
-from server.validation import check_finetune, check_teacher, silo_name
+from server.validation import check_finetune, check_teacher
 from server.weaving import Weaver
 
 log = logging.getLogger(__name__)
@@ -118,9 +118,9 @@ class Pipeline:
                                stage_timeout("handshake", self.cfg.timeout_s))
         found: dict[str, HandshakeReply] = {}
         for h, o in outcomes.items():
-            if o.error:
+            if o.error:  # named by its handle: an error reply's text is the server's (error_text), never the silo's
                 log.warning("handshake: silo %s failed: %s", h, o.error)
-                self.calls.note_drop(silo_name(h, o.error), "handshake", o.error)
+                self.calls.note_drop(h, "handshake", o.error)
                 continue
             r: HandshakeReply = o.header
             if r.base_fingerprint != self.base.fingerprint:
@@ -132,6 +132,7 @@ class Pipeline:
             if r.domain in found:
                 raise PipelineError(f"two silos report domain {r.domain!r}: domain names must be unique")
             found[r.domain] = r
+            self.base.users[r.domain] = r.users
             self.calls.handles[r.domain] = h
             self.calls.count(o, r.domain)
         for d in self.expected:
@@ -192,7 +193,7 @@ class Pipeline:
         def validate(domain, o):
             check_finetune(o.header, o.arrays, domain=domain, base_fp=b.fingerprint, shapes=b.shapes,
                            base_norm=b.norm, max_ratio=self.cfg.max_task_vector_ratio, lora=b.lora,
-                           base_state=b.state)
+                           base_state=b.state, train=req.train, users=b.users.get(domain))
 
         def store(d, o):  # as soon as the reply is validated: a crash later loses only unfinished silos
             self.vectors.store(d, o)

@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Protocol
 
 from common.core.files import atomic_path, atomic_write
-from common.protocol.messages import Arrays, ContractError, Header, SiloReplyError, decode, encode
+from common.protocol.messages import Arrays, ContractError, Header, SiloReplyError, decode, encode, error_text
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Outcome:
-    """One silo's answer to one request: a decoded reply, or an error string."""
+    """One silo's answer to one request: a decoded reply, or an error string the server wrote (a silo's error
+    reply becomes its code and fixed text, `error_text`: nothing the silo wrote is kept)."""
 
     silo: str
     header: Header | None = None
@@ -84,13 +85,13 @@ class InProcessTransport:
             try:
                 reply = self.endpoints[silo](message_type, content)
             except SiloReplyError as exc:  # the silo's own error reply (clients.client_app.safe_handle)
-                o = Outcome(silo, error=f"silo error {exc.code}: {exc.reason}", bytes_down=sent)
+                o = Outcome(silo, error=error_text(exc.code), bytes_down=sent)
                 if self.observer:
                     self.observer("error", silo, message_type, o.error)
                 yield silo, o
                 continue
             except Exception as exc:  # a crashing silo is an error outcome, like Flower's error reply
-                o = Outcome(silo, error=f"{type(exc).__name__}: {exc}", bytes_down=sent)
+                o = Outcome(silo, error=f"silo crashed ({type(exc).__name__[:64]})", bytes_down=sent)
                 if self.observer:
                     self.observer("error", silo, message_type, o.error)
                 yield silo, o
@@ -137,7 +138,7 @@ class FlowerTransport:
                 silo = by_id[mid]
                 if reply.has_error():
                     err = reply.error
-                    out[silo] = Outcome(silo, error=f"Flower error {err.code}: {err.reason}", bytes_down=sent[silo])
+                    out[silo] = Outcome(silo, error=error_text(err.code, flower=True), bytes_down=sent[silo])
                     if self.observer:
                         self.observer("error", silo, message_type, out[silo].error)
                 else:

@@ -4,12 +4,15 @@ when a run resumes). Each check raises ContractError; the pipeline treats that a
 
 Error texts name only what the server already knows (its own parameter names, counts, the request's
 values): a reply may hold anything, and these texts go to the server's log and report.
+
+Ranges: the message models bound every number (common/protocol/messages.py); the checks here bound it against
+the request and the handshake: user counts <= the silo's handshake count (and the request's max-users),
+epochs <= the request's, teacher values cosines in [-1, 1] (+- TEACHER_TOLERANCE, float16 rounding).
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
@@ -19,6 +22,7 @@ from common.protocol.messages import (
     EvaluateReply,
     FedRoundReply,
     FinetuneReply,
+    TEACHER_TOLERANCE,
     TeacherReply,
     WeaveReply,
     check_state_arrays,
@@ -73,13 +77,27 @@ def _finite(reply, names: tuple[str, ...]) -> None:
             raise ContractError(f"{name} must be finite and >= 0")
 
 
+def check_epochs(reply, train) -> None:
+    """A fine-tuning's epochs within the request's TrainConfig: selection epochs and every history entry <=
+    train.epochs (one entry per epoch plus the starting weights), the final fit <= its bound."""
+    refit_max = train.epochs if train.final_fit_epochs is None else train.final_fit_epochs
+    if reply.epochs > train.epochs or reply.refit_epochs > refit_max:
+        raise ContractError(f"epochs must be <= {train.epochs} and refit_epochs <= {refit_max} (the request's)")
+    if len(reply.history) > train.epochs + 1 or any(h.epoch > train.epochs for h in reply.history):
+        raise ContractError(f"history must hold at most one entry per epoch 0..{train.epochs}")
+
+
 def check_finetune(reply: FinetuneReply, arrays, *, domain: str, base_fp: str, shapes: dict, base_norm: float,
-                   max_ratio: float, lora=None, base_state: dict | None = None) -> None:
-    """`lora`: the run's LoraSpec when finetune = lora (the reply must then carry factors), else None."""
+                   max_ratio: float, lora=None, base_state: dict | None = None, train=None,
+                   users: int | None = None) -> None:
+    """`lora`: the run's LoraSpec when finetune = lora (the reply must then carry factors), else None; `train`:
+    the request's TrainConfig (epoch bounds); `users`: the silo's handshake user count."""
     _same(reply.domain, domain, "domain")
     _same(reply.base_fingerprint, base_fp, "base fingerprint")
     _finite(reply, ("seconds", "epochs", "refit_epochs"))
-    check_metrics(reply.val, "validation metrics")
+    if train is not None:
+        check_epochs(reply, train)
+    check_metrics(reply.val, "validation metrics", users)
     if reply.mode != ("full" if lora is None else "lora"):
         raise ContractError(f"mode must be {'full' if lora is None else 'lora'} (the run's finetune)")
     if lora is None:
@@ -89,36 +107,46 @@ def check_finetune(reply: FinetuneReply, arrays, *, domain: str, base_fp: str, s
 
 
 def check_weave(reply: WeaveReply, arrays, *, domain: str, base_fp: str, module: str, round_: int, lora,
-                base_state: dict, base_norm: float, max_ratio: float) -> None:
-    """A weaving hop's reply: the silo and module asked, its base, the round, finite numbers, a valid module."""
+                base_state: dict, base_norm: float, max_ratio: float, epochs: int | None = None) -> None:
+    """A weaving hop's reply: the silo and module asked, its base, the round, epochs <= the request's, finite
+    numbers, a valid module."""
     _same(reply.domain, domain, "domain")
     _same(reply.base_fingerprint, base_fp, "base fingerprint")
     if reply.module != module or reply.round != round_:
         raise ContractError(f"module/round differ from the request's ({module}, round {round_})")
+    if epochs is not None and reply.epochs > epochs:
+        raise ContractError(f"epochs must be <= the request's {epochs}")
     _finite(reply, ("seconds", "epochs"))
     check_lora_module(arrays["lora"], lora, base_state, base_norm, max_ratio, f"module {module} from {domain}")
 
 
 def check_round(reply: FedRoundReply, arrays, *, domain: str, base_fp: str, round_: int, epochs: int, shapes: dict,
-                base_norm: float, max_ratio: float) -> None:
-    """A FedAvg round's reply: the silo, base, round and epochs asked; finite aggregates; with epochs > 0 a user
-    count to weigh by and an update of the model's exact shapes within the task-vector norm bound."""
+                base_norm: float, max_ratio: float, users: int | None = None) -> None:
+    """A FedAvg round's reply: the silo, base, round and epochs asked; finite aggregates; user counts <= `users`
+    (the handshake's); with epochs > 0 a user count to weigh by and an update of the model's exact shapes within
+    the task-vector norm bound."""
     _same(reply.domain, domain, "domain")
     _same(reply.base_fingerprint, base_fp, "base fingerprint")
     if reply.round != round_ or reply.epochs != epochs:
         raise ContractError(f"round/epochs differ from the request's ({round_}, {epochs})")
-    check_metrics(reply.val, "validation metrics")
+    check_metrics(reply.val, "validation metrics", users)
+    if users is not None and reply.users > users:
+        raise ContractError(f"users exceeds the silo's {users} users (its handshake)")
     if epochs > 0:
         if reply.users < 1:
             raise ContractError("users must be at least 1 after a training round")
         check_task_vector(arrays["update"], shapes, base_norm, max_ratio, f"update of {domain}")
 
 
-def check_metrics(m: AggregateMetrics, what: str) -> None:
+def check_metrics(m: AggregateMetrics, what: str, users: int | None = None) -> None:
+    """The fixed metric names, rates in [0, 1], and (given `users`, the silo's handshake count, or the request's
+    max-users when smaller) an aggregate over at most that many users."""
     if set(m.values) != METRIC_KEYS:
         raise ContractError(f"{what}: metric names must be exactly {sorted(METRIC_KEYS)}")
     if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in m.values.values()):
         raise ContractError(f"{what}: metric values must be finite and in [0, 1]")
+    if users is not None and m.users > users:
+        raise ContractError(f"{what}: a user count above {users} (the silo's users, or the request's max-users)")
 
 
 def check_teacher(reply: TeacherReply, arrays, *, domain: str, pseudo_item_ids: list[int], num_items: int,
@@ -151,13 +179,17 @@ def check_teacher_top(named, rows: int, num_items: int, k: int) -> None:
     idx, val = named["indices"], named["values"]
     if not np.isfinite(val).all():
         raise ContractError("teacher values must be finite")
+    if (np.abs(val.astype(np.float32)) > 1.0 + TEACHER_TOLERANCE).any():
+        raise ContractError(f"teacher values must be cosines in [-1, 1] (+- {TEACHER_TOLERANCE:g})")
     if k > 1 and (np.diff(val, axis=1) > 0).any():
         raise ContractError("teacher values must be sorted descending in every row")
     if k > 1 and (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
         raise ContractError("teacher indices repeat within a row")
 
 
-def check_evaluate(reply: EvaluateReply, arrays, *, domain: str, models: list[str]) -> None:
+def check_evaluate(reply: EvaluateReply, arrays, *, domain: str, models: list[str], users: int | None = None) -> None:
+    """Metrics for exactly the models asked, each over at most `users` users (the silo's handshake count, or the
+    request's max-users when smaller)."""
     _same(reply.domain, domain, "domain")
     missing = sorted(set(models) - set(reply.metrics))
     unasked = len(set(reply.metrics) - set(models))
@@ -165,7 +197,7 @@ def check_evaluate(reply: EvaluateReply, arrays, *, domain: str, models: list[st
         raise ContractError(f"metrics must cover exactly the models asked for: missing {missing[:3]}, "
                             f"{unasked} not asked for")
     for name in models:
-        check_metrics(reply.metrics[name], f"metrics of {name}")
+        check_metrics(reply.metrics[name], f"metrics of {name}", users)
 
 
 def check_config(cfg) -> None:
@@ -198,9 +230,3 @@ def check_config(cfg) -> None:
             raise ValueError("strategy: fedavg from the base runs no merge stages; weave-rounds and integration "
                              "need fedavg-init = merged")
 
-
-def silo_name(handle: str, error: str) -> str:
-    """A failed silo's name for the report: through Flower a handle is a node id, but a silo's own error reply
-    names its domain ("silo <domain>: ...", clients/client_app.py)."""
-    named = re.match(r"^(?:Flower|silo) error \d+: silo ([A-Za-z0-9_.-]{1,64}): ", error)
-    return named.group(1) if named else handle

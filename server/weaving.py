@@ -71,7 +71,7 @@ class Weaver:
                 try:
                     check_weave(o.header, o.arrays, domain=s, base_fp=self.base.fingerprint, module=m, round_=r,
                                 lora=self.base.lora, base_state=self.base.state, base_norm=self.base.norm,
-                                max_ratio=self.cfg.max_task_vector_ratio)
+                                max_ratio=self.cfg.max_task_vector_ratio, epochs=self.cfg.weave_epochs)
                 except Exception as exc:  # a bad reply is that silo's failure, never a crash
                     err = f"invalid reply: {exc}" if isinstance(exc, ValueError) else \
                         f"invalid reply: {type(exc).__name__}"

@@ -1,6 +1,8 @@
 """Hostile replies through the real message path (in-process transport, real silos, one silo's reply corrupted
 after it is encoded). Each must drop only that silo, with the stage and reason in report.json, while the run
-finishes with the other two; a resume afterwards works.
+finishes with the other two; a resume afterwards works. Numbers out of their documented range (docs/design.md,
+"Message checks") are hostile replies too. An error reply (test_error_reply_names_only_its_sender) drops its
+sender, whatever silo its text names, and only its code and fixed text are kept.
 
 Fine-tuning is shared: a module fixture fine-tunes the 3 silos once (and one more runs through the
 coefficients); each case copies the run directory of the stage before the one under test."""
@@ -8,6 +10,7 @@ coefficients); each case copies the run directory of the stage before the one un
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 
@@ -20,6 +23,7 @@ from clients.silo import SiloWorker
 from common.model.config import BackboneConfig, TrainConfig
 from common.data.demo import make_demo
 from common.model.coefficients import CoefficientConfig
+from common.protocol.messages import SiloReplyError, error_text
 from server.config import PipelineConfig
 from server.pipeline import Pipeline
 from server.transport import InProcessTransport
@@ -126,6 +130,30 @@ def _missing_model(h):
     h["metrics"].pop(next(iter(h["metrics"])))
 
 
+def _metric(value):
+    def update(h):
+        h["metrics"][next(iter(h["metrics"]))]["values"]["ndcg@10"] = value
+    return update
+
+
+def _evaluate_users(h):
+    h["metrics"][next(iter(h["metrics"]))]["users"] = 10**9
+
+
+def _history(key, value):
+    return _header(lambda h: h["history"][-1].__setitem__(key, value))
+
+
+def _val_users(h):
+    h["val"]["users"] = 10**9
+
+
+def _teacher_value(v):
+    def update(t):
+        t["values"][0, 0 if v > 0 else -1] = v  # the row stays sorted descending
+    return update
+
+
 def _too_big_k(named):
     for n, fill in (("indices", 0), ("values", -1.0)):
         named[n] = np.concatenate([named[n], np.full((named[n].shape[0], 40), fill, named[n].dtype)], axis=1)
@@ -150,11 +178,22 @@ FINETUNE = {
     "wrong domain (blames another silo)": _set("domain", "garden"),
     "seconds NaN": _set("seconds", math.nan),
     "seconds Inf": _set("seconds", math.inf),
+    "seconds negative": _set("seconds", -1.0),
+    "seconds above a week": _set("seconds", 1e300),
+    "epochs above the request's": _set("epochs", 5),
+    "refit_epochs above the request's": _set("refit_epochs", 5),
+    "history epoch above the request's": _history("epoch", 9),
+    "history val NDCG 1.5": _history("val_ndcg10", 1.5),
+    "history loss 1e30": _history("loss", 1e30),
+    "validation metric 1.5": _header(lambda h: h["val"]["values"].__setitem__("recall@10", 1.5)),
+    "validation users 10**9": _header(_val_users),
     "extra header field": _set("note", "x"),
 }
 TEACHER = {
     "values NaN": _arrays("teacher", lambda t: t["values"].__setitem__((0, 0), np.nan)),
     "values Inf": _arrays("teacher", lambda t: t["values"].__setitem__((0, 0), np.inf)),
+    "value 6e4 (not a cosine)": _arrays("teacher", _teacher_value(6e4)),
+    "value -6e4 (not a cosine)": _arrays("teacher", _teacher_value(-6e4)),
     "values unsorted": _arrays("teacher", lambda t: t.__setitem__("values", t["values"][:, ::-1].copy())),
     "duplicate indices": _arrays("teacher", lambda t: t["indices"].__setitem__((0, 1), t["indices"][0, 0])),
     "k > items": lambda c: _set("k", 48)(_arrays("teacher", _too_big_k)(c)),
@@ -173,6 +212,8 @@ EVALUATE = {
     "missing model": _header(_missing_model),
     "extra metric key": _header(_extra_metric),
     "NaN metric": _header(_nan_metric),
+    "metric 1.5": _header(_metric(1.5)),
+    "users 10**9 (more than the silo has)": _header(_evaluate_users),
     "wrong domain": _set("domain", "garden"),
     "extra metric record": _add("m", MetricRecord({"x": 1.0})),
 }
@@ -213,3 +254,37 @@ def test_hostile_reply_drops_only_that_silo(world, tmp_path, stage, message_type
     again = Pipeline(_transport(world, observer=lambda dr, silo, mt, c: sent.append(mt)), _cfg(enc, root), run).run()
     assert again["dropped"] == report["dropped"] and again["metrics"] == report["metrics"]
     assert set(sent) == {"query.handshake"}  # resume: stored files re-checked and reused, nothing redone
+
+
+# ------------------------------------------------------------------------------------------ error replies
+def _error_reply(reason):
+    def corrupt(c):
+        raise SiloReplyError(101, reason)  # what the hostile silo's endpoint answers instead of its reply
+    return corrupt
+
+
+NAMES_GARDEN = "silo garden: data error in val.json (PLANTED)"  # blames an honest silo
+HUGE = "silo garden: PLANTED " + "x" * 5_000_000  # 5 MB of text
+ERRORS = [("handshake", "query.handshake", "names garden", _error_reply(NAMES_GARDEN)),
+          ("handshake", "query.handshake", "5 MB", _error_reply(HUGE)),
+          ("teacher", "query.teacher", "names garden", _error_reply(NAMES_GARDEN)),
+          ("teacher", "query.teacher", "5 MB", _error_reply(HUGE))]
+
+
+@pytest.mark.parametrize("stage,message_type,name,corrupt", ERRORS, ids=[f"{c[0]}: {c[2]}" for c in ERRORS])
+def test_error_reply_names_only_its_sender(world, tmp_path, caplog, stage, message_type, name, corrupt):
+    """A silo's error text is never read: the silo that sent it is dropped (by its handle and handshake domain),
+    whatever silo the text names, and what is stored and logged is its code and a fixed, short text."""
+    root, enc, dirs = world
+    run = _start(world, tmp_path, stage)
+    with caplog.at_level(logging.DEBUG):
+        report = Pipeline(_transport(world, corrupt, message_type), _cfg(enc, root), run).run()
+    assert report["dropped"] == [{"domain": BAD, "stage": stage, "reason": error_text(101)}]
+    assert sorted(report["active"]) == ["garden", "outdoor"]
+    assert sorted(report["metrics"]) == ["garden", "outdoor"]
+    for f in ("report.json", "checkpoint.json", "report.md"):
+        text = (run / f).read_text()
+        assert "PLANTED" not in text and len(text) < 200_000, (f, len(text))
+    logged = [r.getMessage() for r in caplog.records]
+    assert not any("PLANTED" in m for m in logged)
+    assert sum(map(len, logged)) < 200_000

@@ -1,5 +1,6 @@
 """A silo whose data is broken: it is named in report.json with its stage and reason, and no user key or
-user sequence reaches any server-side log, error text, recorded message, checkpoint or report."""
+user sequence reaches any log line (server or silo console: simulation writes both into the run directory's
+flwr-run.log), error text, recorded message, checkpoint or report; the full text is in the silo's errors.log."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from server.config import PipelineConfig
 from server.pipeline import Pipeline
 from deployment.simulate import exit_status
 from server.transport import InProcessTransport, MessageRecorder
+from common.protocol.messages import error_text
 
 from helpers import make_tiny_encoder
 from privacy import find_leaks, recorded_messages
@@ -76,10 +78,8 @@ def test_broken_silo_is_named_in_the_report(broken_run):
     root, dirs, intact, report, records = broken_run
     assert sorted(report["active"]) == sorted([dirs[0].name, dirs[3].name])
     assert report["dropped"] == [
-        {"domain": dirs[1].name, "stage": "handshake",
-         "reason": f"silo error 101: silo {dirs[1].name}: data error in val.json (see the silo's log)"},
-        {"domain": dirs[2].name, "stage": "handshake",
-         "reason": f"silo error 101: silo {dirs[2].name}: data error in umap.json (see the silo's log)"},
+        {"domain": dirs[1].name, "stage": "handshake", "reason": error_text(101)},
+        {"domain": dirs[2].name, "stage": "handshake", "reason": error_text(101)},
         {"domain": "ghost", "stage": "handshake", "reason": "expected silo did not answer the handshake"}]
     on_disk = json.loads((root / "run" / "report.json").read_text())
     assert on_disk["dropped"] == report["dropped"]
@@ -87,29 +87,33 @@ def test_broken_silo_is_named_in_the_report(broken_run):
     assert exit_status({"active": ["a", "b"], "dropped": []}, ["a", "b"]) == 0
 
 
-def test_failed_handshake_named_by_domain_not_node_id():
-    """Through Flower a handle is a node id; the silo's own error text names its domain."""
-    from server.validation import silo_name
-
-    assert silo_name("4711", "Flower error 101: silo kitchen: data error in val.json (see the silo's log)") == "kitchen"
-    assert silo_name("4712", "no reply within 60s") == "4712"
+def test_error_text_is_the_code_and_a_fixed_template():
+    """What the server keeps of an error reply: its code and a fixed text, whatever the reply's own text says."""
+    assert error_text(101) == "silo error 101: data error at the silo (details in the silo's own log)"
+    assert error_text(5, flower=True) == "Flower error 5: node unavailable"
+    assert error_text(101, flower=True).startswith("Flower error 101: data error")
+    assert error_text(10**12) == error_text("x" * 10**6) == "silo error -1: error reply"
 
 
 def test_full_error_text_stays_in_the_silo_log(broken_run):
+    """The detail is in the silo's own errors.log (its state folder); its console lines name the file only."""
     root, dirs, intact, report, records = broken_run
+    assert "must have exactly one item" in (root / "state" / dirs[1].name / "errors.log").read_text()
+    assert "ZZZ-U99999" in (root / "state" / dirs[2].name / "errors.log").read_text()
     silo_side = [r.getMessage() for r in records if r.name.startswith("clients")]
-    assert any("must have exactly one item" in m for m in silo_side)
-    assert any("ZZZ-U99999" in m for m in silo_side)
+    assert any("data error in val.json" in m for m in silo_side)
+    assert not any("ZZZ-U99999" in m or "must have exactly one item" in m for m in silo_side)
+    assert not (root / "run" / "errors.log").exists()
 
 
-def test_no_user_data_on_the_server_side(broken_run):
+def test_no_user_data_in_any_log_or_run_file(broken_run):
     root, dirs, intact, report, records = broken_run
-    server_log = "\n".join(r.getMessage() for r in records if not r.name.startswith("clients"))
-    texts = [("server log", server_log, {})]
-    for name in ("report.json", "checkpoint.json"):
+    console = "\n".join(r.getMessage() for r in records)  # server and silos: all of it is flwr-run.log in simulation
+    texts = [("console log", console, {})]
+    for name in ("report.json", "checkpoint.json", "report.md"):
         texts.append((name, (root / "run" / name).read_text(), {}))
     texts += list(recorded_messages(root / "messages"))
-    assert any(m[0].split("-")[1] == "error" for m in texts[3:]), "the error reply was not recorded"
+    assert any(m[0].split("-")[1] == "error" for m in texts[4:]), "the error reply was not recorded"
     n, findings = find_leaks(texts, [dirs[0], *intact, dirs[3]])
     assert not findings, findings[:5]
     assert not [label for label, text, _ in texts if "ZZZ-U99999" in text]  # the broken silo's extra user key

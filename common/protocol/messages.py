@@ -44,6 +44,30 @@ FED_ROUND = "train.round"
 TUNE_GATES = "train.gates"
 
 
+#: a silo's error reply codes; the server stores and logs only the code and its fixed text (`error_text`)
+CONTRACT_ERROR_CODE = 100  # the request broke its contract
+DATA_ERROR_CODE = 101  # the silo's own data is broken
+INTERNAL_ERROR_CODE = 102  # anything else
+ERROR_TEXTS = {CONTRACT_ERROR_CODE: "the silo refused the request (contract)",
+               DATA_ERROR_CODE: "data error at the silo (details in the silo's own log)",
+               INTERNAL_ERROR_CODE: "internal error at the silo (details in the silo's own log)"}
+#: Flower's own error codes (flwr.common.constant.ErrorCode), for errors a SuperNode or the SuperLink reports
+FLOWER_ERROR_TEXTS = {0: "unknown error", 1: "the ClientApp did not load", 2: "the ClientApp raised an exception",
+                      3: "message unavailable", 4: "reply unavailable", 5: "node unavailable",
+                      6: "a mod refused the message", 7: "invalid FAB", 8: "the ClientApp crashed"}
+MAX_SECONDS = 7 * 24 * 3600.0  # a week: the bound of every duration in a reply
+MAX_LOSS = 1e6  # a training loss (cross-entropy over a catalog) far below this
+TEACHER_TOLERANCE = 1e-2  # teacher values are cosines: [-1, 1] up to float16 rounding (<= 2**-11)
+
+
+def error_text(code, flower: bool = False) -> str:
+    """What the server stores and logs of an error reply: its code and a fixed text, never the reply's own
+    text (a silo could write anything there, another silo's name or 5 MB of user data). Capped by construction."""
+    code = code if isinstance(code, int) and not isinstance(code, bool) and abs(code) < 10**9 else -1
+    texts = FLOWER_ERROR_TEXTS if flower and code not in ERROR_TEXTS else ERROR_TEXTS
+    return f"{'Flower' if flower else 'silo'} error {code}: {texts.get(code, 'error reply')}"
+
+
 class SiloReplyError(Exception):
     """A silo's error reply: a code and a fixed text that holds no user data (clients/client_app.py)."""
 
@@ -68,8 +92,9 @@ class Header(BaseModel):
 class AggregateMetrics(Header):
     """Mean Recall@k / NDCG@k over `users` users of one split. Nothing per user."""
 
-    users: int = Field(ge=MIN_USERS_FOR_METRICS)
-    values: dict[str, float]
+    users: int = Field(ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="users averaged over; the server also "
+                       "checks it against the silo's handshake count (server/validation.py)")
+    values: dict[str, float] = Field(description="recall@k / ndcg@k -> a rate in [0, 1]")
 
     @field_validator("values")
     @classmethod
@@ -112,7 +137,9 @@ class HandshakeRequest(Header):
 
 class HandshakeReply(Header):
     domain: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    num_items: int = Field(gt=0)
+    num_items: int = Field(gt=0, le=INT32_MAX)
+    users: int = Field(ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="the silo's users: no aggregate it "
+                       "sends later may be over more")
     catalog_fingerprint: str
     base_fingerprint: str
     catalog: list[CatalogItem] | None = None
@@ -133,8 +160,8 @@ class EpochProgress(Header):
     """One epoch of a silo's fine-tuning, aggregates only (shown in the ServerApp's log as progress)."""
 
     epoch: int = Field(ge=0, le=MAX_EPOCHS)
-    loss: float | None = Field(None, ge=0)  # mean training loss (None for epoch 0, the starting weights)
-    val_ndcg10: float = Field(ge=0, le=1)  # validation NDCG@10 after the epoch
+    loss: float | None = Field(None, ge=0, le=MAX_LOSS, description="mean training loss (None for epoch 0)")
+    val_ndcg10: float = Field(ge=0, le=1, description="validation NDCG@10 after the epoch, a rate")
 
 
 class FinetuneReply(Header):
@@ -145,9 +172,10 @@ class FinetuneReply(Header):
     mode: Literal["full", "lora"] = "full"
     base_fingerprint: str
     val: AggregateMetrics  # the selection run's best epoch, on validation
-    epochs: int = Field(ge=0)  # epochs of the selection run
-    refit_epochs: int = Field(0, ge=0)  # epochs of the final fit on train + validation items (0: best epoch sent)
-    seconds: float = Field(ge=0)
+    epochs: int = Field(ge=0, le=MAX_EPOCHS, description="epochs of the selection run (<= the request's)")
+    refit_epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="epochs of the final fit on train + validation "
+                              "items (0: best epoch sent)")
+    seconds: float = Field(ge=0, le=MAX_SECONDS, description="wall-clock seconds, at most a week")
     # selection run, per epoch (and the starting weights)
     history: list[EpochProgress] = Field(default_factory=list, max_length=MAX_EPOCHS + 1)
 
@@ -181,9 +209,9 @@ class WeaveReply(Header):
     domain: str
     base_fingerprint: str
     module: str
-    round: int = Field(ge=1)
-    epochs: int = Field(ge=0)
-    seconds: float = Field(ge=0)
+    round: int = Field(ge=1, le=10_000)
+    epochs: int = Field(ge=0, le=10_000, description="<= the request's")
+    seconds: float = Field(ge=0, le=MAX_SECONDS, description="wall-clock seconds, at most a week")
 
     def array_groups(self) -> set[str]:
         return {"lora"}
@@ -223,9 +251,9 @@ class FedRoundReply(Header):
     base_fingerprint: str
     round: int = Field(ge=0, le=10_000)
     epochs: int = Field(ge=0, le=MAX_EPOCHS)
-    users: int = Field(ge=0, le=INT32_MAX)
-    loss: float | None = Field(None, ge=0.0, le=1e6)
-    seconds: float = Field(ge=0, le=1e7)
+    users: int = Field(ge=0, le=INT32_MAX, description="<= the silo's handshake count")
+    loss: float | None = Field(None, ge=0.0, le=MAX_LOSS)
+    seconds: float = Field(ge=0, le=MAX_SECONDS, description="wall-clock seconds, at most a week")
     val: AggregateMetrics
 
     def array_groups(self) -> set[str]:
@@ -250,11 +278,11 @@ class TeacherRequest(Header):
 
 class TeacherReply(Header):
     """Arrays: group "teacher" = {"indices": int32 [P, k], "values": float32 [P, k]}, rows in the order of
-    the request's pseudo_item_ids."""
+    the request's pseudo_item_ids. Values are cosines in [-1, 1] (TEACHER_TOLERANCE for float16 rounding)."""
 
     domain: str
-    num_items: int = Field(gt=0)
-    k: int = Field(gt=0)
+    num_items: int = Field(gt=0, le=INT32_MAX)
+    k: int = Field(gt=0, le=INT32_MAX)
 
     def array_groups(self) -> set[str]:
         return {"teacher"}
@@ -324,8 +352,8 @@ class GateTuneReply(Header):
     domain: str
     before: AggregateMetrics  # test split, the integrated model as received
     after: AggregateMetrics  # test split, after tuning its gates
-    epochs: int = Field(ge=0)
-    seconds: float = Field(ge=0)
+    epochs: int = Field(ge=0, le=MAX_EPOCHS, description="<= the request's")
+    seconds: float = Field(ge=0, le=MAX_SECONDS, description="wall-clock seconds, at most a week")
 
 
 Arrays = dict[str, dict[str, np.ndarray]]
