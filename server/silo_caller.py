@@ -11,6 +11,7 @@ from server.checkpoint import Checkpoint, Dropped
 from server.transport import Outcome, Transport
 
 log = logging.getLogger("server.pipeline")
+MAX_REASON = 300  # characters of a drop reason: every reason is the server's text, this caps it all the same
 
 
 class PipelineError(RuntimeError):
@@ -34,6 +35,7 @@ class SiloCaller:
         return self.state.active()
 
     def drop(self, domain: str, stage: str, reason: str) -> None:
+        reason = reason[:MAX_REASON]
         log.error("dropping silo %s at stage %s: %s", domain, stage, reason)
         self.state.dropped.append(Dropped(domain=domain, stage=stage, reason=reason))
         left = self.active()
@@ -44,6 +46,7 @@ class SiloCaller:
 
     def note_drop(self, silo: str, stage: str, reason: str) -> None:
         """Record a silo that is not part of the run without passing the handshake."""
+        reason = reason[:MAX_REASON]
         if not self.state.is_dropped(silo, stage):
             self.state.dropped.append(Dropped(domain=silo, stage=stage, reason=reason))
 
@@ -80,6 +83,7 @@ class SiloCaller:
             if store is not None:
                 store(d, o)
         else:
+            err = err[:MAX_REASON]
             log.warning("%s: silo %s failed (attempt %d): %s", stage, d, attempt + 1, err)
             failed[d] = err
 

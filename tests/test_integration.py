@@ -150,7 +150,16 @@ def _request(bb, base_fp, spec=None, integrated=None):
                                            integrated=integrated or {"xcross": spec})
 
 
-def test_hostile_integrated_requests_are_refused(world, models, tmp_path):
+def _refused(call, caplog, content, what: str, message_type: str = EVALUATE) -> None:
+    """A contract error reply (code 100, its fixed text); what was wrong is in the silo's log only."""
+    caplog.clear()
+    with pytest.raises(SiloReplyError) as exc:
+        call(message_type, content)
+    assert exc.value.code == 100 and what not in exc.value.reason
+    assert any(what in r.getMessage() for r in caplog.records if r.name.startswith("clients")), caplog.records
+
+
+def test_hostile_integrated_requests_are_refused(world, models, tmp_path, caplog):
     root, enc, dirs = world
     base = models[0]
     bb = BackboneConfig(kind="light", encoder=str(enc), layers=2, heads=2, cache_dir=root / "cache")
@@ -166,17 +175,13 @@ def test_hostile_integrated_requests_are_refused(world, models, tmp_path):
     wrong_dtype = {**good, "adaptor.bias": good["adaptor.bias"].astype(np.float64)}
     missing = {k: v for k, v in good.items() if not k.startswith("experts.1.1.")}
     for named in (bad_shape, extra, nan, wrong_dtype, missing):
-        with pytest.raises(SiloReplyError) as exc:
-            call(EVALUATE, encode(_request(bb, fp), {"xcross": named}))
-        assert exc.value.code == 100 and "model xcross" in exc.value.reason
+        _refused(call, caplog, encode(_request(bb, fp), {"xcross": named}), "model xcross")
     # the spec says 3 block sets, the arrays hold 2: refused
-    with pytest.raises(SiloReplyError, match="model xcross"):
-        call(EVALUATE, encode(_request(bb, fp, IntegratedSpec(num_domains=3)), {"xcross": good}))
+    _refused(call, caplog, encode(_request(bb, fp, IntegratedSpec(num_domains=3)), {"xcross": good}), "model xcross")
     # an integrated entry for a model that is not asked for is a contract error
     stray = _request(bb, fp, integrated={"xcross": IntegratedSpec(num_domains=2),
                                          "other": IntegratedSpec(num_domains=2)})
-    with pytest.raises(SiloReplyError, match="integrated"):
-        call(EVALUATE, encode(stray, {"xcross": good}))
+    _refused(call, caplog, encode(stray, {"xcross": good}), "integrated")
     # specs the contract refuses outright: too many domains, a gate too wide, an unknown kind
     for spec in ({"num_domains": 33}, {"num_domains": 2, "gate_hidden": 5000}, {"num_domains": 2, "kind": "moe"}):
         with pytest.raises(ValueError):
@@ -213,7 +218,7 @@ def test_turning_integration_on_redoes_only_integration_and_evaluation(world, tm
     assert "integration/xcross.safetensors" in ck["files"] and "integration" in ck["completed"]
 
 
-def test_new_domain_tunes_only_the_gates_and_sends_aggregates(world, models, tmp_path):
+def test_new_domain_tunes_only_the_gates_and_sends_aggregates(world, models, tmp_path, caplog):
     """X-Cross "new domain with less data": the silo fine-tunes the gates on a fraction of its users; the tuned
     model stays there; only before/after test aggregates come back. A bad fraction is refused."""
     from safetensors.torch import load_file
@@ -241,5 +246,4 @@ def test_new_domain_tunes_only_the_gates_and_sends_aggregates(world, models, tmp
     assert any(not torch.equal(tuned[n], t) for n, t in sent_state.items() if n.startswith("gates."))
     for bad in (0.0, 1.5):
         hostile = GateTuneRequest.model_construct(**{**req.__dict__, "user_fraction": bad})
-        with pytest.raises(SiloReplyError, match="user_fraction"):
-            call(TUNE_GATES, encode(hostile, arrays))
+        _refused(call, caplog, encode(hostile, arrays), "user_fraction", TUNE_GATES)
