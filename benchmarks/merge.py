@@ -15,7 +15,8 @@ pseudo-users and teacher logits and the pipeline's own parts (`Merges.learn`, `M
 - joint training on the pooled data (a non-private reference, `--joint-epochs`, 0 = skip).
 
 The run directory (`--run-dir`, default .cache/bench-runs/<config fingerprint>) is the pipeline's: running
-again resumes, so fine-tuning is paid once. Writes benchmarks/results/merge.json and merge.md (`--out`).
+again resumes, so fine-tuning is paid once. Writes benchmarks/results/merge.json and merge.md by default, a name
+no claim uses; the merge claims name their files with `--out` (merge-base-init.json, ...: docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ from the run directory's report.json: wall time per stage, fine-tuning seconds/e
 per silo (and the task vector / teacher part of the upload), the final metrics table (every candidate model's
 Recall@10 / NDCG@10 per domain); and, sampled every second over every process of the run (the launcher's
 marker, deployment/procs.py), the peak RSS of the largest process and of all of them together. Writes
-benchmarks/results/pipeline.json (the command included) and pipeline.md.
+benchmarks/results/pipeline.json (the command included) and pipeline.md by default (the current claim's file is
+pipeline-default.json, written with `--out`: docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ and everything after it redone (fine-tuning and pseudo-users are shared, so only
 differ). A variant is `<values>:<k>`: fp32 = the former wire (int32 indices, float32 values), fp16 = the compact
 wire (uint16/uint32 indices, float16 values; common.protocol.messages.teacher_wire_dtypes). Per variant and silo: the
 task vector's bytes, the teacher arrays' bytes, and each domain's test Recall@10 / NDCG@10 of MergeRec (every
-learned granularity) against the first variant. Writes benchmarks/results/teacher-wire.json and .md.
+learned granularity) against the first variant. Writes benchmarks/results/teacher-wire-demo.json and .md by default
+(the demo-data claim; a real-data run names its own `--out`, e.g. teacher-wire.json: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--domains", default="garden,kitchen,outdoor")
     ap.add_argument("--run-config", default="", help='overrides, e.g. "epochs=2 max-users=3000"')
     ap.add_argument("--variants", default="fp32:256,fp16:256,fp16:128,fp16:64")
-    ap.add_argument("--out", type=Path, default=RESULTS / "teacher-wire.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "teacher-wire-demo.json")
     args = ap.parse_args(argv)
     domains, rc = args.domains.split(","), parse_overrides(args.run_config)
     data_root = args.data_root.resolve()
