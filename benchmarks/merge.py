@@ -52,6 +52,8 @@ EXTRAS = ["picked", "adamerging", "ablations", "unseen"]
 #: MergeRec options measured against the default (dropout on, item embeddings frozen at init, last W)
 ABLATIONS = [("dropout off", {"dropout": False}), ("items refreshed every 50 steps", {"item_refresh_every": 50}),
              ("W picked on 10% held-out pseudo-users", {"holdout_fraction": 0.1})]
+#: MergeRec without its last step, the item-tower fit (common/model/tower_fit.py): in-domain and unseen
+NO_FIT = ("mergerec-layer without item-tower fit", "layer", "mergerec", None, {"tower_fit_epochs": 0})
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
 
 
@@ -191,7 +193,7 @@ class Bench:
         if "picked" in extras:
             with self.stage(f"{scenario}: task arithmetic, lambda picked on held-out pseudo-users"):
                 self.picked_lambda(scenario, merged, [held_out], holdout)
-        variants = [(f"mergerec-{g}", g, "mergerec", None, {}) for g in ("task", "layer")]
+        variants = [(f"mergerec-{g}", g, "mergerec", None, {}) for g in ("task", "layer")] + [NO_FIT]
         if "adamerging" in extras:
             variants.insert(0, ("adamerging", "layer", "adamerging", "task_arithmetic", {}))
         self.learned(scenario, merged, [held_out], variants)
@@ -201,7 +203,7 @@ class Bench:
         if "picked" in extras:
             with self.stage("in-domain: task arithmetic, lambda picked on held-out pseudo-users"):
                 self.picked_lambda("in-domain", domains, domains, holdout)
-        variants = []
+        variants = [NO_FIT]
         if "adamerging" in extras:
             variants.append(("adamerging", "layer", "adamerging", "task_arithmetic", {}))
         if "ablations" in extras:

@@ -18,6 +18,7 @@ from common.core.files import atomic_write
 from common.core.fingerprint import fingerprint
 from common.core.report import markdown_table
 from common.model.metrics import SEEN_ITEMS
+from common.model.tower_fit import has_item_tower
 from server.base import BaseContext
 from server.checkpoint import Checkpoint
 from server.integration_stage import summary as integration_summary
@@ -79,7 +80,10 @@ def method_text(info: dict) -> str:
            "in its own silo and sent only changes of its weights; no user data left any silo.")
     merged = (" The server merged the silos' fine-tuned task vectors with training-free merges and with MergeRec: "
               f"starting from {info['init']}, it learned merging coefficients by distillation (pseudo-users built "
-              "from the item catalogs alone, each silo's top-k scores for them as targets).")
+              "from the item catalogs alone, each silo's top-k scores for them as targets)"
+              + (", then fitted the MergeRec models' item tower (adaptor and its MLP residual) so that on every "
+                 "catalog item it reproduces that domain's fine-tuned item embedding (catalog items and task vectors "
+                 "only)." if info.get("tower_fit_epochs") else ".")) 
     fed = info.get("fedavg")
     if info.get("strategy") != "fedavg" or not fed:
         return own + merged
@@ -155,7 +159,8 @@ def write_model(cfg, run: RunDir, state: Checkpoint, base: BaseContext, candidat
     info = {"method": chosen, "domains": card_cfg.domains, "backbone": cfg.backbone.kind, "init": cfg.init_method,
             "strategy": cfg.strategy, "fedavg": state.fedavg.model_dump() if state.fedavg else None,
             "val_scores": scores, "coefficients": learned, "test": metrics, "seen_items": cfg.train.seen_items,
-            "catalog_sizes": {d: len(base.catalogs[d]) for d in card_cfg.domains if d in base.catalogs}}
+            "catalog_sizes": {d: len(base.catalogs[d]) for d in card_cfg.domains if d in base.catalogs},
+            "tower_fit_epochs": cfg.coefficients.tower_fit_epochs if has_item_tower(weights) else 0}
     folder = save_model_folder(run.model, weights, card_cfg, model_card(info))
     return folder, chosen, scores
 

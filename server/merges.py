@@ -14,6 +14,7 @@ import torch
 from common.merging import methods as merge_methods
 from common.merging.task_vectors import add_vector, state_to_numpy
 from common.merging.teacher import TopKLogits
+from common.model.tower_fit import fit_item_tower, has_item_tower, item_outputs
 from common.model.coefficients import (
     CoefficientConfig,
     DomainBatchSource,
@@ -90,8 +91,26 @@ class Merges:
         plan = self._plan(domains, init_method)
         res = learn_coefficients(self.base.model, self.base.state, plan.vectors, self.base.model.layer_of,
                                  self.coefficient_sources(domains), ccfg, progress=False, method=init_method)
-        return res, merge_with_coefficients(self.base.state, plan.vectors, res.W, res.groups,
-                                            self.base.model.layer_of)
+        return res, self._theta(domains, plan, res.W, list(res.groups), ccfg)
+
+    def _theta(self, domains: list[str], plan, W: torch.Tensor, groups: list[str],
+               ccfg: CoefficientConfig) -> dict[str, torch.Tensor]:
+        """The merged model of coefficients W, with its item tower then fitted (`ccfg.tower_fit_epochs`)."""
+        merged = merge_with_coefficients(self.base.state, plan.vectors, W, groups, self.base.model.layer_of)
+        return self.fit_item_tower(merged, domains, ccfg)
+
+    def fit_item_tower(self, merged: dict[str, torch.Tensor], domains: list[str],
+                       ccfg: CoefficientConfig) -> dict[str, torch.Tensor]:
+        """`merged` with its item tower fitted to the fine-tuned item towers of `domains` on their catalogs
+        (common.model.tower_fit.py); unchanged when the fit is off or the backbone has no item adaptor."""
+        if not ccfg.tower_fit_epochs or not has_item_tower(merged):
+            return merged
+        tvs = self.vectors.load(domains)
+        doms = [self.base.dom(d) for d in domains]
+        targets = [item_outputs(self.base.model, add_vector(self.base.state, tvs[d]), dom)
+                   for d, dom in zip(domains, doms)]
+        return fit_item_tower(self.base.model, merged, doms, targets, epochs=ccfg.tower_fit_epochs,
+                              lr=ccfg.tower_fit_lr, seed=ccfg.seed)
 
     def mergerec_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """theta(W) for each learned granularity (over the domains W was learned on, even if one was dropped
@@ -102,8 +121,8 @@ class Merges:
             cached = self.cached(f"mergerec-{gran}", c["domains"])
             if cached is None:
                 plan = self._plan(c["domains"], self.cfg.init_method)
-                cached = merge_with_coefficients(self.base.state, plan.vectors, torch.tensor(c["W"]), c["groups"],
-                                                 self.base.model.layer_of)
+                ccfg = self.cfg.coefficients.model_copy(update={"granularity": gran})
+                cached = self._theta(c["domains"], plan, torch.tensor(c["W"]), c["groups"], ccfg)
             out[f"mergerec-{gran}"] = cached
         return out
 

@@ -147,8 +147,12 @@ def test_bundled_base_matches_its_card():
     state, card = load_base("bundled")
     assert BUNDLED.is_file() and card is not None
     assert fingerprint(state) == card.fingerprint
-    model = build_backbone(BackboneConfig(base="bundled"))
+    model = build_backbone(BackboneConfig(base="bundled", adaptor_hidden=0))
     assert fingerprint(shared_state(model)) == card.fingerprint
+    # the default architecture adds the item MLP residual (its seeded init; nothing before the merge trains it)
+    full = shared_state(build_backbone(BackboneConfig(base="bundled")))
+    assert {n for n in full if n not in state} == {n for n in full if n.startswith("adaptor_mlp.")} != set()
+    assert all(torch.equal(full[n], state[n]) for n in state)
     assert card.command.startswith("python -m common.model.pretrain")
     assert {d["domain"] for d in card.data}.isdisjoint({"Beauty", "Sports", "Toys"})
     assert all(torch.isfinite(t).all() for t in state.values())

@@ -75,6 +75,8 @@ class LightRecommender(Recommender):
         )
         self.blocks = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self._init_as_text_similarity()
+        # built after the rest, so the other parameters are the same whatever its width
+        self.adaptor_mlp = item_mlp(feature_dim, cfg.adaptor_hidden, dim)
 
     def _init_as_text_similarity(self) -> None:
         """Adaptor = identity (dim = F) or a random +-1/sqrt(dim) projection (Johnson-Lindenstrauss);
@@ -120,8 +122,9 @@ class LightRecommender(Recommender):
         return DomainInputs(catalog.domain, len(catalog), features=features, feature_mean=mean)
 
     def _items(self, dom: DomainInputs, ids: torch.Tensor) -> torch.Tensor:
-        feats = dom.features.to(self.adaptor.weight.device)
-        return self.adaptor(feats[ids])
+        x = dom.features.to(self.adaptor.weight.device)[ids]
+        out = self.adaptor(x)
+        return out if self.adaptor_mlp is None else out + self.adaptor_mlp(x)
 
     def block_inputs(self, dom: DomainInputs, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x [B, L, dim], attention mask [B * heads, L, L]): what the first transformer block receives.
@@ -154,12 +157,27 @@ class LightRecommender(Recommender):
     def layer_of(self, param_name: str) -> str:
         """'layer<i>' for transformer block i; the adaptor and the position embeddings are layers of their own
         (with the blocks frozen they are all that a task vector changes: layer-wise merging still learns 2 numbers
-        per domain)."""
+        per domain); the adaptor's MLP residual belongs to the adaptor's group (one item tower)."""
         m = re.match(r"blocks\.layers\.(\d+)\.", param_name)
         if m:
             return f"layer{int(m.group(1))}"
         top = param_name.split(".", 1)[0]
+        if top == "adaptor_mlp":
+            return "adaptor"
         return top if top in ("adaptor", "position") else "rest"
+
+
+def item_mlp(feature_dim: int, hidden: int, dim: int) -> nn.Sequential | None:
+    """The item adaptor's MLP residual, Linear(F, hidden) -> GELU -> Linear(hidden, dim), with a zero last layer
+    (zero output: the model computes what it would without it); None when `hidden` is 0. Silos never train it
+    (common/model/train.py); the server fits it when merging (common.model.tower_fit.py)."""
+    if not hidden:
+        return None
+    mlp = nn.Sequential(nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+    with torch.no_grad():
+        mlp[2].weight.zero_()
+        mlp[2].bias.zero_()
+    return mlp
 
 
 class TextRecommender(Recommender):
@@ -229,8 +247,13 @@ def load_base_weights(model: Recommender, cfg: BackboneConfig) -> None:
 
     state, card = load_base(cfg.base)
     check_architecture(card, cfg, cfg.base)
+    # a base made without the item MLP residual (or with it): the residual's seeded, zero-output init is part of
+    # the base either way, since nothing before the server's merge trains it
+    own = shared_state(model)
+    state = {**{n: t for n, t in state.items() if not n.startswith("adaptor_mlp.")},
+             **{n: t for n, t in own.items() if n.startswith("adaptor_mlp.")}}
     try:
-        check_compatible(state, shared_state(model), f"base checkpoint {cfg.base}")
+        check_compatible(state, own, f"base checkpoint {cfg.base}")
     except BaseMismatchError as exc:
         raise BaseFileError(str(exc)) from exc
     with torch.no_grad():

@@ -42,6 +42,9 @@ class BackboneConfig(Strict):
     ff_mult: PositiveInt = 2
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     max_items: PositiveInt = Field(50, description="at most this many most recent history items")
+    adaptor_hidden: int = Field(1024, ge=0, le=65536, description="light: width of the item adaptor's MLP residual "
+                                "(zero at the base, never trained in a silo, fitted by the server when merging; "
+                                "0 = none)")
     # center_items removes the direction all of one catalog's items share, which differs from catalog to catalog
     center_items: bool = Field(False, description="light: subtract each catalog's mean item-text embedding (and "
                                "re-normalise) before the adaptor")

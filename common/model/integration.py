@@ -108,6 +108,7 @@ class IntegratedRecommender(Recommender):
             raise ValueError("integrated models need the light backbone")
         self.cfg, self.spec = base.cfg, spec
         self.adaptor = copy.deepcopy(base.adaptor)
+        self.adaptor_mlp = copy.deepcopy(base.adaptor_mlp)
         self.position = copy.deepcopy(base.position)
         layers = list(base.blocks.layers)
         self.experts = nn.ModuleList(nn.ModuleList(copy.deepcopy(layer) for _ in range(spec.num_domains))

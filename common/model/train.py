@@ -290,9 +290,15 @@ def warmup_steps(cfg: TrainConfig, rows: list[list]) -> int:
     return min(cfg.warmup_steps, per_epoch)
 
 
+#: parameter-name prefixes no silo trains (the server fits them: common.model.tower_fit.py)
+SERVER_FITTED = ("adaptor_mlp.",)
+
+
 def _optimiser(model: Recommender, cfg: TrainConfig, rows: list[list]):
     """AdamW over every parameter not frozen by `cfg.freeze` (frozen ones get requires_grad False). A model with
-    LoRA factors attached (common/model/lora.py) trains only those factors: everything else stays at the base."""
+    LoRA factors attached (common/model/lora.py) trains only those factors: everything else stays at the base.
+    The item adaptor's MLP residual (`adaptor_mlp`) is never trained here: the server fits it when merging
+    (common.model.tower_fit.py), so in every task vector it is zero."""
     from common.model.lora import is_lora_param
 
     names = [n for n, _ in model.named_parameters()]
@@ -301,7 +307,8 @@ def _optimiser(model: Recommender, cfg: TrainConfig, rows: list[list]):
             raise ValueError(f"freeze: no parameter name starts with {prefix!r}")
     lora = any(is_lora_param(n) for n in names)
     for n, p in model.named_parameters():
-        p.requires_grad_(not any(n.startswith(prefix) for prefix in cfg.freeze) and (not lora or is_lora_param(n)))
+        p.requires_grad_(not n.startswith(SERVER_FITTED) and not any(n.startswith(prefix) for prefix in cfg.freeze)
+                         and (not lora or is_lora_param(n)))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     warm = max(1, warmup_steps(cfg, rows))
