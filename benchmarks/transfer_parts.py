@@ -6,9 +6,9 @@
 Given one silo's fine-tuned weights (the file a silo keeps in its state folder) and the base they started from
 (`--backbone KEY=VALUE,...`, BackboneConfig settings, default the pipeline's), evaluates on each domain's test
 split (seeded user subsample, the silo's own `evaluate_split`): the base, the fine-tuned model, and for each
-top-level part of the light backbone (adaptor, blocks, position) the base with only that part fine-tuned and the
-fine-tuned model with only that part reset to the base. A part whose fine-tuned values keep the base's quality
-on other domains is safe to merge; a part that breaks them is where task vectors interfere. Writes
+top-level part of the light backbone (adaptor, adaptor_mlp, blocks, position) the base with only that part
+fine-tuned and the fine-tuned model with only that part reset to the base. A part whose fine-tuned values keep
+the base's quality on other domains is safe to merge; a part that breaks them is where task vectors interfere. Writes
 benchmarks/results/transfer-parts.json and .md.
 """
 

@@ -30,7 +30,8 @@ def test_part_swaps_recover_the_base_and_the_tuned_model(tmp_path):
                                 "--domains", "garden", "--data-root", str(tmp_path / "data"), "--backbone", backbone,
                                 "--users", "0", "--out", str(out)]) == 0
     rows = {r["model"]: (r["recall@10"], r["ndcg@10"]) for r in json.loads(out.read_text())["rows"]}
-    assert len(rows) == 2 + 2 * 3  # base, fine-tuned, and two rows per part (adaptor, blocks, position)
+    # base, fine-tuned, and two rows per part (adaptor, adaptor_mlp: the item MLP residual, blocks, position)
+    assert len(rows) == 2 + 2 * 4
     assert rows["fine-tuned, blocks reset"] == rows["base"] == rows["base + fine-tuned adaptor"]
     assert rows["base + fine-tuned blocks"] == rows["fine-tuned"] == rows["fine-tuned, position reset"]
     assert rows["fine-tuned"] != rows["base"]  # the perturbation is large enough to change the ranking
