@@ -102,7 +102,7 @@ class Merges:
     def fit_item_tower(self, merged: dict[str, torch.Tensor], domains: list[str],
                        ccfg: CoefficientConfig) -> dict[str, torch.Tensor]:
         """`merged` with its item tower fitted to the fine-tuned item towers of `domains` on their catalogs
-        (common.model.tower_fit.py); unchanged when the fit is off or the backbone has no item adaptor."""
+        (common/model/tower_fit.py); unchanged when the fit is off or the backbone has no item adaptor."""
         if not ccfg.tower_fit_epochs or not has_item_tower(merged):
             return merged
         tvs = self.vectors.load(domains)

@@ -170,7 +170,7 @@ class LightRecommender(Recommender):
 def item_mlp(feature_dim: int, hidden: int, dim: int) -> nn.Sequential | None:
     """The item adaptor's MLP residual, Linear(F, hidden) -> GELU -> Linear(hidden, dim), with a zero last layer
     (zero output: the model computes what it would without it); None when `hidden` is 0. Silos never train it
-    (common/model/train.py); the server fits it when merging (common.model.tower_fit.py)."""
+    (common/model/train.py); the server fits it when merging (common/model/tower_fit.py)."""
     if not hidden:
         return None
     mlp = nn.Sequential(nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, dim))

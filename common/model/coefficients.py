@@ -64,7 +64,7 @@ class CoefficientConfig(BaseModel):
                                     "step)")
     holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="pseudo-users held out to pick the "
                                     "best W (0: off, the last W is returned)")
-    # the light backbone's last MergeRec step (common.model.tower_fit.py): catalog items only, server-side
+    # the light backbone's last MergeRec step (common/model/tower_fit.py): catalog items only, server-side
     tower_fit_epochs: int = Field(30, ge=0, le=10_000, description="epochs of the item-tower fit after the "
                                   "coefficients (light backbone; 0 = off)")
     tower_fit_lr: float = Field(1e-3, gt=0, description="item-tower fit learning rate (Adam)")

@@ -290,7 +290,7 @@ def warmup_steps(cfg: TrainConfig, rows: list[list]) -> int:
     return min(cfg.warmup_steps, per_epoch)
 
 
-#: parameter-name prefixes no silo trains (the server fits them: common.model.tower_fit.py)
+#: parameter-name prefixes no silo trains (the server fits them: common/model/tower_fit.py)
 SERVER_FITTED = ("adaptor_mlp.",)
 
 
@@ -298,7 +298,7 @@ def _optimiser(model: Recommender, cfg: TrainConfig, rows: list[list]):
     """AdamW over every parameter not frozen by `cfg.freeze` (frozen ones get requires_grad False). A model with
     LoRA factors attached (common/model/lora.py) trains only those factors: everything else stays at the base.
     The item adaptor's MLP residual (`adaptor_mlp`) is never trained here: the server fits it when merging
-    (common.model.tower_fit.py), so in every task vector it is zero."""
+    (common/model/tower_fit.py), so in every task vector it is zero."""
     from common.model.lora import is_lora_param
 
     names = [n for n, _ in model.named_parameters()]
