@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from common.data.format import CatalogView
 
 PAD = -1
+#: name prefix of the light backbone's item MLP residual (trained only by the server's item-tower fit)
+ITEM_MLP = "adaptor_mlp."
 
 
 @dataclass
@@ -250,8 +252,8 @@ def load_base_weights(model: Recommender, cfg: BackboneConfig) -> None:
     # a base made without the item MLP residual (or with it): the residual's seeded, zero-output init is part of
     # the base either way, since nothing before the server's merge trains it
     own = shared_state(model)
-    state = {**{n: t for n, t in state.items() if not n.startswith("adaptor_mlp.")},
-             **{n: t for n, t in own.items() if n.startswith("adaptor_mlp.")}}
+    state = {**{n: t for n, t in state.items() if not n.startswith(ITEM_MLP)},
+             **{n: t for n, t in own.items() if n.startswith(ITEM_MLP)}}
     try:
         check_compatible(state, own, f"base checkpoint {cfg.base}")
     except BaseMismatchError as exc:

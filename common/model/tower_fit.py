@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from common.model.backbones import DomainInputs, items_in_batches
+from common.model.backbones import ITEM_MLP, DomainInputs, items_in_batches
 
 log = logging.getLogger(__name__)
 
 #: parameter-name prefixes of the light backbone's item tower (what the fit changes)
-ITEM_TOWER = ("adaptor.", "adaptor_mlp.")
+ITEM_TOWER = ("adaptor.", ITEM_MLP)
 
 
 def has_item_tower(state: Mapping[str, torch.Tensor]) -> bool:

@@ -39,7 +39,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from common.model.backbones import DomainInputs, Recommender, encode_all_items, pad_histories, shared_state
+from common.model.backbones import ITEM_MLP, DomainInputs, Recommender, encode_all_items, pad_histories, shared_state
 from common.model.config import TrainConfig, resolve_device
 from common.data.format import SiloData
 from common.model.metrics import DEFAULT_KS, RankingAccumulator, SeenItems, ranks_excluding_seen, target_ranks
@@ -291,7 +291,7 @@ def warmup_steps(cfg: TrainConfig, rows: list[list]) -> int:
 
 
 #: parameter-name prefixes no silo trains (the server fits them: common/model/tower_fit.py)
-SERVER_FITTED = ("adaptor_mlp.",)
+SERVER_FITTED = (ITEM_MLP,)
 
 
 def _optimiser(model: Recommender, cfg: TrainConfig, rows: list[list]):
