@@ -110,7 +110,8 @@ class Merges:
         targets = [item_outputs(self.base.model, add_vector(self.base.state, tvs[d]), dom)
                    for d, dom in zip(domains, doms)]
         return fit_item_tower(self.base.model, merged, doms, targets, epochs=ccfg.tower_fit_epochs,
-                              lr=ccfg.tower_fit_lr, seed=ccfg.seed)
+                              lr=ccfg.tower_fit_lr, seed=ccfg.seed,
+                              batch_size=ccfg.tower_fit_batch_size)
 
     def mergerec_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """theta(W) for each learned granularity (over the domains W was learned on, even if one was dropped
