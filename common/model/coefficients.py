@@ -69,7 +69,7 @@ class CoefficientConfig(BaseModel):
     tower_fit_epochs: int = Field(60, ge=0, le=10_000, description="epochs of the item-tower fit after the "
                                   "coefficients (light backbone; 0 = off)")
     tower_fit_lr: float = Field(1e-3, gt=0, description="item-tower fit learning rate (Adam)")
-    tower_fit_batch_size: int = Field(256, ge=1, le=1_000_000, description="items per item-tower fit step")
+    tower_fit_batch_size: int = Field(512, ge=1, le=1_000_000, description="items per item-tower fit step")
     eval_every: Count = 50
     item_batch_size: Count = 1024
     seed: Seed = 0

@@ -47,7 +47,7 @@ def item_outputs(model: nn.Module, state: Mapping[str, torch.Tensor], dom: Domai
 
 
 def fit_item_tower(model: nn.Module, merged: Mapping[str, torch.Tensor], doms: Sequence[DomainInputs],
-                   targets: Sequence[torch.Tensor], *, epochs: int, lr: float = 1e-3, batch_size: int = 256,
+                   targets: Sequence[torch.Tensor], *, epochs: int, lr: float = 1e-3, batch_size: int = 512,
                    seed: int = 0) -> dict[str, torch.Tensor]:
     """A copy of `merged` whose item-tower parameters (ITEM_TOWER) are trained for `epochs` passes over every item
     of `doms` (Adam, `lr`, minibatches of `batch_size` items drawn by a `seed`ed generator) to minimise the mean
