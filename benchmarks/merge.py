@@ -6,9 +6,10 @@ A driver over the federation's own code, never a second implementation: the in-d
 the pipeline (server/pipeline.py) over in-process silos (clients/silo.py), configured exactly like `flwr run`
 (pyproject's [tool.flwr.app.config] + `--run-config`). Its report gives the pretrained base, every fine-tuned
 model on every domain, the training-free merges (the run's `baselines`, here every registered method) and
-MergeRec task- and layer-wise. The rows the federation does not compute reuse the run's stored task vectors,
-pseudo-users and teacher logits and the pipeline's own parts (`Merges.learn`, `Merges.merged_states`,
-`Merges.evaluate_at`: the silos evaluate, only aggregates come back):
+MergeRec at the run's `granularities` (task-wise by default). The rows the federation does not compute reuse the
+run's stored task vectors, pseudo-users and teacher logits and the pipeline's own parts (`Merges.learn`,
+`Merges.merged_states`, `Merges.evaluate_at`: the silos evaluate, only aggregates come back):
+- MergeRec at the granularity the run did not learn, and without its item-tower fit;
 - task arithmetic with lambda picked on held-out pseudo-users (`mean_loss`, the coefficient learner's held-out loss);
 - AdaMerging (entropy loss) and MergeRec option ablations (in-domain);
 - unseen domains: merge two domains' vectors, test on the third (for each choice of the third);
@@ -53,7 +54,7 @@ EXTRAS = ["picked", "adamerging", "ablations", "unseen"]
 ABLATIONS = [("dropout off", {"dropout": False}), ("items refreshed every 50 steps", {"item_refresh_every": 50}),
              ("W picked on 10% held-out pseudo-users", {"holdout_fraction": 0.1})]
 #: MergeRec without its last step, the item-tower fit (common/model/tower_fit.py): in-domain and unseen
-NO_FIT = ("mergerec-layer without item-tower fit", "layer", "mergerec", None, {"tower_fit_epochs": 0})
+NO_FIT = ("mergerec-task without item-tower fit", "task", "mergerec", None, {"tower_fit_epochs": 0})
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
 
 
@@ -203,7 +204,9 @@ class Bench:
         if "picked" in extras:
             with self.stage("in-domain: task arithmetic, lambda picked on held-out pseudo-users"):
                 self.picked_lambda("in-domain", domains, domains, holdout)
-        variants = [NO_FIT]
+        # both granularities in every table, whichever the run learned (its `granularities`)
+        variants = [(f"mergerec-{g}", g, "mergerec", None, {}) for g in ("task", "layer")
+                    if g not in p.cfg.granularities] + [NO_FIT]
         if "adamerging" in extras:
             variants.append(("adamerging", "layer", "adamerging", "task_arithmetic", {}))
         if "ablations" in extras:

@@ -52,7 +52,8 @@ def _transport(dirs, root, observer=None, broken: dict | None = None):
 def test_full_pipeline_and_report(world, tmp_path, caplog):
     root, enc, dirs = world
     with caplog.at_level("INFO"):
-        report = Pipeline(_transport(dirs, root), _cfg(enc, root), tmp_path / "run").run()
+        report = Pipeline(_transport(dirs, root), _cfg(enc, root, granularities=["task", "layer"]),
+                          tmp_path / "run").run()
     # progress the ServerApp logs itself (so it reaches its console in a deployment too): per silo and stage
     server_lines = [r.getMessage() for r in caplog.records if r.name == "server.pipeline"]
     for d in dirs:
