@@ -27,15 +27,19 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def code_version(root: Path = ROOT) -> str:
-    """The commit the code ran at (short hash, "+changes" when tracked files differ from it), or "unknown"."""
+    """The commit the code ran at (short hash, "+changes" when tracked files other than result files under
+    benchmarks/results/ differ from it: a driver rewriting its own result file mid-run is no code change), or
+    "unknown"."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, check=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return head + ("+changes" if dirty else "")
+    # porcelain v1: two status letters, a space, the path (keep each line's leading space: no strip())
+    code = [line for line in dirty.splitlines() if line and not line[3:].startswith("benchmarks/results/")]
+    return head + ("+changes" if code else "")
 
 
 def relative_paths(value, root: Path = ROOT):
