@@ -145,3 +145,27 @@ def test_center_items_subtracts_the_catalog_mean_and_new_items_keep_the_indexed_
     new = CatalogView("d", ("n0",), (ItemMeta(title="t0"),))
     extra = model.domain_inputs(new, features=feats[:1], center_like=dom)
     assert torch.allclose(extra.features, dom.features[:1])  # the same item text gets the same feature
+
+
+def test_zero_frozen_item_mlp_is_skipped_with_the_same_numbers():
+    """The MLP residual at zero and not trained (every silo, every model before the server's fit) is skipped: the
+    item tower's output is bit-identical to computing it; trained or non-zero, it is computed."""
+    torch.manual_seed(0)
+    model = LightRecommender(BackboneConfig(kind="light", dim=16, heads=2, layers=1, max_items=8, adaptor_hidden=32),
+                             feature_dim=12)
+    dom = DomainInputs("d", 20, features=F.normalize(torch.randn(20, 12), dim=-1))
+    ids = torch.arange(20)
+    x = dom.features[ids]
+    full = lambda: F.normalize(model.adaptor(x) + model.adaptor_mlp(x), dim=-1)  # noqa: E731
+    with torch.no_grad():
+        assert not model._mlp_contributes()
+        assert torch.equal(model(dom, "items", ids), full())
+    assert model._mlp_contributes()  # grad mode, trainable last layer: computed, so the fit can train it
+    for p in model.adaptor_mlp.parameters():
+        p.requires_grad_(False)
+    assert not model._mlp_contributes()  # a silo: frozen at zero
+    with torch.no_grad():
+        model.adaptor_mlp[2].bias[3] = 0.5
+        assert model._mlp_contributes()  # a fitted residual always counts
+        assert torch.equal(model(dom, "items", ids), full())
+        assert not torch.equal(model(dom, "items", ids), F.normalize(model.adaptor(x), dim=-1))
