@@ -1,5 +1,5 @@
 """Fault injection for the loopback stack (deployment.local.Stack), used only by tests: kill a SuperNode as a crash
-would, start it again, ask the SuperLink for its health."""
+would, start it again, freeze every SuperNode for a while, ask the SuperLink for its health."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 from deployment.local import Stack, StackError, tail
 from deployment.procs import group_members
@@ -24,6 +25,26 @@ def kill_supernode(stack: Stack, domain: str, sig: int = signal.SIGKILL) -> None
     while group_members(proc.popen.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     stack.say(f"killed {proc.name} (signal {sig})")
+
+
+@contextlib.contextmanager
+def frozen_supernodes(stack: Stack) -> Iterator[None]:
+    """SIGSTOP every SuperNode's process group (SuperNode, SuperExec, ClientApps) for the `with` block, SIGCONT
+    after it: the silos stay connected but answer nothing, so a ServerApp waiting for their replies stays exactly
+    where it is (keep the block well under a heartbeat interval, 30 s, or the SuperLink counts them offline)."""
+    groups = [p.popen.pid for name, p in stack.procs.items() if name.startswith("supernode-") and p.alive]
+    stopped = []
+    try:
+        for g in groups:
+            os.killpg(g, signal.SIGSTOP)
+            stopped.append(g)
+        stack.say(f"froze {len(stopped)} SuperNode(s)")
+        yield
+    finally:
+        for g in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(g, signal.SIGCONT)
+        stack.say(f"thawed {len(stopped)} SuperNode(s)")
 
 
 def restart_supernode(stack: Stack, domain: str, timeout: float = 150.0, retry_s: float = 5.0) -> float:

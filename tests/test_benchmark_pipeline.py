@@ -1,5 +1,6 @@
 """`python -m benchmarks.pipeline --smoke`: the pipeline benchmark's driver on demo data, through the real Flower
-simulation (deployment.simulate), cold then warm; the item-embedding cache changes no result."""
+simulation (deployment.simulate), cold then warm; the item-embedding cache changes no result. The demo data is
+written beforehand, smaller than the driver's default (it writes its own only where none exists)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,21 @@ import json
 import pytest
 
 from benchmarks.pipeline import main
-
-from helpers import make_tiny_encoder
+from common.core.report import ROOT
+from common.data.demo import make_demo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_smoke_writes_stage_silo_bytes_rss_and_metrics(tmp_path):
-    enc = make_tiny_encoder(tmp_path / "enc")
+def test_smoke_writes_stage_silo_bytes_rss_and_metrics(tmp_path, tiny_encoder):
+    enc = tiny_encoder
+    make_demo(tmp_path / "work" / "demo-data", n_domains=3, n_items=60, n_users=50, seed=0)
     out = tmp_path / "pipeline.json"
     assert main(["--smoke", "--work", str(tmp_path / "work"), "--out", str(out),
                  "--run-config", f"encoder='{enc}'"]) == 0
     result = json.loads(out.read_text())
+    # the small demo written above, not a new one (result paths are relative to the project root)
+    assert (ROOT / result["data_root"]).resolve() == (tmp_path / "work" / "demo-data").resolve()
     assert [r["run"] for r in result["runs"]] == ["cold", "warm"]
     cold, warm = result["runs"]
     for r in (cold, warm):
