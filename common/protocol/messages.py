@@ -48,9 +48,11 @@ TUNE_GATES = "train.gates"
 CONTRACT_ERROR_CODE = 100  # the request broke its contract
 DATA_ERROR_CODE = 101  # the silo's own data is broken
 INTERNAL_ERROR_CODE = 102  # anything else
+BUDGET_ERROR_CODE = 103  # the silo's evaluation budget for this run is spent (common/protocol/eval_policy.py)
 ERROR_TEXTS = {CONTRACT_ERROR_CODE: "the silo refused the request (contract)",
                DATA_ERROR_CODE: "data error at the silo (details in the silo's own log)",
-               INTERNAL_ERROR_CODE: "internal error at the silo (details in the silo's own log)"}
+               INTERNAL_ERROR_CODE: "internal error at the silo (details in the silo's own log)",
+               BUDGET_ERROR_CODE: "the silo's evaluation budget for this run is spent"}
 #: Flower's own error codes (flwr.common.constant.ErrorCode), for errors a SuperNode or the SuperLink reports
 FLOWER_ERROR_TEXTS = {0: "unknown error", 1: "the ClientApp did not load", 2: "the ClientApp raised an exception",
                       3: "message unavailable", 4: "reply unavailable", 5: "node unavailable",
@@ -291,15 +293,15 @@ class TeacherReply(Header):
 
 
 class EvaluateRequest(Header):
-    """Arrays: one group per model name = {parameter name: float32 array}: full weights, or for a model named
-    in `integrated` the integrated model's parameters (shared non-block weights, K block sets, gates)."""
+    """"The `split` metrics of these models." Arrays: one group per model name = {parameter name: float32 array}:
+    full weights, or for a model named in `integrated` the integrated model's parameters (shared non-block
+    weights, K block sets, gates). Which users the metrics are over is the silo's alone (its EvalPolicy: a fixed
+    subsample per split, a per-run budget, optional noise; common/protocol/eval_policy.py): the request names no
+    users, no subsample size and no seed."""
 
     base: BaseSpec
     split: Literal["val", "test"] = "test"
     models: list[str] = Field(min_length=1)
-    max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="a seeded subsample; "
-                                  "never fewer users than an aggregate needs, so no metric describes a single user")
-    seed: Seed = 0
     seen_items: SeenItems = "exclude"
     integrated: dict[str, IntegratedSpec] = Field(default_factory=dict)
 
@@ -328,14 +330,13 @@ class GateTuneRequest(Header):
     of an integrated model on a seeded `user_fraction` of its training users (common.model.train.fine_tune with
     every non-gate parameter frozen; `train.freeze` and `train.max_users` are set by the silo). Arrays: group
     "model" = the integrated model's parameters, checked as in EvaluateRequest. The tuned model stays in the
-    silo; only aggregate test metrics before and after come back (`GateTuneReply`)."""
+    silo; only aggregate test metrics before and after come back (`GateTuneReply`), over the silo's own fixed
+    test subsample (as EvaluateRequest's; two evaluations of its budget)."""
 
     base: BaseSpec
     spec: IntegratedSpec
     train: TrainConfig
     user_fraction: float = Field(gt=0, le=1)
-    max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="evaluation subsample")
-    seed: Seed = 0
 
     def array_groups(self) -> set[str]:
         return {"model"}
