@@ -69,6 +69,7 @@ def _ask(call, spec, weights, split="test") -> EvaluateReply:
     return decode(call(EVALUATE, encode(req, {"m": weights})), EvaluateReply)[0]
 
 
+@pytest.mark.slow
 def test_old_protocol_leaks_every_users_hit(world):
     """The reimplemented old behaviour: the server's seeds pick the users, and least squares recovers them all."""
     histories, targets = world["silo"].eval_split("test")
@@ -79,6 +80,7 @@ def test_old_protocol_leaks_every_users_hit(world):
     assert np.abs(x - world["truth"]).max() < 1e-6, "the old protocol's aggregates must give every user away"
 
 
+@pytest.mark.slow
 def test_silo_owned_subsample_leaves_the_attack_only_the_mean(world, tmp_path):
     """The same attack through the real message path: 120 answers, all one number (the mean over the silo's fixed
     5 users), and the least-squares estimate is that number for every user."""
@@ -135,6 +137,7 @@ def test_budget_refuses_beyond_its_models_per_run_and_survives_a_restart(world, 
     _ask(call, world["spec"], world["weights"])
 
 
+@pytest.mark.slow
 def test_noise_is_calibrated_and_repeats_average_nothing(world, tmp_path):
     exact = _ask(in_process_endpoint(SiloWorker("garden", world["folder"], state_dir=tmp_path / "x",
                                                 policy=EvalPolicy(budget=None))), world["spec"], world["weights"])
@@ -146,7 +149,7 @@ def test_noise_is_calibrated_and_repeats_average_nothing(world, tmp_path):
     assert values != truth and all(0.0 <= v <= 1.0 for v in values.values())
     # another model (one weight nudged) draws other noise; its spread matches Laplace(1 / (users x epsilon))
     draws = []
-    for i in range(40):
+    for i in range(24):
         w = {n: a.copy() for n, a in world["weights"].items()}
         w[sorted(w)[0]].flat[0] += 1e-5 * (i + 1)
         draws.append(_ask(call, world["spec"], w).metrics["m"].values["ndcg@50"] - truth["ndcg@50"])

@@ -13,7 +13,7 @@ score: metrics are `AggregateMetrics` (a fixed set of metric names + a user coun
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -33,6 +33,8 @@ from common.model.integration import IntegratedSpec  # noqa: F401 (re-exported)
 from common.model.metrics import SeenItems
 
 _METRIC = re.compile(r"^(recall|ndcg)@\d{1,3}$")
+#: a domain name as every reply carries it: nothing free-form (the server also requires its own name for the silo)
+Domain = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 # message types (Flower: "query.<name>", "train.<name>", "evaluate.<name>")
 HANDSHAKE = "query.handshake"
@@ -138,7 +140,7 @@ class HandshakeRequest(Header):
 
 
 class HandshakeReply(Header):
-    domain: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    domain: Domain
     num_items: int = Field(gt=0, le=INT32_MAX)
     users: int = Field(ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="the silo's users: no aggregate it "
                        "sends later may be over more")
@@ -170,7 +172,7 @@ class FinetuneReply(Header):
     """Arrays: group "task_vector" = {parameter name: float32 array} (mode "full"), or group "lora" =
     {"<target>.lora_A": float32 [r, in], "<target>.lora_B": float32 [out, r]} (mode "lora", common/model/lora.py)."""
 
-    domain: str
+    domain: Domain
     mode: Literal["full", "lora"] = "full"
     base_fingerprint: str
     val: AggregateMetrics  # the selection run's best epoch, on validation
@@ -208,7 +210,7 @@ class WeaveRequest(Header):
 class WeaveReply(Header):
     """Arrays: group "lora", the module's updated factors. Nothing else of the silo's training leaves it."""
 
-    domain: str
+    domain: Domain
     base_fingerprint: str
     module: str
     round: int = Field(ge=1, le=10_000)
@@ -249,7 +251,7 @@ class FedRoundReply(Header):
     group "update" = the trained weights minus the received ones, float32, every parameter. `users`: how many
     users' sequences the silo trained on (the FedAvg weight)."""
 
-    domain: str
+    domain: Domain
     base_fingerprint: str
     round: int = Field(ge=0, le=10_000)
     epochs: int = Field(ge=0, le=MAX_EPOCHS)
@@ -282,7 +284,7 @@ class TeacherReply(Header):
     """Arrays: group "teacher" = {"indices": int32 [P, k], "values": float32 [P, k]}, rows in the order of
     the request's pseudo_item_ids. Values are cosines in [-1, 1] (TEACHER_TOLERANCE for float16 rounding)."""
 
-    domain: str
+    domain: Domain
     num_items: int = Field(gt=0, le=INT32_MAX)
     k: int = Field(gt=0, le=INT32_MAX)
 
@@ -317,7 +319,7 @@ class EvaluateRequest(Header):
 
 
 class EvaluateReply(Header):
-    domain: str
+    domain: Domain
     metrics: dict[str, AggregateMetrics]
 
 
@@ -350,7 +352,7 @@ def fraction_users(fraction: float, num_users: int) -> int:
 
 
 class GateTuneReply(Header):
-    domain: str
+    domain: Domain
     before: AggregateMetrics  # test split, the integrated model as received
     after: AggregateMetrics  # test split, after tuning its gates
     epochs: int = Field(ge=0, le=MAX_EPOCHS, description="<= the request's")
