@@ -257,13 +257,13 @@ def _run_family(dirs, base, secrets, tmp_path, decoys: bool, users: int):
         for u in rng.choice(len(silo.users), users, replace=False):
             uid = silo.users[u]
             seq = [*silo.train[u], silo.val[uid], silo.test[uid]]
-            key, users = next(k for k, v in umap.items() if v == uid), silo.num_users
+            key, count = next(k for k, v in umap.items() if v == uid), silo.num_users
             if decoys:
                 seq = rng.integers(0, len(silo.catalog), len(seq)).tolist()
-                key, users = f"{key[:3]}-Q{rng.integers(10**6, 10**7)}", users + 1
+                key, count = f"{key[:3]}-Q{rng.integers(10**6, 10**7)}", count + 1
                 assert key not in umap
             family = {**_key_family(key),
-                      **_seq_family(seq, [silo.catalog.item_keys[x] for x in seq], users, rng)}
+                      **_seq_family(seq, [silo.catalog.item_keys[x] for x in seq], count, rng)}
             for kind, make in family.items():
                 folder = tmp_path / f"{decoys}-{total}"
                 MessageRecorder(folder)("up", d.name, "evaluate.merged", make(base))
