@@ -19,10 +19,14 @@ log = logging.getLogger("benchmarks")
 def silo_pipeline(cfg, data: Path | dict[str, Path], domains: list[str], run_dir: Path, cache: Path,
                   traffic=None) -> Pipeline:
     """The pipeline over one in-process silo per domain (data: a folder with one sub-folder per domain, or
-    domain -> its folder; silos' state folders inside `run_dir`), what every benchmark driver runs."""
+    domain -> its folder; silos' state folders inside `run_dir`; their evaluation policy from `cfg`'s eval-*
+    keys), what every benchmark driver runs."""
     paths = data if isinstance(data, dict) else {d: Path(data) / d for d in domains}
+    # a benchmark is the data owner measuring its own data: no evaluation budget (the drivers score many extra
+    # models), and the subsample seeded by the run's seed (the users every recorded result was measured on)
+    policy = cfg.silo_policy(budget=None, seed=cfg.seed)
     endpoints = {d: in_process_endpoint(SiloWorker(d, paths[d], state_dir=run_dir / "silo-state" / d,
-                                                   cache_dir=cache)) for d in domains}
+                                                   cache_dir=cache, policy=policy)) for d in domains}
     return Pipeline(InProcessTransport(endpoints, observer=traffic), cfg, run_dir, expected=domains)
 
 

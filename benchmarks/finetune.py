@@ -7,8 +7,8 @@ Each variant is NAME:KEY=VALUE,... (TrainConfig fields, on top of the pipeline's
 `TrainConfig.with_backbone_defaults`, and `--train`; list fields as a|b, or none). A driver,
 not a second implementation: it fine-tunes exactly as a silo does (common.model.train.fine_tune: early stopping,
 then the final fit), one thread, from the same base and seed, and tests the result on a seeded user
-subsample of the test split, the same subsample the pipeline's evaluation stage draws (`eval-max-users`,
-seed 0). Writes benchmarks/results/finetune.json and .md.
+subsample of the test split, the same subsample the benchmark drivers' silos evaluate on (`eval-max-users`,
+seed 0; benchmarks/driver.py; a federated silo draws its own with a secret seed). Writes benchmarks/results/finetune.json and .md.
 """
 
 from __future__ import annotations

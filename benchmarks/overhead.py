@@ -38,7 +38,8 @@ def in_process(domains: list[str], data_root: Path, run_dir: Path, rc: dict) -> 
     defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     cfg, _, _ = pipeline_config({**defaults, **rc, "run-dir": str(run_dir)})
     endpoints = {d: (lambda w: lambda mt, c: handle(w, mt, c))(
-        SiloWorker(d, data_root / d, state_dir=run_dir / "silo-state" / d)) for d in domains}
+        SiloWorker(d, data_root / d, state_dir=run_dir / "silo-state" / d, policy=cfg.silo_policy()))
+        for d in domains}
     t0 = time.perf_counter()
     report = Pipeline(InProcessTransport(endpoints), cfg, run_dir).run()
     return report, time.perf_counter() - t0

@@ -3,9 +3,12 @@
 Where the silo's data is:
 - deployment: `flower-supernode --node-config 'domain="beauty" data-path="/data/beauty"'`
   (optional `state-path`: where the silo keeps its fine-tuned model; default .cache/silo-state/<domain>;
-  optional `base-path`: this node's copy of the base checkpoint when it is not at the run config's path)
+  optional `base-path`: this node's copy of the base checkpoint when it is not at the run config's path;
+  optional `eval-max-users`, `eval-budget`, `eval-epsilon`: the silo's evaluation policy,
+  common/protocol/eval_policy.py; the run config's values of these keys do not apply to a deployed silo)
 - simulation: node_config has only partition-id; run_config `domains` (comma list) maps partition i to
-  domains[i] and `data-root` holds one folder per domain.
+  domains[i] and `data-root` holds one folder per domain; the evaluation policy is the run config's
+  `eval-max-users`, `eval-budget`, `eval-epsilon` (one operator runs every simulated silo).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from clients.silo import SiloWorker
 from common.data.format import DOMAIN_FILES, DataError
 from common.data.demo import DEFAULT_ROOT as DEMO_ROOT, ensure_demo
 from common.core.logs import setup_logging
+from common.protocol.eval_policy import EvalBudgetError, EvalPolicy
 from common.protocol.run_options import RunOptions
 from common.protocol.messages import (
     EVALUATE,
@@ -29,6 +33,7 @@ from common.protocol.messages import (
     TEACHER,
     WEAVE,
     TUNE_GATES,
+    BUDGET_ERROR_CODE,
     CONTRACT_ERROR_CODE,
     DATA_ERROR_CODE,
     INTERNAL_ERROR_CODE,
@@ -84,13 +89,26 @@ def silo_location(node_config: dict, run_config: dict) -> tuple[str, Path, Path 
     raise ContractError("node-config must set domain and data-path (or run in simulation)")
 
 
-def worker_for(node_config: dict, run_config: dict) -> SiloWorker:
+def silo_policy(node_config: dict, run_config: dict) -> EvalPolicy:
+    """The silo's evaluation policy: its node-config in deployment (the server's run config has no say), the run
+    config in simulation. A bad value is a ContractError naming the key."""
+    try:
+        return EvalPolicy.from_config(node_config if "domain" in node_config else run_config)
+    except ValueError as exc:
+        raise ContractError(str(exc)) from None
+
+
+def worker_for(node_config: dict, run_config: dict, run_id=None) -> SiloWorker:
+    """This node's SiloWorker (kept across messages); `run_id`: Flower's, the run its evaluation budget counts."""
     domain, data, state = silo_location(node_config, run_config)
-    key = (domain, str(data), str(state))
+    policy = silo_policy(node_config, run_config)
+    key = (domain, str(data), str(state), policy.model_dump_json())
     if key not in _workers:
         cache = RunOptions.from_run_config(run_config).cache_dir
         base = node_config.get("base-path")  # this node's copy of the base checkpoint, if not at the config's path
-        _workers[key] = SiloWorker(domain, data, state, cache, base=base)
+        _workers[key] = SiloWorker(domain, data, state, cache, base=base, policy=policy)
+    if run_id is not None:
+        _workers[key].run_key = f"run-{run_id}"
     return _workers[key]
 
 
@@ -149,6 +167,9 @@ def safe_handle(get_worker, message_type: str, content):
         log.error("silo %s: data error in %s on %s (details in %s)", domain, _data_file(exc), message_type,
                   _detail(worker, message_type))
         code = DATA_ERROR_CODE
+    except EvalBudgetError as exc:  # a ContractError: caught first, so that it has its own code
+        log.error("silo %s: refused %s: %s", domain, message_type, exc)
+        code = BUDGET_ERROR_CODE
     except ContractError as exc:  # its text names what in the request was wrong, never user data
         log.error("silo %s: rejected %s: %s", domain, message_type, exc)
         code = CONTRACT_ERROR_CODE
@@ -166,7 +187,8 @@ def in_process_endpoint(worker: SiloWorker):
 
 def _serve(msg: Message, context: Context) -> Message:
     setup_logging()  # this silo's progress lines (fine-tuning epochs, ...) at INFO, request chatter at WARNING
-    get = lambda: worker_for(dict(context.node_config), dict(context.run_config))  # noqa: E731
+    get = lambda: worker_for(dict(context.node_config), dict(context.run_config),  # noqa: E731
+                             getattr(context, "run_id", None))
     try:
         return Message(content=safe_handle(get, msg.metadata.message_type, msg.content), reply_to=msg)
     except SiloReplyError as exc:

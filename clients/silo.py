@@ -9,7 +9,10 @@ that a restarted silo can still answer the teacher stage without fine-tuning aga
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ from common.model import lora
 from common.model.backbones import Recommender, build_backbone, shared_state
 from common.model.config import TrainConfig
 from common.data.format import SiloData, load_silo
-from common.core.files import atomic_path
+from common.core.files import atomic_path, atomic_write
 from common.core.fingerprint import fingerprint
 from common.merging.task_vectors import add_vector, state_to_numpy, task_vector
 from common.merging.teacher import teacher_topk
@@ -51,18 +54,36 @@ from common.protocol.messages import (
     check_state_arrays,
     fraction_users,
 )
-from common.model.train import evaluate_split, fine_tune, local_round, refit
+from common.model.train import evaluate, fine_tune, local_round, refit
+from common.protocol.eval_policy import (
+    LEDGER_RUNS,
+    EvalBudgetError,
+    EvalPolicy,
+    data_secret,
+    fixed_subsample,
+    laplace_noise,
+    split_seed,
+)
 
 log = logging.getLogger(__name__)
 
 
 
+EVAL_LEDGER = "eval-budget.json"  # in the state folder: model evaluations answered per run and split
+
+
 class SiloWorker:
     def __init__(self, domain: str, data_path: str | Path, state_dir: str | Path | None = None,
-                 cache_dir: str | Path | None = None, base: str | Path | None = None):
+                 cache_dir: str | Path | None = None, base: str | Path | None = None,
+                 policy: EvalPolicy | None = None):
         """base: this silo's own copy of the base checkpoint, when it lives at another path on the node than
-        the server's config names (node-config `base-path`); its fingerprint must still match the server's."""
+        the server's config names (node-config `base-path`); its fingerprint must still match the server's.
+        policy: which users its evaluation aggregates are over, its per-run budget and noise (default
+        EvalPolicy(): every user, DEFAULT_EVAL_BUDGET, exact values). `run_key` names the run the budget counts
+        for: the ClientApp sets it from Flower's run id; in-process, each worker is one run."""
         self.domain = domain
+        self.policy = policy or EvalPolicy()
+        self.run_key = f"in-process-{uuid.uuid4().hex[:16]}"
         self.base_override = str(base) if base else None
         self.data_path = Path(data_path)
         self.state_dir = Path(state_dir) if state_dir else Path(".cache") / "silo-state" / domain
@@ -102,6 +123,62 @@ class SiloWorker:
 
     def _finetuned_path(self, base_fp: str) -> Path:
         return self.state_dir / f"finetuned-{base_fp[:16]}.safetensors"
+
+    # -- evaluation: the silo's own fixed users, budget, noise (common/protocol/eval_policy.py) ------------------
+    def _spend(self, split: str, models: int) -> None:
+        """Count `models` evaluations of `split` against this run's budget (a ledger in the state folder, so a
+        ClientApp started afresh for every message still counts them all); refuse the request when they do not
+        fit. Counted before evaluating: a request that fails half-way has still been paid for."""
+        if self.policy.budget is None:
+            return
+        path = self.state_dir / EVAL_LEDGER
+        try:
+            ledger = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            ledger = {}  # a damaged ledger: start counting again (this run's count is at least what it writes)
+        runs = ledger if isinstance(ledger, dict) else {}
+        run = runs.pop(self.run_key, {})  # re-inserted last: the most recent runs are kept
+        used = int(run.get(split, 0)) if isinstance(run, dict) else 0
+        if used + models > self.policy.budget:
+            raise EvalBudgetError(f"silo {self.domain}: {split} evaluation budget spent ({used} of "
+                                  f"{self.policy.budget} model evaluations this run; {models} asked)")
+        runs[self.run_key] = {**(run if isinstance(run, dict) else {}), split: used + models}
+        runs = dict(list(runs.items())[-LEDGER_RUNS:])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(runs), mode=0o600)
+
+    def _secret(self) -> bytes:
+        if getattr(self, "_data_secret", None) is None:
+            s = self.silo
+            self._data_secret = data_secret(s.users, s.train, s.val, s.test)
+        return self._data_secret
+
+    def eval_rows(self, split: str) -> list[int]:
+        """Indices into `silo.eval_split(split)` of the rows this silo always answers from (its policy's fixed
+        subsample: the same for every request of the split). Silo-side only."""
+        seed = self.policy.seed if self.policy.seed is not None else split_seed(self._secret(), split)
+        return fixed_subsample(len(self.silo.eval_split(split)[1]), self.policy.max_users, seed)
+
+    def _eval_rows(self, split: str) -> tuple[list[list[int]], list[int]]:
+        histories, targets = self.silo.eval_split(split)
+        keep = self.eval_rows(split)
+        return [histories[i] for i in keep], [targets[i] for i in keep]
+
+    def _release(self, model: Recommender, split: str, seen_items: str, weights: dict[str, np.ndarray]
+                 ) -> AggregateMetrics:
+        """The aggregate a silo releases for one model: exact metrics over its fixed users (ties broken with a
+        fixed seed, 0), plus the policy's Laplace noise, keyed by the model's bytes."""
+        histories, targets = self._eval_rows(split)
+        res = evaluate(model, self._dom, histories, targets, seed=0, seen_items=seen_items)
+        out = AggregateMetrics.from_result(res)
+        if self.policy.epsilon is None:
+            return out
+        h = hashlib.sha256(self._secret() + split.encode())
+        for name in sorted(weights):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(weights[name]).tobytes())
+        return AggregateMetrics(users=out.users, values=laplace_noise(out.values, out.users, self.policy.epsilon,
+                                                                      h.digest()))
 
     def _model_with(self, weights: dict[str, np.ndarray]) -> Recommender:
         model = copy.deepcopy(self._base)
@@ -220,6 +297,7 @@ class SiloWorker:
         base = self._require_base(req.base)
         shapes = {n: tuple(t.shape) for n, t in base.named_parameters()}
         metrics = {}
+        self._spend(req.split, len(req.models))
         for name in req.models:
             if name not in arrays:
                 raise ContractError(f"model {name!r} has no weights in the message")
@@ -230,9 +308,7 @@ class SiloWorker:
             else:
                 check_state_arrays(arrays[name], shapes, f"model {name}")
                 model = self._model_with(arrays[name])
-            res = evaluate_split(model, self.silo, self._dom, req.split, max_users=req.max_users, seed=req.seed,
-                                 seen_items=req.seen_items)
-            metrics[name] = AggregateMetrics.from_result(res)
+            metrics[name] = self._release(model, req.split, req.seen_items, arrays[name])
         return EvaluateReply(domain=self.domain, metrics=metrics), {}
 
     def tune_gates(self, req: GateTuneRequest, arrays: Arrays) -> tuple[GateTuneReply, Arrays]:
@@ -243,16 +319,14 @@ class SiloWorker:
         base = self._require_base(req.base)
         model = from_arrays(base, req.spec, arrays["model"], "model")
         seen = req.train.seen_items
-        before = evaluate_split(model, self.silo, self._dom, "test", max_users=req.max_users, seed=req.seed,
-                                seen_items=seen)
+        self._spend("test", 2)
+        before = self._release(model, "test", seen, arrays["model"])
         users = fraction_users(req.user_fraction, len(self.silo.users))
         cfg = req.train.model_copy(update={"freeze": list(GATE_FROZEN_PREFIXES), "max_users": users})
         res = fine_tune(model, self.silo, self._dom, cfg)
-        after = evaluate_split(model, self.silo, self._dom, "test", max_users=req.max_users, seed=req.seed,
-                               seen_items=seen)
+        after = self._release(model, "test", seen, {n: t.detach().numpy() for n, t in res.state.items()})
         path = self.state_dir / f"integrated-tuned-{self._base_fp[:16]}.safetensors"
         with atomic_path(path, mode=0o600) as tmp:  # trained on this silo's users: it stays here
             save_file({n: t.contiguous() for n, t in res.state.items()}, str(tmp))
-        return GateTuneReply(domain=self.domain, before=AggregateMetrics.from_result(before),
-                             after=AggregateMetrics.from_result(after), epochs=res.epochs,
+        return GateTuneReply(domain=self.domain, before=before, after=after, epochs=res.epochs,
                              seconds=res.seconds), {}

@@ -31,7 +31,7 @@ _OWN = {"finetune": {"backbone", "train", "seed"}, "weave": {"weave_rounds", "we
         "merge_init": {"baselines"},
         "pseudo_users": {"pseudo_users", "pseudo_users_n"}, "teacher": {"teacher_top_k"},
         "coefficients": {"init_method", "granularities", "coefficients"}, "integration": {"integration"},
-        "fedavg": {"strategy", "fedavg"}, "evaluate": {"baselines", "eval_max_users", "evaluate_finetuned"}}
+        "fedavg": {"strategy", "fedavg"}, "evaluate": {"baselines", "eval_max_users", "eval_epsilon", "evaluate_finetuned"}}
 _READS = {"merge_init": ["weave"], "teacher": ["pseudo_users"], "coefficients": ["teacher", "pseudo_users", "weave"],
           "integration": ["coefficients", "teacher", "pseudo_users", "weave"],
           "fedavg": ["merge_init", "coefficients", "teacher", "pseudo_users", "weave"],

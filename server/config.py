@@ -27,6 +27,7 @@ from common.core.runs import new_run_dir
 from common.model.config import INT32_MAX, MAX_EPOCHS, MIN_USERS_FOR_METRICS, BackboneConfig, Count, Seed, TrainConfig
 from common.model.integration import IntegrationConfig
 from common.model.coefficients import CoefficientConfig
+from common.protocol.eval_policy import DEFAULT_EVAL_BUDGET, EvalPolicy
 from common.protocol.run_options import OPTION_KEYS, RunOptions, given, list_setting
 from server.validation import check_config
 
@@ -67,9 +68,15 @@ class PipelineConfig(Strict):
     teacher_top_k: Count | None = Field(64, description="teacher logits per pseudo-user a silo sends (none / 0 = "
                                         "all items)")
     evaluate_finetuned: bool = True
-    # silos refuse fewer than MIN_USERS_FOR_METRICS (aggregates only)
-    eval_max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="evaluate on a "
-                                       "seeded subsample of this many test users (none / 0 = all)")
+    # the simulated (and in-process benchmark) silos' evaluation policy (common/protocol/eval_policy.py): never in
+    # a request; a deployed silo sets its own in node-config
+    eval_max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="simulated "
+                                       "silos evaluate on their own fixed subsample of this many users per split "
+                                       "(none / 0 = all)")
+    eval_budget: int | None = Field(DEFAULT_EVAL_BUDGET, ge=1, le=INT32_MAX, description="simulated silos answer "
+                                    "at most this many model evaluations per split and run (none / 0 = no limit)")
+    eval_epsilon: float | None = Field(None, gt=0, le=1e6, description="simulated silos add Laplace noise of "
+                                       "scale 1/(users x this) to every metric they release (none / 0 = exact)")
     catalog_root: Path | None = Field(None, description="the server's own catalog view, <root>/<domain>/"
                                       "{meta_data,smap}.json (none = silos send item texts)")
     min_silos: int = Field(2, ge=1, le=100_000, description="go on without failed silos while at least this many "
@@ -101,9 +108,17 @@ class PipelineConfig(Strict):
         check_config(self)
         return self
 
+    def silo_policy(self, **override) -> EvalPolicy:
+        """The evaluation policy these settings give a simulated or in-process silo (`override`: EvalPolicy fields,
+        e.g. a benchmark's budget=None)."""
+        return EvalPolicy(**{"max_users": self.eval_max_users, "budget": self.eval_budget,
+                             "epsilon": self.eval_epsilon, **override})
+
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (not timeouts/retries/min_silos/the task-vector bound)."""
-        d = self.model_dump(mode="json", exclude={"min_silos", "retries", "timeout_s", "max_task_vector_ratio"})
+        """Hash of everything that changes results (not timeouts/retries/min_silos/the task-vector bound/the
+        evaluation budget)."""
+        d = self.model_dump(mode="json", exclude={"min_silos", "retries", "timeout_s", "max_task_vector_ratio",
+                                                         "eval_budget"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -126,11 +141,12 @@ PIPELINE_KEYS = {
     "fedprox-mu": ("fedavg", "prox_mu"), "fedavg-init": ("fedavg", "init"), "fedavg-freeze": ("fedavg", "freeze"),
     **{k: ("", k.replace("-", "_")) for k in (
         "catalog-root", "baselines", "init-method", "granularities", "pseudo-users", "pseudo-users-n",
-        "teacher-top-k", "eval-max-users", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed",
+        "teacher-top-k", "eval-max-users", "eval-budget", "eval-epsilon", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed",
         "weave-rounds", "weave-epochs", "strategy")},
 }
 #: 0 or "none" = no limit (None)
-_ZERO_IS_NONE = {"max-users", "val-max-users", "pseudo-users-n", "teacher-top-k", "eval-max-users"}
+_ZERO_IS_NONE = {"max-users", "val-max-users", "pseudo-users-n", "teacher-top-k", "eval-max-users", "eval-budget",
+                 "eval-epsilon"}
 _LIST_KEYS = {"freeze", "baselines", "granularities", "lora-targets", "fedavg-freeze"}
 _FIELD_KEY = {v: k for k, v in PIPELINE_KEYS.items()}
 KNOWN_KEYS = frozenset(PIPELINE_KEYS) | OPTION_KEYS

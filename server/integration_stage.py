@@ -110,16 +110,15 @@ class Integration:
         """X-Cross's new domain: send the integrated model (spec, parameters) to `domain`'s silo (a `train.gates`
         message), which tunes only its gates on a seeded `fraction` of its training users (`train_cfg`, default
         the run's) and keeps the tuned model; only test aggregates before and after come back, on the same users
-        `evaluate_at` scores (eval-max-users, seed)."""
+        `evaluate_at` scores (the silo's own fixed test subsample)."""
         spec, params = integrated
         train_cfg = (train_cfg or self.cfg.train).model_copy(update={"finetune": "full"})  # gates: no LoRA factors
-        req = GateTuneRequest(base=self.base.spec, spec=spec, train=train_cfg, user_fraction=fraction,
-                              max_users=self.cfg.eval_max_users, seed=self.cfg.seed)
+        req = GateTuneRequest(base=self.base.spec, spec=spec, train=train_cfg, user_fraction=fraction)
 
         def validate(d, o):
             if o.header.domain != d:
                 raise ContractError(f"domain must be {d!r}")
-            users = min([n for n in (self.base.users.get(d), req.max_users) if n is not None], default=None)
+            users = self.base.users.get(d)
             check_metrics(o.header.before, "before", users)
             check_metrics(o.header.after, "after", users)
             if o.header.epochs > train_cfg.epochs:

@@ -142,17 +142,17 @@ class Merges:
                     seen_items: str | None = None) -> dict[str, dict[str, dict]]:
         """Send `models` (name -> state) and `integrated` models (name -> (IntegratedSpec, parameters)) to the
         silos of `domains`; each evaluates them on its own `split` (seen items as the run's protocol says, or
-        `seen_items`) and returns aggregate metrics only. Returns domain -> model name -> AggregateMetrics as a
+        `seen_items`) over its own fixed users and returns aggregate metrics only (each model counts against the
+        silo's evaluation budget for the run). Returns domain -> model name -> AggregateMetrics as a
         dict."""
         integrated = integrated or {}
         arrays = {name: state_to_numpy(s) for name, s in {**models, **{n: s for n, (_, s) in integrated.items()}}.items()}
         req = EvaluateRequest(base=self.base.spec, split=split, models=[*models, *integrated],
-                              max_users=self.cfg.eval_max_users, seed=self.cfg.seed,
-                              seen_items=seen_items or self.cfg.train.seen_items, integrated={n: spec for n, (spec, _) in integrated.items()})
+                              seen_items=seen_items or self.cfg.train.seen_items,
+                              integrated={n: spec for n, (spec, _) in integrated.items()})
 
-        def validate(domain, o):
-            users = [n for n in (self.base.users.get(domain), req.max_users) if n is not None]
-            check_evaluate(o.header, o.arrays, domain=domain, models=req.models, users=min(users, default=None))
+        def validate(domain, o):  # which users: the silo's own fixed subsample (common/protocol/eval_policy.py)
+            check_evaluate(o.header, o.arrays, domain=domain, models=req.models, users=self.base.users.get(domain))
 
         results = self.calls.ask("evaluate", EVALUATE, {d: (req, arrays) for d in domains}, EvaluateReply, validate)
         return {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}

@@ -188,8 +188,7 @@ def check_teacher_top(named, rows: int, num_items: int, k: int) -> None:
 
 
 def check_evaluate(reply: EvaluateReply, arrays, *, domain: str, models: list[str], users: int | None = None) -> None:
-    """Metrics for exactly the models asked, each over at most `users` users (the silo's handshake count, or the
-    request's max-users when smaller)."""
+    """Metrics for exactly the models asked, each over at most `users` users (the silo's handshake count)."""
     _same(reply.domain, domain, "domain")
     missing = sorted(set(models) - set(reply.metrics))
     unasked = len(set(reply.metrics) - set(models))

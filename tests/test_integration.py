@@ -146,7 +146,7 @@ def _request(bb, base_fp, spec=None, integrated=None):
     """An EvaluateRequest as a curious or broken server could send it (model_construct skips its checks)."""
     spec = spec or IntegratedSpec(num_domains=2)
     return EvaluateRequest.model_construct(base=BaseSpec(backbone=bb, seed=0, fingerprint=base_fp), split="test",
-                                           models=["xcross"], max_users=None, seed=0,
+                                           models=["xcross"],
                                            integrated=integrated or {"xcross": spec})
 
 

@@ -121,16 +121,21 @@ def test_no_user_data_in_any_log_or_run_file(broken_run):
 
 def test_requests_for_metrics_of_too_few_users_are_refused():
     """A curious server cannot ask a silo for metrics (test, validation or per-epoch) over fewer users than an
-    aggregate needs: the contract refuses the request, so the silo answers with a contract error."""
+    aggregate needs: an evaluation request names no users at all (the silo's own policy picks them; a request
+    that tries, with max_users or a seed, is refused), and fine-tuning validates on at least 5."""
+    from flwr.app import ConfigRecord
+
     from common.protocol.messages import MIN_USERS_FOR_METRICS, BaseSpec, ContractError, EvaluateRequest, FinetuneRequest
     from common.protocol.messages import decode, encode
 
     spec = BaseSpec(backbone=BackboneConfig(), seed=0, fingerprint="0" * 64)
-    EvaluateRequest(base=spec, models=["m"], max_users=MIN_USERS_FOR_METRICS)
-    bad = EvaluateRequest.model_construct(base=spec, split="test", models=["m"], max_users=MIN_USERS_FOR_METRICS - 1,
-                                          seed=0)  # what a curious server could send, bypassing its own checks
-    with pytest.raises(ContractError, match="max_users"):
-        decode(encode(bad, {"m": {}}), EvaluateRequest)
+    content = encode(EvaluateRequest(base=spec, models=["m"]), {"m": {}})
+    decode(content, EvaluateRequest)
+    for extra in ({"max_users": MIN_USERS_FOR_METRICS - 1}, {"max_users": MIN_USERS_FOR_METRICS}, {"seed": 7}):
+        h = json.loads(content.config_records["header"]["json"])  # what a curious server could send
+        content["header"] = ConfigRecord({"type": "EvaluateRequest", "json": json.dumps({**h, **extra})})
+        with pytest.raises(ContractError, match="an unexpected field"):
+            decode(content, EvaluateRequest)
     FinetuneRequest(base=spec, train=TrainConfig(val_max_users=MIN_USERS_FOR_METRICS))
     with pytest.raises(ValueError, match="val_max_users must be at least"):
         FinetuneRequest(base=spec, train=TrainConfig(val_max_users=1))

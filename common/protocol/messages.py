@@ -13,7 +13,7 @@ score: metrics are `AggregateMetrics` (a fixed set of metric names + a user coun
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -33,6 +33,8 @@ from common.model.integration import IntegratedSpec  # noqa: F401 (re-exported)
 from common.model.metrics import SeenItems
 
 _METRIC = re.compile(r"^(recall|ndcg)@\d{1,3}$")
+#: a domain name as every reply carries it: nothing free-form (the server also requires its own name for the silo)
+Domain = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 # message types (Flower: "query.<name>", "train.<name>", "evaluate.<name>")
 HANDSHAKE = "query.handshake"
@@ -48,9 +50,11 @@ TUNE_GATES = "train.gates"
 CONTRACT_ERROR_CODE = 100  # the request broke its contract
 DATA_ERROR_CODE = 101  # the silo's own data is broken
 INTERNAL_ERROR_CODE = 102  # anything else
+BUDGET_ERROR_CODE = 103  # the silo's evaluation budget for this run is spent (common/protocol/eval_policy.py)
 ERROR_TEXTS = {CONTRACT_ERROR_CODE: "the silo refused the request (contract)",
                DATA_ERROR_CODE: "data error at the silo (details in the silo's own log)",
-               INTERNAL_ERROR_CODE: "internal error at the silo (details in the silo's own log)"}
+               INTERNAL_ERROR_CODE: "internal error at the silo (details in the silo's own log)",
+               BUDGET_ERROR_CODE: "the silo's evaluation budget for this run is spent"}
 #: Flower's own error codes (flwr.common.constant.ErrorCode), for errors a SuperNode or the SuperLink reports
 FLOWER_ERROR_TEXTS = {0: "unknown error", 1: "the ClientApp did not load", 2: "the ClientApp raised an exception",
                       3: "message unavailable", 4: "reply unavailable", 5: "node unavailable",
@@ -136,7 +140,7 @@ class HandshakeRequest(Header):
 
 
 class HandshakeReply(Header):
-    domain: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    domain: Domain
     num_items: int = Field(gt=0, le=INT32_MAX)
     users: int = Field(ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="the silo's users: no aggregate it "
                        "sends later may be over more")
@@ -168,7 +172,7 @@ class FinetuneReply(Header):
     """Arrays: group "task_vector" = {parameter name: float32 array} (mode "full"), or group "lora" =
     {"<target>.lora_A": float32 [r, in], "<target>.lora_B": float32 [out, r]} (mode "lora", common/model/lora.py)."""
 
-    domain: str
+    domain: Domain
     mode: Literal["full", "lora"] = "full"
     base_fingerprint: str
     val: AggregateMetrics  # the selection run's best epoch, on validation
@@ -206,7 +210,7 @@ class WeaveRequest(Header):
 class WeaveReply(Header):
     """Arrays: group "lora", the module's updated factors. Nothing else of the silo's training leaves it."""
 
-    domain: str
+    domain: Domain
     base_fingerprint: str
     module: str
     round: int = Field(ge=1, le=10_000)
@@ -247,7 +251,7 @@ class FedRoundReply(Header):
     group "update" = the trained weights minus the received ones, float32, every parameter. `users`: how many
     users' sequences the silo trained on (the FedAvg weight)."""
 
-    domain: str
+    domain: Domain
     base_fingerprint: str
     round: int = Field(ge=0, le=10_000)
     epochs: int = Field(ge=0, le=MAX_EPOCHS)
@@ -280,7 +284,7 @@ class TeacherReply(Header):
     """Arrays: group "teacher" = {"indices": int32 [P, k], "values": float32 [P, k]}, rows in the order of
     the request's pseudo_item_ids. Values are cosines in [-1, 1] (TEACHER_TOLERANCE for float16 rounding)."""
 
-    domain: str
+    domain: Domain
     num_items: int = Field(gt=0, le=INT32_MAX)
     k: int = Field(gt=0, le=INT32_MAX)
 
@@ -291,15 +295,15 @@ class TeacherReply(Header):
 
 
 class EvaluateRequest(Header):
-    """Arrays: one group per model name = {parameter name: float32 array}: full weights, or for a model named
-    in `integrated` the integrated model's parameters (shared non-block weights, K block sets, gates)."""
+    """"The `split` metrics of these models." Arrays: one group per model name = {parameter name: float32 array}:
+    full weights, or for a model named in `integrated` the integrated model's parameters (shared non-block
+    weights, K block sets, gates). Which users the metrics are over is the silo's alone (its EvalPolicy: a fixed
+    subsample per split, a per-run budget, optional noise; common/protocol/eval_policy.py): the request names no
+    users, no subsample size and no seed."""
 
     base: BaseSpec
     split: Literal["val", "test"] = "test"
     models: list[str] = Field(min_length=1)
-    max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="a seeded subsample; "
-                                  "never fewer users than an aggregate needs, so no metric describes a single user")
-    seed: Seed = 0
     seen_items: SeenItems = "exclude"
     integrated: dict[str, IntegratedSpec] = Field(default_factory=dict)
 
@@ -315,7 +319,7 @@ class EvaluateRequest(Header):
 
 
 class EvaluateReply(Header):
-    domain: str
+    domain: Domain
     metrics: dict[str, AggregateMetrics]
 
 
@@ -328,14 +332,13 @@ class GateTuneRequest(Header):
     of an integrated model on a seeded `user_fraction` of its training users (common.model.train.fine_tune with
     every non-gate parameter frozen; `train.freeze` and `train.max_users` are set by the silo). Arrays: group
     "model" = the integrated model's parameters, checked as in EvaluateRequest. The tuned model stays in the
-    silo; only aggregate test metrics before and after come back (`GateTuneReply`)."""
+    silo; only aggregate test metrics before and after come back (`GateTuneReply`), over the silo's own fixed
+    test subsample (as EvaluateRequest's; two evaluations of its budget)."""
 
     base: BaseSpec
     spec: IntegratedSpec
     train: TrainConfig
     user_fraction: float = Field(gt=0, le=1)
-    max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="evaluation subsample")
-    seed: Seed = 0
 
     def array_groups(self) -> set[str]:
         return {"model"}
@@ -349,7 +352,7 @@ def fraction_users(fraction: float, num_users: int) -> int:
 
 
 class GateTuneReply(Header):
-    domain: str
+    domain: Domain
     before: AggregateMetrics  # test split, the integrated model as received
     after: AggregateMetrics  # test split, after tuning its gates
     epochs: int = Field(ge=0, le=MAX_EPOCHS, description="<= the request's")
