@@ -28,6 +28,7 @@ import copy
 import json
 import logging
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ import numpy as np
 from benchmarks.core import DEFAULT_DATA, RESULTS
 from benchmarks.driver import silo_pipeline
 from common.core.files import atomic_write
-from common.core.report import markdown_table, write_results
+from common.core.report import markdown_table, relative_paths, write_results
 
 log = logging.getLogger("benchmarks.privacy")
 
@@ -222,7 +223,9 @@ COLUMNS = ["model", "epsilon", "dp_epsilon_spent", "attack_auc", "tpr@1%fpr", "a
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    command = "python -m benchmarks.privacy " + " ".join(argv if argv is not None else sys.argv[1:])
+    # paths of this machine as relative ones (result files hold no absolute path)
+    command = "python -m benchmarks.privacy " + shlex.join(relative_paths(list(argv if argv is not None
+                                                                              else sys.argv[1:])))
     args.run_dir.mkdir(parents=True, exist_ok=True)
     parts = [("overfit", lambda: [overfit(args)])] + [(f"eps-{e}", lambda e=e: one_epsilon(e, args))
                                                        for e in args.epsilons]

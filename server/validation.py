@@ -237,6 +237,9 @@ def check_config(cfg) -> None:
                          f"use one of {sorted({*DEFAULT_INIT, 'weight_average'})}")
     if len(set(cfg.granularities)) != len(cfg.granularities):
         raise ValueError("granularities: a granularity is listed twice")
+    if cfg.train.dp_epsilon is not None and (cfg.weave_rounds or cfg.strategy == "fedavg"):
+        raise ValueError("dp-epsilon: DP-SGD covers one-shot fine-tuning only; weaving and federated rounds would "
+                         "train without it (set weave-rounds = 0 and strategy = mergerec)")
     if cfg.weave_rounds and cfg.train.finetune != "lora":
         raise ValueError("weave-rounds: weaving moves LoRA modules; set finetune = lora (or weave-rounds = 0)")
     if cfg.strategy == "fedavg":

@@ -157,3 +157,36 @@ def test_dp_fine_tune_reports_its_guarantee_and_leaves_held_out_users_untrained(
 def test_dp_needs_a_selection_outside_the_trained_users():
     with pytest.raises(ValueError, match="selection"):
         TrainConfig(dp_epsilon=1.0, selection="refit")
+
+
+def test_run_config_keys_and_refusals():
+    from server.config import ConfigError, pipeline_config
+
+    cfg, _, _ = pipeline_config({"dp-epsilon": 4, "dp-clip": 0.5})
+    assert cfg.train.dp_epsilon == 4.0 and cfg.train.dp_clip == 0.5 and cfg.train.dp_delta is None
+    for off in ("inf", "none"):
+        assert pipeline_config({"dp-epsilon": off})[0].train.dp_epsilon is None
+    assert pipeline_config({})[0].train.dp_epsilon is None  # off by default
+    with pytest.raises(ConfigError, match="dp-epsilon"):
+        pipeline_config({"dp-epsilon": 4, "strategy": "fedavg"})
+    with pytest.raises(ConfigError, match="dp-epsilon"):
+        pipeline_config({"dp-epsilon": -1})
+
+
+def test_server_checks_the_reported_guarantee_against_the_request():
+    from common.core.errors import ContractError
+    from common.protocol.messages import DPGuarantee
+    from server.validation import check_dp
+
+    asked = TrainConfig(dp_epsilon=4.0, selection="continue")
+    good = dict(epsilon=3.99, delta=1e-3, target_epsilon=4.0, noise_multiplier=1.1, clip=1.0, sample_rate=0.1,
+                users=1000, planned_steps=40, steps=30)
+    check_dp(DPGuarantee(**good), asked, users=1000)
+    for bad, match in ((None, "missing"), (DPGuarantee(**{**good, "epsilon": 4.5}), "target"),
+                       (DPGuarantee(**{**good, "clip": 2.0}), "clip"), (DPGuarantee(**{**good, "steps": 41}), "steps"),
+                       (DPGuarantee(**{**good, "users": 1001}), "users")):
+        with pytest.raises(ContractError, match=match):
+            check_dp(bad, asked, users=1000)
+    with pytest.raises(ContractError, match="absent"):
+        check_dp(DPGuarantee(**good), TrainConfig(), users=1000)
+    check_dp(None, TrainConfig(), users=1000)

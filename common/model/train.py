@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from common.model.backbones import ITEM_MLP, DomainInputs, Recommender, encode_all_items, pad_histories, shared_state
-from common.model.config import TrainConfig, resolve_device
+from common.model.config import MIN_USERS_FOR_METRICS, TrainConfig, resolve_device
 from common.data.format import SiloData
 from common.model.metrics import DEFAULT_KS, RankingAccumulator, SeenItems, ranks_excluding_seen, target_ranks
 
@@ -365,8 +365,15 @@ def _optimiser(model: Recommender, cfg: TrainConfig, rows: list[list]):
 
 def held_out_users(silo: SiloData, cfg: TrainConfig) -> list[int]:
     """Indices into silo.users of the validation users early stopping scores: a seeded subsample of
-    `cfg.val_max_users` of the users with a validation item (all of them when it is None), in user order."""
+    `cfg.val_max_users` of the users with a validation item (all of them when it is None), in user order.
+    With DP and a `max_users` subsample they are drawn from the users outside it (DP never trains on them, so the
+    subsample keeps its size), unless fewer than MIN_USERS_FOR_METRICS are left there."""
     with_val = [i for i, u in enumerate(silo.users) if u in silo.val]
+    if cfg.dp_epsilon is not None and cfg.max_users is not None:
+        trained = set(_subsample(len(silo.train), cfg.max_users, cfg.seed).tolist())
+        outside = [i for i in with_val if i not in trained]
+        if len(outside) >= MIN_USERS_FOR_METRICS:
+            with_val = outside
     return [with_val[i] for i in _subsample(len(with_val), cfg.val_max_users, cfg.seed).tolist()]
 
 
