@@ -176,6 +176,17 @@ def one_epsilon(eps: str, args) -> list[dict]:
     return rows
 
 
+def base_row(args) -> list[dict]:
+    """The untrained shared base (trained on no user, so private at any epsilon): its test metrics from the first
+    epsilon's pipeline report (the pipeline evaluates it as `pretrained`)."""
+    report = json.loads((args.run_dir / f"eps-{args.epsilons[0]}" / "report.json").read_text())
+    test = report["metrics"][args.target]["pretrained"]
+    means = [report["metrics"][d]["pretrained"]["values"]["ndcg@10"] for d in report["metrics"]]
+    return [{"model": "untrained base (no fine-tuning)", "epsilon": "0", "domain": args.target,
+             "test_ndcg@10": round(test["values"]["ndcg@10"], 4), "test_recall@10": round(test["values"]["recall@10"], 4),
+             "mean_test_ndcg@10": round(float(np.mean(means)), 4), "eval_users": test["users"]}]
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.privacy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,7 +239,7 @@ def main(argv=None) -> int:
                                                                               else sys.argv[1:])))
     args.run_dir.mkdir(parents=True, exist_ok=True)
     parts = [("overfit", lambda: [overfit(args)])] + [(f"eps-{e}", lambda e=e: one_epsilon(e, args))
-                                                       for e in args.epsilons]
+                                                       for e in args.epsilons] + [("base", lambda: base_row(args))]
     rows = []
     for name, job in parts:
         done = args.run_dir / f"{name}.json"
