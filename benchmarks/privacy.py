@@ -17,8 +17,8 @@ and the merged model (the pipeline's evaluation). First, to show the attack work
 the target silo's model trained without DP, blocks unfrozen, no dropout, `--overfit-epochs` epochs on
 `--overfit-users` users at `--overfit-lr`, no early stopping.
 
-Resumable: every part's result is a file in `--run-dir` (and each epsilon's pipeline its own run directory); a
-rerun skips what is there.
+Resumable: every part's result is a file in `--run-dir` as soon as it is measured (and each epsilon's pipeline
+has its own run directory); a rerun skips what is there. The result file is written once every part is done.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     parts = [("overfit", lambda: [overfit(args)])] + [(f"eps-{e}", lambda e=e: one_epsilon(e, args))
                                                        for e in args.epsilons] + [("base", lambda: base_row(args))]
     rows = []
-    for name, job in parts:
+    for name, job in parts:  # each part's rows are kept in the run directory as soon as they are measured
         done = args.run_dir / f"{name}.json"
         if done.exists():
             log.info("%s: reusing %s", name, done)
@@ -249,15 +249,15 @@ def main(argv=None) -> int:
             log.info("%s ...", name)
             atomic_write(done, json.dumps(job(), indent=1))
         rows += json.loads(done.read_text())
-        doc = {"command": command, "target": args.target, "domains": args.domains,
-               "sizing": {"max_users_per_silo": args.max_users, "attack_users": args.attack_users,
-                          "overfit_users": args.overfit_users, "overfit_epochs": args.overfit_epochs,
-                          "overfit_lr": args.overfit_lr,
-                          "run_config": args.run_config},
-               "attack": "loss threshold: minus the mean next-item cross-entropy (full softmax) over a user's "
-                         "train + validation sequence; members = trained users, non-members = untrained users of "
-                         "the same domain", "rows": rows}
-        write_results(args.out, doc, markdown_table(rows, COLUMNS))
+    # written once, at the end: the commit it records is the code's, not one with this file half-written
+    doc = {"command": command, "target": args.target, "domains": args.domains,
+           "sizing": {"max_users_per_silo": args.max_users, "attack_users": args.attack_users,
+                      "overfit_users": args.overfit_users, "overfit_epochs": args.overfit_epochs,
+                      "overfit_lr": args.overfit_lr, "run_config": args.run_config},
+           "attack": "loss threshold: minus the mean next-item cross-entropy (full softmax) over a user's "
+                     "train + validation sequence; members = trained users, non-members = untrained users of "
+                     "the same domain", "rows": rows}
+    write_results(args.out, doc, markdown_table(rows, COLUMNS))
     print(markdown_table(rows, COLUMNS))
     return 0
 
