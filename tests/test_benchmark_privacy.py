@@ -37,6 +37,13 @@ def test_smoke_run_writes_every_row_and_resumes(tmp_path, monkeypatch):
     assert all(0 < r["dp_epsilon_spent"] <= 8 for r in dp_rows)
     assert all(0 <= r["attack_auc"] <= 1 and r["attack_users"] > 0 for r in doc["rows"][:-1])
     assert all(d is None for d in doc["rows"][1]["dp"].values())
+    # each silo's guarantee is in the DP run's report and model card; the run without DP says it has none
+    for page in (tmp_path / "run" / "eps-8" / "report.md", tmp_path / "run" / "eps-8" / "model" / "README.md"):
+        text = page.read_text()
+        assert "Privacy (user-level DP-SGD" in text and f"{dp_rows[0]['dp_epsilon_spent']:.3f}"[:4] in text
+    assert "No differential-privacy guarantee" in (tmp_path / "run" / "eps-inf" / "model" / "README.md").read_text()
+    report = json.loads((tmp_path / "run" / "eps-8" / "report.json").read_text())
+    assert all(f["dp"]["epsilon"] <= 8 for f in report["finetune"].values())
     # every part is stored in the run directory: a second run recomputes nothing and writes the same rows
 
     def recompute(*a, **k):
