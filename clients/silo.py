@@ -34,6 +34,7 @@ from common.protocol.messages import (
     BaseSpec,
     CatalogItem,
     ContractError,
+    DPGuarantee,
     EpochProgress,
     EvaluateReply,
     EvaluateRequest,
@@ -232,7 +233,8 @@ class SiloWorker:
                               val=AggregateMetrics.from_result(res.val), epochs=res.epochs,
                               refit_epochs=res.refit_epochs, seconds=res.seconds,
                               history=[EpochProgress(epoch=h["epoch"], loss=h.get("loss"), val_ndcg10=h["val_ndcg@10"])
-                                       for h in res.history])
+                                       for h in res.history],
+                              dp=DPGuarantee(**res.dp) if res.dp else None)
         return reply, sent
 
     def weave(self, req: WeaveRequest, arrays: Arrays) -> tuple[WeaveReply, Arrays]:

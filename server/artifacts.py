@@ -110,6 +110,24 @@ def _mean_val(val: dict) -> float | str:
     return sum(vals) / len(vals) if vals else ""
 
 
+DP_NOT_COVERED = ("It covers the task vectors (or LoRA factors) and all computed from them alone (teacher logits "
+                  "on catalog-only pseudo-users, merges, this model); it does not cover the aggregate metrics "
+                  "silos report (per-epoch validation NDCG@10 and loss, test metrics), nor the held-out validation "
+                  "users whose data picks the epoch (they are not trained on).")
+
+
+def privacy_section(finetune: dict) -> list[str]:
+    """Model card / report.md lines: each silo's user-level DP guarantee, or that there is none."""
+    rows = [{"silo": d, **{k: f.get("dp", {})[k] for k in ("epsilon", "delta", "noise_multiplier", "clip",
+                                                           "sample_rate", "users", "steps", "planned_steps")}}
+            for d, f in sorted(finetune.items()) if f.get("dp")]
+    if not rows:
+        return ["## Privacy", "No differential-privacy guarantee: silos fine-tuned without DP (run-config "
+                "`dp-epsilon` unset), so membership inference on their users is not bounded.", ""]
+    return ["## Privacy (user-level DP-SGD in each silo, RDP accountant)",
+            markdown_table(rows, list(rows[0])), "", DP_NOT_COVERED, ""]
+
+
 def model_card(info: dict) -> str:
     """README.md of the shipped model folder (Hugging Face style front matter + sections)."""
     val = info["val_scores"]
@@ -127,6 +145,7 @@ def model_card(info: dict) -> str:
         "## Data", "Trained on the interaction histories of these domains, which never left their silos: "
         + ", ".join(f"{d} ({n} items)" for d, n in info["catalog_sizes"].items())
         + ". Split: leave-one-out per user (last item test, second last validation).", "",
+        *privacy_section(info.get("finetune", {})),
         "## Intended use",
         "Next-item recommendation from a user's recent item history, in the domains above and, since items "
         "enter only through their text (title, brand, category), in other catalogs of similar products. "
@@ -160,7 +179,8 @@ def write_model(cfg, run: RunDir, state: Checkpoint, base: BaseContext, candidat
             "strategy": cfg.strategy, "fedavg": state.fedavg.model_dump() if state.fedavg else None,
             "val_scores": scores, "coefficients": learned, "test": metrics, "seen_items": cfg.train.seen_items,
             "catalog_sizes": {d: len(base.catalogs[d]) for d in card_cfg.domains if d in base.catalogs},
-            "tower_fit_epochs": cfg.coefficients.tower_fit_epochs if has_item_tower(weights) else 0}
+            "tower_fit_epochs": cfg.coefficients.tower_fit_epochs if has_item_tower(weights) else 0,
+            "finetune": {d: state.finetune[d].model_dump() for d in card_cfg.domains if d in state.finetune}}
     folder = save_model_folder(run.model, weights, card_cfg, model_card(info))
     return folder, chosen, scores
 
@@ -205,6 +225,7 @@ def report_markdown(report: dict, plots: list[Path]) -> str:
         if report.get("metrics_val") else "(not computed in this run)", "",
         "## Learned coefficients", coefficient_tables(report["coefficients"]), "",
         *integration_section(report.get("integration")), *fedavg_section(report.get("fedavg")),
+        *privacy_section(report.get("finetune") or {}),
         "## Stage timings", markdown_table(timings, ["stage", "seconds"]), "",
         "## Bytes per silo", markdown_table(nbytes, ["silo", "sent to silo (MB)", "received from silo (MB)"]), "",
     ]

@@ -66,6 +66,7 @@ class SiloFinetune(_Part):
     seconds: float | None = None
     upload_bytes: int | None = None
     dense_task_vector_bytes: int | None = None
+    dp: dict | None = None  # the silo's DP guarantee (FinetuneReply.dp), None without DP
 
 
 class WeaveHop(_Part):
@@ -154,9 +155,12 @@ class Checkpoint(_Part):
 
 
 def _dump(cfg) -> dict:
-    """The config as fingerprinted: LoRA and weaving fields are left out while off (finetune = full,
-    weave-rounds = 0), so run directories made before those options existed still resume."""
+    """The config as fingerprinted: LoRA, weaving and DP fields are left out while off (finetune = full,
+    weave-rounds = 0, dp-epsilon unset), so run directories made before those options existed still resume."""
     dump = cfg.model_dump(mode="json")
+    if dump["train"].get("dp_epsilon") is None:
+        for k in ("dp_epsilon", "dp_delta", "dp_clip"):
+            dump["train"].pop(k, None)
     if dump["train"].get("finetune") == "full":
         for k in ("finetune", "lora_rank", "lora_alpha", "lora_targets"):
             dump["train"].pop(k, None)

@@ -139,6 +139,7 @@ PIPELINE_KEYS = {
     "integration-lr": ("integration", "lr"), "gate-hidden": ("integration", "gate_hidden"),
     "fedavg-rounds": ("fedavg", "rounds"), "fedavg-epochs": ("fedavg", "local_epochs"),
     "fedprox-mu": ("fedavg", "prox_mu"), "fedavg-init": ("fedavg", "init"), "fedavg-freeze": ("fedavg", "freeze"),
+    "dp-epsilon": ("train", "dp_epsilon"), "dp-delta": ("train", "dp_delta"), "dp-clip": ("train", "dp_clip"),
     **{k: ("", k.replace("-", "_")) for k in (
         "catalog-root", "baselines", "init-method", "granularities", "pseudo-users", "pseudo-users-n",
         "teacher-top-k", "eval-max-users", "eval-budget", "eval-epsilon", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed",
@@ -204,6 +205,8 @@ def _build(rc: dict) -> tuple[PipelineConfig, Path, dict]:
             value = None
         if key == "timeout-s" and isinstance(value, str) and value.strip().lower() in ("auto", "none"):
             value = None  # sized from the data (server/limits.py)
+        if key in ("dp-epsilon", "dp-delta") and str(value).strip().lower() in ("none", "inf", "infinity"):
+            value = None  # no DP / delta = 1 / users
         model, field = PIPELINE_KEYS[key]
         parts[model][field] = value
     opts = RunOptions.from_run_config(rc)

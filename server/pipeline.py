@@ -201,6 +201,7 @@ class Pipeline:
             info = self.state.finetune[d]
             info.epochs, info.refit_epochs, info.seconds = o.header.epochs, o.header.refit_epochs, \
                 round(o.header.seconds, 2)
+            info.dp = o.header.dp.model_dump() if o.header.dp else None
             for h in o.header.history:  # the silo's per-epoch progress, in the ServerApp's log in any deployment
                 log.info("finetune: silo %s epoch %d loss %s val NDCG@10 %.4f", d, h.epoch,
                          "-" if h.loss is None else f"{h.loss:.4f}", h.val_ndcg10)

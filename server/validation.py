@@ -87,6 +87,23 @@ def check_epochs(reply, train) -> None:
         raise ContractError(f"history must hold at most one entry per epoch 0..{train.epochs}")
 
 
+def check_dp(dp, train, users: int | None) -> None:
+    """A fine-tuning reply's DP guarantee against the request: present exactly when train.dp_epsilon is set, epsilon
+    within the target, the request's clip (and delta when given), steps <= planned, users <= the handshake's."""
+    if train.dp_epsilon is None:
+        if dp is not None:
+            raise ContractError("dp must be absent: the request asked for no DP fine-tuning")
+        return
+    if dp is None:
+        raise ContractError("dp is missing: the request asked for DP fine-tuning (dp-epsilon)")
+    if dp.target_epsilon != train.dp_epsilon or dp.epsilon > train.dp_epsilon * (1 + 1e-9):
+        raise ContractError(f"dp: epsilon must be <= the request's target {train.dp_epsilon:g}")
+    if dp.clip != train.dp_clip or (train.dp_delta is not None and dp.delta != train.dp_delta):
+        raise ContractError("dp: clip and delta must be the request's")
+    if dp.steps > dp.planned_steps or (users is not None and dp.users > users):
+        raise ContractError("dp: steps must be <= planned_steps and users <= the silo's user count")
+
+
 def check_finetune(reply: FinetuneReply, arrays, *, domain: str, base_fp: str, shapes: dict, base_norm: float,
                    max_ratio: float, lora=None, base_state: dict | None = None, train=None,
                    users: int | None = None) -> None:
@@ -97,6 +114,7 @@ def check_finetune(reply: FinetuneReply, arrays, *, domain: str, base_fp: str, s
     _finite(reply, ("seconds", "epochs", "refit_epochs"))
     if train is not None:
         check_epochs(reply, train)
+        check_dp(reply.dp, train, users)
     check_metrics(reply.val, "validation metrics", users)
     if reply.mode != ("full" if lora is None else "lora"):
         raise ContractError(f"mode must be {'full' if lora is None else 'lora'} (the run's finetune)")
@@ -218,6 +236,9 @@ def check_config(cfg) -> None:
                          f"use one of {sorted({*DEFAULT_INIT, 'weight_average'})}")
     if len(set(cfg.granularities)) != len(cfg.granularities):
         raise ValueError("granularities: a granularity is listed twice")
+    if cfg.train.dp_epsilon is not None and (cfg.weave_rounds or cfg.strategy == "fedavg"):
+        raise ValueError("dp-epsilon: DP-SGD covers one-shot fine-tuning only; weaving and federated rounds would "
+                         "train without it (set weave-rounds = 0 and strategy = mergerec)")
     if cfg.weave_rounds and cfg.train.finetune != "lora":
         raise ValueError("weave-rounds: weaving moves LoRA modules; set finetune = lora (or weave-rounds = 0)")
     if cfg.strategy == "fedavg":

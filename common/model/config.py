@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from common.core.strict import Strict
 from common.model.metrics import SeenItems
@@ -117,6 +117,11 @@ class TrainConfig(Strict):
     # at least MIN_USERS_FOR_METRICS: its per-epoch metrics leave the silo
     val_max_users: Count | None = Field(2000, description="early stopping validates on a seeded subsample of "
                                         "this many users (none / 0 = all)")
+    # user-level DP-SGD (common/model/dp.py): each user's gradient clipped, users Poisson-sampled, Gaussian noise
+    dp_epsilon: float | None = Field(None, gt=0, le=1e6, description="user-level DP-SGD: the silo's target epsilon "
+                                     "over the planned steps (none = no DP)")
+    dp_delta: float | None = Field(None, gt=0, lt=1, description="DP delta (none = 1 / the silo's training users)")
+    dp_clip: float = Field(1.0, gt=0, le=1e6, description="DP: each user's gradient is clipped to this L2 norm")
     seed: Seed = 0
     device: str = "auto"
     progress: bool = True
@@ -138,6 +143,13 @@ class TrainConfig(Strict):
         if v is not None and v < MIN_USERS_FOR_METRICS:
             raise ValueError(f"val_max_users must be at least {MIN_USERS_FOR_METRICS}")
         return v
+
+    @model_validator(mode="after")
+    def _dp_selection(self):
+        if self.dp_epsilon is not None and self.refits:
+            raise ValueError("dp-epsilon needs selection continue or held-out-users (refit validates on the users it "
+                             "trains on, outside the accounted training)")
+        return self
 
     @property
     def refits(self) -> bool:

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from common.model.backbones import ITEM_MLP, DomainInputs, Recommender, encode_all_items, pad_histories, shared_state
-from common.model.config import TrainConfig, resolve_device
+from common.model.config import MIN_USERS_FOR_METRICS, TrainConfig, resolve_device
 from common.data.format import SiloData
 from common.model.metrics import DEFAULT_KS, RankingAccumulator, SeenItems, ranks_excluding_seen, target_ranks
 
@@ -60,6 +60,7 @@ class FineTuneResult:
     seconds: float = 0.0
     best_epoch: int = 0  # the epoch early stopping chose (0: none beat the starting weights)
     refit_epochs: int = 0  # epochs of the final fit on train + val (0: no refit; `state` is the best epoch's)
+    dp: dict | None = None  # DP fine-tuning: the guarantee and how it was reached (DPPlan.summary), else None
 
 
 def _subsample(n: int, k: int | None, seed: int) -> torch.Tensor:
@@ -70,13 +71,16 @@ def _subsample(n: int, k: int | None, seed: int) -> torch.Tensor:
 
 
 def _training_rows(silo: SiloData, causal: bool, max_items: int, max_users: int | None, seed: int,
-                   with_val: bool = False, held_out: frozenset[int] = frozenset()):
-    """(inputs, targets) per training example. Causal: one row per user, targets per position.
+                   with_val: bool = False, held_out: frozenset[int] = frozenset(), skip: frozenset[int] = frozenset()):
+    """(inputs, targets) per training example: one row per user (causal: targets per position).
     with_val: each user's validation item is appended to their train sequence (the final fit), except for
-    the users (indices into silo.users) in `held_out`, whose validation items score the epochs."""
+    the users (indices into silo.users) in `held_out`, whose validation items score the epochs. Users in `skip`
+    are left out entirely (DP: the held-out validation users are not trained on)."""
     keep = _subsample(len(silo.train), max_users, seed).tolist()
     rows = []
     for u in keep:
+        if u in skip:
+            continue
         seq = silo.train[u]
         if with_val and u not in held_out and silo.users[u] in silo.val:
             seq = [*seq, silo.val[silo.users[u]]]
@@ -107,13 +111,15 @@ def _sampled_candidates(dom: DomainInputs, num: int, device) -> tuple[torch.Tens
     return neg, math.log(dom.num_items / num)
 
 
-def _batch_loss(model: Recommender, dom: DomainInputs, rows, cfg: TrainConfig, item_table, device) -> torch.Tensor:
+def _batch_loss(model: Recommender, dom: DomainInputs, rows, cfg: TrainConfig, item_table, device,
+                shared=None) -> torch.Tensor:
     """Mean cross-entropy of the next item over one batch of rows (see the module docstring).
 
     negatives="full": softmax over every item of the domain; "inbatch": over the batch's distinct targets;
     "sampled": over the target plus `cfg.num_negatives` items drawn uniformly for the batch (accidental hits
     masked, each sampled logit shifted by log(N / num_negatives)); with num_negatives >= N it is the full
-    softmax exactly. 1/tau scales the queries, not the [P, N] logits (one pass fewer over the big matrix)."""
+    softmax exactly. 1/tau scales the queries, not the [P, N] logits (one pass fewer over the big matrix).
+    `shared` (sampled negatives): (ids, embeddings, log-weight) drawn once for several calls (a DP step's users)."""
     inputs = pad_histories([r[0] for r in rows], model.cfg.max_items).to(device)
     if model.causal:
         targets = pad_histories([r[1] for r in rows], model.cfg.max_items).to(device)
@@ -133,7 +139,7 @@ def _batch_loss(model: Recommender, dom: DomainInputs, rows, cfg: TrainConfig, i
         seen = seen[:, :0]
     queries = queries / cfg.tau
     if cfg.negatives == "sampled" and cfg.num_negatives < dom.num_items:
-        return _sampled_loss(model, dom, queries, tgt, seen, cfg, device)
+        return _sampled_loss(model, dom, queries, tgt, seen, cfg, device, shared)
     if cfg.negatives == "inbatch":
         cands, tgt = torch.unique(tgt, return_inverse=True)
         items = model(dom, "items", cands)
@@ -155,13 +161,20 @@ def _masked(seen: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.
     return torch.nonzero((seen >= 0) & (seen != tgt.unsqueeze(1)), as_tuple=True)
 
 
-def _sampled_loss(model: Recommender, dom: DomainInputs, queries, tgt, seen, cfg: TrainConfig, device):
+def _sampled_loss(model: Recommender, dom: DomainInputs, queries, tgt, seen, cfg: TrainConfig, device,
+                  shared=None):
     """Sampled softmax: column 0 is each position's target, then the batch's shared uniform negatives.
-    queries [P, d] already divided by tau; tgt [P] item ids; seen [P, S] item ids left out (-1 = none)."""
-    neg, log_weight = _sampled_candidates(dom, cfg.num_negatives, device)
-    emb = model(dom, "items", torch.cat([tgt, neg]))
-    pos_logit = (queries * emb[: len(tgt)]).sum(-1)
-    neg_logits = queries @ emb[len(tgt):].T
+    queries [P, d] already divided by tau; tgt [P] item ids; seen [P, S] item ids left out (-1 = none);
+    shared: (negative ids, their embeddings, log-weight) drawn by the caller (`shared_negatives`), else drawn here."""
+    if shared is None:
+        neg, log_weight = _sampled_candidates(dom, cfg.num_negatives, device)
+        emb = model(dom, "items", torch.cat([tgt, neg]))
+        pos_emb, neg_emb = emb[: len(tgt)], emb[len(tgt):]
+    else:
+        neg, neg_emb, log_weight = shared
+        pos_emb = model(dom, "items", tgt)
+    pos_logit = (queries * pos_emb).sum(-1)
+    neg_logits = queries @ neg_emb.T
     # column of each item among the negatives (-1 = not drawn): O(P) lookups instead of [P, M] comparisons
     column = torch.full((dom.num_items,), -1, dtype=torch.long, device=device)
     column[neg] = torch.arange(len(neg), device=device)
@@ -281,6 +294,40 @@ def _run_epoch(model: Recommender, rows, doms, cfg: TrainConfig, opt, sched, gen
     return total / max(1, len(batches)), len(batches)
 
 
+def shared_negatives(model: Recommender, dom: DomainInputs, cfg: TrainConfig, device):
+    """One draw of sampled negatives and their embeddings (graph kept) for all users of a DP step: each user's
+    backward pass then reuses the item tower's forward instead of recomputing it (None unless negatives=sampled
+    draws fewer than every item)."""
+    if cfg.negatives != "sampled" or cfg.num_negatives >= dom.num_items:
+        return None
+    neg, log_weight = _sampled_candidates(dom, cfg.num_negatives, device)
+    return neg, model(dom, "items", neg), log_weight
+
+
+def _run_dp_epoch(model: Recommender, rows, dom: DomainInputs, cfg: TrainConfig, opt, sched, device, desc: str,
+                  plan) -> tuple[float, int]:
+    """One epoch of user-level DP-SGD (common/model/dp.py): `plan.steps_per_epoch` steps, each over a Poisson
+    sample of the rows (one row per user), per-user clipping, Gaussian noise. Returns (mean sampled-user loss,
+    steps)."""
+    from common.model.dp import noisy_step
+
+    model.train()
+    table = encode_all_items(model, dom).detach() if not model.causal and cfg.negatives == "full" else None
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    bar = tqdm(range(plan.steps_per_epoch), disable=None if cfg.progress else True, desc=desc, leave=False)
+    for _ in bar:
+        opt.zero_grad(set_to_none=True)
+        shared = shared_negatives(model, dom, cfg, device)
+        step_losses, _ = noisy_step(plan, params, len(rows),
+                                    lambda i: _batch_loss(model, dom, [rows[i]], cfg, table, device, shared))
+        opt.step()
+        sched.step()
+        losses += step_losses
+    return sum(losses) / max(1, len(losses)), plan.steps_per_epoch
+
+
 def warmup_steps(cfg: TrainConfig, rows: list[list]) -> int:
     """Linear warm-up length: `cfg.warmup_steps`, but never longer than one epoch (the batches of every
     domain's `rows`). A small silo, or a user subsample, must still train at the configured lr."""
@@ -318,21 +365,44 @@ def _optimiser(model: Recommender, cfg: TrainConfig, rows: list[list]):
 
 def held_out_users(silo: SiloData, cfg: TrainConfig) -> list[int]:
     """Indices into silo.users of the validation users early stopping scores: a seeded subsample of
-    `cfg.val_max_users` of the users with a validation item (all of them when it is None), in user order."""
+    `cfg.val_max_users` of the users with a validation item (all of them when it is None), in user order.
+    With DP and a `max_users` subsample they are drawn from the users outside it (DP never trains on them, so the
+    subsample keeps its size), unless fewer than MIN_USERS_FOR_METRICS are left there."""
     with_val = [i for i, u in enumerate(silo.users) if u in silo.val]
+    if cfg.dp_epsilon is not None and cfg.max_users is not None:
+        trained = set(_subsample(len(silo.train), cfg.max_users, cfg.seed).tolist())
+        outside = [i for i in with_val if i not in trained]
+        if len(outside) >= MIN_USERS_FOR_METRICS:
+            with_val = outside
     return [with_val[i] for i in _subsample(len(with_val), cfg.val_max_users, cfg.seed).tolist()]
+
+
+def _dp_skip(silo: SiloData, cfg: TrainConfig) -> frozenset[int]:
+    """Users (indices into silo.users) never trained on: with DP, the held-out validation users (their data picks
+    the epoch, outside the accounted training); none otherwise."""
+    return frozenset(held_out_users(silo, cfg)) if cfg.dp_epsilon is not None else frozenset()
+
+
+def trained_users(silo: SiloData, causal: bool, cfg: TrainConfig) -> list[int]:
+    """Indices into silo.users of the users fine-tuning trains on: the seeded `max_users` subsample, less the users
+    DP leaves out, less users with under two items in train + validation (no training row). These are the
+    members a membership-inference attack targets."""
+    skip = _dp_skip(silo, cfg)
+    keep = _subsample(len(silo.train), cfg.max_users, cfg.seed).tolist()
+    return [u for u in keep if u not in skip and len(silo.train[u]) + (silo.users[u] in silo.val) >= 2]
 
 
 def _selection_data(silo: SiloData, model: Recommender, cfg: TrainConfig):
     """(training rows, (validation histories, targets), validation subsample size) for one silo.
     'refit': train items only, validation on a seeded subsample drawn at evaluation time; 'held-out-users' and
-    'continue': train + validation items except for the held-out users, validated on exactly those users."""
+    'continue': train + validation items except for the held-out users, validated on exactly those users (with
+    DP, the held-out users are not trained on at all)."""
     if cfg.selection == "refit":
         rows = _training_rows(silo, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed)
         return rows, silo.eval_split("val"), cfg.val_max_users
     held = held_out_users(silo, cfg)
     rows = _training_rows(silo, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed, with_val=True,
-                          held_out=frozenset(held))
+                          held_out=frozenset(held), skip=_dp_skip(silo, cfg))
     return rows, ([list(silo.train[u]) for u in held], [silo.val[silo.users[u]] for u in held]), None
 
 
@@ -357,24 +427,29 @@ def _start(model: Recommender, cfg: TrainConfig) -> torch.device:
 
 
 def refit(model: Recommender, silo: SiloData | list[SiloData], dom: DomainInputs | list[DomainInputs],
-          cfg: TrainConfig, epochs: int, held_out: frozenset[int] = frozenset()) -> tuple[int, float]:
+          cfg: TrainConfig, epochs: int, held_out: frozenset[int] = frozenset(), dp=None) -> tuple[int, float]:
     """Train `model` in place for exactly `epochs` epochs on each user's train sequence followed by their
     validation item (no validation, nothing restored): the final fit once early stopping has chosen the
     epoch count. Seeded on its own, so it gives the same weights whether or not a selection run came first.
     `held_out` (one silo: indices into silo.users): users whose validation item is not trained on.
-    Returns (steps, seconds)."""
+    `dp` (one silo): the DP plan of the selection run; its epochs continue that run's sampling and accounting, and
+    the held-out validation users are left out. Returns (steps, seconds)."""
     silos, doms, name = _as_lists(silo, dom)
     t0 = time.perf_counter()
     device = _start(model, cfg)
+    skip = _dp_skip(silos[0], cfg) if dp is not None else frozenset()
     rows = [_training_rows(s, model.causal, model.cfg.max_items, cfg.max_users, cfg.seed, with_val=True,
-                           held_out=held_out) for s in silos]
+                           held_out=held_out, skip=skip) for s in silos]
     opt, sched = _optimiser(model, cfg, rows)
     anchor = _anchor(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = 0
     for epoch in range(1, epochs + 1):
-        loss, n = _run_epoch(model, rows, doms, cfg, opt, sched, gen, device, f"{name} refit epoch {epoch}/{epochs}",
-                             anchor)
+        desc = f"{name} refit epoch {epoch}/{epochs}"
+        if dp is not None:
+            loss, n = _run_dp_epoch(model, rows[0], doms[0], cfg, opt, sched, device, desc, dp)
+        else:
+            loss, n = _run_epoch(model, rows, doms, cfg, opt, sched, gen, device, desc, anchor)
         steps += n
         log.info("%s: refit on train + val, epoch %d/%d loss %.4f", name, epoch, epochs, loss)
     for p in model.parameters():
@@ -435,7 +510,11 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
 
     Given lists of silos and their domain inputs, trains one model on the pooled data (each batch from one
     domain, softmax over that domain's items; validation = mean NDCG@10 over the domains): the non-private
-    joint-training reference. The model ends holding the final weights (also returned as `state`, on CPU)."""
+    joint-training reference. The model ends holding the final weights (also returned as `state`, on CPU).
+
+    `cfg.dp_epsilon` set (one silo only): user-level DP-SGD (common/model/dp.py) over every planned step, the final
+    fit's included; the held-out validation users pick the epoch and are not trained on; `dp` reports the
+    guarantee."""
     silos, doms, name = _as_lists(silo, dom)
     t0 = time.perf_counter()
     device = _start(model, cfg)
@@ -444,6 +523,16 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
     for s, r in zip(silos, rows):
         if not r:
             raise ValueError(f"{s.domain}: no training sequence has two or more items")
+    plan = None
+    if cfg.dp_epsilon is not None:
+        from common.model.dp import make_plan
+
+        if len(silos) != 1:
+            raise ValueError("DP fine-tuning is per silo: give one silo, not several")
+        plan = make_plan(cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, len(rows[0]), cfg.batch_size,
+                         cfg.epochs + (cfg.final_fit_epochs or 0), cfg.seed, cfg.max_steps_per_epoch)
+        log.info("%s: DP-SGD over %d users, noise multiplier %.3f for epsilon %.3f at delta %.2e over %d planned "
+                 "steps", name, plan.users, plan.sigma, plan.epsilon, plan.delta, plan.planned_steps)
     opt, sched = _optimiser(model, cfg, rows)
     anchor = _anchor(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -461,7 +550,10 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
     stale, steps, epoch = 0, 0, 0
     for epoch in range(1, cfg.epochs + 1):
         te = time.perf_counter()
-        loss, n = _run_epoch(model, rows, doms, cfg, opt, sched, gen, device, f"{name} epoch {epoch}", anchor)
+        if plan is not None:
+            loss, n = _run_dp_epoch(model, rows[0], doms[0], cfg, opt, sched, device, f"{name} epoch {epoch}", plan)
+        else:
+            loss, n = _run_epoch(model, rows, doms, cfg, opt, sched, gen, device, f"{name} epoch {epoch}", anchor)
         steps += n
         val = validate()
         history.append({"epoch": epoch, "loss": loss, "val_ndcg@10": val["ndcg@10"],
@@ -477,10 +569,10 @@ def fine_tune(model: Recommender, silo: SiloData | list[SiloData], dom: DomainIn
     refit_epochs = 0 if best_epoch == 0 else best_epoch if refit_epochs is None else refit_epochs
     model.load_state_dict(start_state if cfg.refits and refit_epochs else best_state)
     if refit_epochs:
-        refit_steps, _ = refit(model, silos, doms, cfg, refit_epochs)
+        refit_steps, _ = refit(model, silos, doms, cfg, refit_epochs, dp=plan)
         steps += refit_steps
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
     return FineTuneResult(shared_state(model), best, history, epoch, steps, time.perf_counter() - t0,
-                          best_epoch=best_epoch, refit_epochs=refit_epochs)
+                          best_epoch=best_epoch, refit_epochs=refit_epochs, dp=plan.summary() if plan else None)

@@ -168,6 +168,23 @@ class EpochProgress(Header):
     val_ndcg10: float = Field(ge=0, le=1, description="validation NDCG@10 after the epoch, a rate")
 
 
+class DPGuarantee(Header):
+    """A silo's user-level DP fine-tuning (common/model/dp.py): its (epsilon, delta) from the RDP accountant over
+    every planned step, and the settings that reach it. Covers the task vector / LoRA factors and everything
+    computed from them alone (teacher logits on pseudo-users, merges); not the aggregate metrics a silo reports."""
+
+    epsilon: float = Field(ge=0, le=1e6)
+    delta: float = Field(gt=0, lt=1)
+    target_epsilon: float = Field(gt=0, le=1e6, description="the request's dp-epsilon")
+    noise_multiplier: float = Field(gt=0, le=1e7, description="noise std / clip")
+    clip: float = Field(gt=0, le=1e6)
+    sample_rate: float = Field(gt=0, le=1, description="Poisson sampling probability of each user per step")
+    users: int = Field(ge=2, le=INT32_MAX, description="training users (held-out validation users excluded)")
+    planned_steps: int = Field(ge=1, le=INT32_MAX, description="steps accounted (every epoch fine-tuning may run)")
+    steps: int = Field(ge=0, le=INT32_MAX, description="steps taken (early stopping: at most the planned)")
+    accountant: Literal["rdp"] = "rdp"
+
+
 class FinetuneReply(Header):
     """Arrays: group "task_vector" = {parameter name: float32 array} (mode "full"), or group "lora" =
     {"<target>.lora_A": float32 [r, in], "<target>.lora_B": float32 [out, r]} (mode "lora", common/model/lora.py)."""
@@ -182,6 +199,7 @@ class FinetuneReply(Header):
     seconds: float = Field(ge=0, le=MAX_SECONDS, description="wall-clock seconds, at most a week")
     # selection run, per epoch (and the starting weights)
     history: list[EpochProgress] = Field(default_factory=list, max_length=MAX_EPOCHS + 1)
+    dp: DPGuarantee | None = None  # the request's train.dp_epsilon set: the silo's guarantee
 
     def array_groups(self) -> set[str]:
         return {"task_vector"} if self.mode == "full" else {"lora"}
