@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.model.backbones import DomainInputs, LightRecommender, pad_histories, shared_state
+from common.model.backbones import DomainInputs, LightRecommender, mlp_contributes, pad_histories, shared_state
 from common.model.config import BackboneConfig
 
 
@@ -158,14 +158,14 @@ def test_zero_frozen_item_mlp_is_skipped_with_the_same_numbers():
     x = dom.features[ids]
     full = lambda: F.normalize(model.adaptor(x) + model.adaptor_mlp(x), dim=-1)  # noqa: E731
     with torch.no_grad():
-        assert not model._mlp_contributes()
+        assert not mlp_contributes(model.adaptor_mlp)
         assert torch.equal(model(dom, "items", ids), full())
-    assert model._mlp_contributes()  # grad mode, trainable last layer: computed, so the fit can train it
+    assert mlp_contributes(model.adaptor_mlp)  # grad mode, trainable last layer: computed, so the fit can train it
     for p in model.adaptor_mlp.parameters():
         p.requires_grad_(False)
-    assert not model._mlp_contributes()  # a silo: frozen at zero
+    assert not mlp_contributes(model.adaptor_mlp)  # a silo: frozen at zero
     with torch.no_grad():
         model.adaptor_mlp[2].bias[3] = 0.5
-        assert model._mlp_contributes()  # a fitted residual always counts
+        assert mlp_contributes(model.adaptor_mlp)  # a fitted residual always counts
         assert torch.equal(model(dom, "items", ids), full())
         assert not torch.equal(model(dom, "items", ids), F.normalize(model.adaptor(x), dim=-1))

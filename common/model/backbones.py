@@ -126,19 +126,7 @@ class LightRecommender(Recommender):
     def _items(self, dom: DomainInputs, ids: torch.Tensor) -> torch.Tensor:
         x = dom.features.to(self.adaptor.weight.device)[ids]
         out = self.adaptor(x)
-        return out + self.adaptor_mlp(x) if self._mlp_contributes() else out
-
-    def _mlp_contributes(self) -> bool:
-        """Whether the MLP residual can change the item tower's output or receive a gradient: False when there is
-        none, or when its last layer is exactly zero and not being trained (a silo's residual, frozen at zero, and
-        every model before the server's item-tower fit). Skipping it then gives the same numbers (out + 0 = out)
-        without its cost, the largest part of the item tower's (F x hidden x 2 multiply-adds per item)."""
-        if self.adaptor_mlp is None:
-            return False
-        last = self.adaptor_mlp[2]
-        if torch.is_grad_enabled() and (last.weight.requires_grad or last.bias.requires_grad):
-            return True
-        return bool(last.weight.any()) or bool(last.bias.any())
+        return out + self.adaptor_mlp(x) if mlp_contributes(self.adaptor_mlp) else out
 
     def block_inputs(self, dom: DomainInputs, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x [B, L, dim], attention mask [B * heads, L, L]): what the first transformer block receives.
@@ -179,6 +167,19 @@ class LightRecommender(Recommender):
         if top == "adaptor_mlp":
             return "adaptor"
         return top if top in ("adaptor", "position") else "rest"
+
+
+def mlp_contributes(mlp: nn.Sequential | None) -> bool:
+    """Whether the item adaptor's MLP residual can change the item tower's output or receive a gradient: False
+    when there is none, or when its last layer is exactly zero and not being trained (a silo's residual, frozen at
+    zero, and every model before the server's item-tower fit). Skipping it then gives the same numbers
+    (out + 0 = out) without its cost, the largest part of the item tower's (F x hidden x 2 multiply-adds per item)."""
+    if mlp is None:
+        return False
+    last = mlp[2]
+    if torch.is_grad_enabled() and (last.weight.requires_grad or last.bias.requires_grad):
+        return True
+    return bool(last.weight.any()) or bool(last.bias.any())
 
 
 def item_mlp(feature_dim: int, hidden: int, dim: int) -> nn.Sequential | None:
