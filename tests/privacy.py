@@ -9,7 +9,7 @@ What it sees (tests/test_privacy_checker.py measures it on a generated family of
 - user keys (umap.json) in any text, compared with case and every non-alphanumeric character ignored (another
   separator, none, spaces between the characters), forwards or reversed, also inside base64 / hex / bytes;
 - user sequences (train, train + val, train + val + test): the whole sequence of 3+ items as a list of numbers;
-  any 5 consecutive items of one, in order or reversed and shifted by any constant (1-based ids, an offset),
+  any 5 consecutive items of one, in order or reversed, or 6 shifted by any constant (1-based ids, an offset),
   inside any run of numbers: a list, an array (any int / float dtype, rows, columns, flattened), the numbers of
   a text whatever joins them, item keys in a text (their ids), the bytes of a config record;
 - sequences packed into one number: 3-6 consecutive items as the digits of an integer or a float (each item
@@ -18,7 +18,7 @@ What it sees (tests/test_privacy_checker.py measures it on a generated family of
   users (or validation / test users).
 
 What it cannot see: encryption, hashing or any keyed transform; a sequence sorted, permuted, scaled or with
-items left out (every other item); fewer than 5 consecutive items inside a longer run of numbers (they are
+items left out (every other item); fewer than 5 consecutive items (6 when shifted) inside a longer run of numbers (they are
 indistinguishable from teacher top-k rows); arithmetic progressions shifted (a counter looks the same); packing
 into float32 fractions or with fewer than 6 digits; a key reduced to its number or another id; anything split
 across fields or messages, or hidden in the low bits of model weights; what aggregates reveal (differencing:
@@ -79,6 +79,10 @@ class Secrets:
     lengths: set[int] = field(default_factory=set)
     user_counts: set[int] = field(default_factory=set)
     windows: set[tuple[int, ...]] = field(default_factory=set)  # difference tuples of WINDOW consecutive items
+    exact: set[tuple[int, ...]] = field(default_factory=set)  # WINDOW consecutive items themselves
+    # difference tuples of WINDOW + 1 consecutive items: a shifted match must be one item longer, since five
+    # shifted items of a small catalog turn up by chance in teacher top-k tables (item ids by design)
+    windows_long: set[tuple[int, ...]] = field(default_factory=set)
     packed: set[int] = field(default_factory=set)  # 3-6 consecutive items as digits, leading zeros dropped
     item_ids: dict[str, int] = field(default_factory=dict)  # normalised item key -> item id
 
@@ -114,6 +118,11 @@ class Secrets:
             d = _diffs(seq[i:i + WINDOW])
             if len(set(d)) > 1:  # an arithmetic progression is what counters look like
                 self.windows.add(d)
+                self.exact.add(tuple(seq[i:i + WINDOW]))
+        for i in range(len(seq) - WINDOW):
+            d = _diffs(seq[i:i + WINDOW + 1])
+            if len(set(d)) > 1:
+                self.windows_long.add(d)
         for n in PACK_ITEMS:
             for i in range(len(seq) - n + 1):
                 part = seq[i:i + n]
@@ -142,7 +151,8 @@ class Checker:
     # -- primitives ------------------------------------------------------------------------------------
     def numbers(self, values, where: str, valid: np.ndarray | None = None) -> None:
         """A run of integers: a whole user sequence (padding stripped; forwards or backwards), or WINDOW
-        consecutive items of one anywhere inside it, forwards or backwards, shifted by any constant. `valid`:
+        consecutive items of one anywhere inside it, forwards or backwards, or WINDOW + 1 of them shifted by any
+        constant. `valid`:
         which entries are integers at all (a window must lie inside them)."""
         t = np.asarray(values, dtype=np.int64).reshape(-1)
         if valid is None:
@@ -156,13 +166,17 @@ class Checker:
             return
         d = np.diff(t)
         ok = None if valid is None else np.lib.stride_tricks.sliding_window_view(valid, WINDOW).all(1)
-        for run, mask in ((d, ok), (-d[::-1], None if ok is None else ok[::-1])):
+        for items, run, mask in ((t, d, ok), (t[::-1], -d[::-1], None if ok is None else ok[::-1])):
             win = np.lib.stride_tricks.sliding_window_view(run, WINDOW - 1)
             hit = _member(win @ self._coef, self._hashes)
             if mask is not None:
                 hit &= mask
-            for i in np.flatnonzero(hit)[:100]:
-                if tuple(win[i].tolist()) in self.s.windows:
+            for i in np.flatnonzero(hit)[:1000]:
+                if tuple(win[i].tolist()) not in self.s.windows:
+                    continue
+                same_items = tuple(items[i:i + WINDOW].tolist()) in self.s.exact
+                shifted = i + WINDOW <= run.size and tuple(run[i:i + WINDOW].tolist()) in self.s.windows_long
+                if same_items or shifted:
                     self.findings.append(f"a run of a user sequence in {where}")
                     return
 
