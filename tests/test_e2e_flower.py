@@ -110,14 +110,22 @@ def test_lora_and_weaving_through_flower(world, stack, tmp_path):
     assert assert_no_user_data(recorded_messages(msgs), [root / "data" / d for d in DOMAINS]) >= 27
 
 
+#: how long a wait goes on after the `flwr run` log stream ended: the stream can end while the run goes on
+#: (seen on a fresh clone: the run was fine-tuning), so its end alone does not fail the wait
+STREAM_GRACE_S = 30.0
+
+
 def _wait_for(predicate, timeout: float, what: str, stack=None) -> None:
-    """Poll `predicate` every 0.1 s; with `stack`, fail at once if its `flwr run` log stream ended meanwhile (the
-    run finished or failed: what was waited for will not come)."""
-    t0 = time.monotonic()
+    """Poll `predicate` every 0.1 s; with `stack`, fail STREAM_GRACE_S after its `flwr run` log stream ended
+    (the run finished or failed: what was waited for will not come) instead of waiting out `timeout`."""
+    t0, ended = time.monotonic(), None
     while not predicate():
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        if stack is not None and not stack.procs["flwr-run"].alive and not predicate():
-            raise AssertionError(f"the run ended while waiting for {what}:\n{stack.log_tails()}")
+        now = time.monotonic()
+        assert now - t0 < timeout, f"timed out waiting for {what}"
+        if stack is not None and not stack.procs["flwr-run"].alive:
+            ended = ended or now
+            if now - ended > STREAM_GRACE_S and not predicate():
+                raise AssertionError(f"the run ended while waiting for {what}:\n{stack.log_tails()}")
         time.sleep(0.1)
 
 
