@@ -265,15 +265,20 @@ def l2sp_penalty(model: Recommender, anchor: dict[str, torch.Tensor]) -> torch.T
     return sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in anchor)
 
 
+def _full_tables(model: Recommender, doms, cfg: TrainConfig) -> list[torch.Tensor | None]:
+    """Per domain, the whole catalog's item embeddings (no grad) that the text backbone's full softmax scores
+    against for an epoch; None per domain otherwise (the loss embeds the items it needs itself)."""
+    if model.causal or cfg.negatives != "full":
+        return [None] * len(doms)
+    return [encode_all_items(model, d).detach() for d in doms]
+
+
 def _run_epoch(model: Recommender, rows, doms, cfg: TrainConfig, opt, sched, gen, device, desc: str,
                anchor: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
     """One pass over every domain's rows (each batch from one domain). Returns (mean loss, steps); the mean
     loss is the recommendation loss alone (without the L2-SP term)."""
     model.train()
-    tables = [None] * len(doms)
-    if not model.causal and cfg.negatives == "full":
-        tables = [encode_all_items(model, d).detach() for d in doms]
-        model.train()
+    tables = _full_tables(model, doms, cfg)
     batches = [(t, b) for t, r in enumerate(rows) for b in _length_buckets(r, cfg.batch_size, gen)]
     if len(rows) > 1:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
@@ -312,8 +317,7 @@ def _run_dp_epoch(model: Recommender, rows, dom: DomainInputs, cfg: TrainConfig,
     from common.model.dp import noisy_step
 
     model.train()
-    table = encode_all_items(model, dom).detach() if not model.causal and cfg.negatives == "full" else None
-    model.train()
+    table = _full_tables(model, [dom], cfg)[0]
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []
     bar = tqdm(range(plan.steps_per_epoch), disable=None if cfg.progress else True, desc=desc, leave=False)
