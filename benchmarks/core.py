@@ -102,7 +102,8 @@ def run_job(data: Path, domain: str, model: str, args) -> dict:
             from common.model.item_cache import item_text_embeddings
 
             items = item_text_embeddings(silo.catalog, encoder=bb.encoder, value_tokens=bb.item_value_tokens,
-                                         max_tokens=bb.item_max_tokens, cache_dir=bb.cache_dir, progress=False)
+                                         max_tokens=bb.item_max_tokens, cache_dir=bb.cache_dir,
+                                         precision=bb.encoder_precision, progress=False)
         out.update(evaluate_split(base, silo, dom, "test", seed=args.seed, max_users=eval_users,
                                   item_embeddings=items))
         out["eval_users"] = out.pop("users")

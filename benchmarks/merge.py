@@ -284,6 +284,7 @@ def build(args) -> Pipeline:
     """The pipeline over one in-process silo per domain, configured like `flwr run` (pyproject + overrides)."""
     over = parse_overrides(args.run_config)
     over.setdefault("baselines", ",".join(TRAINING_FREE))
+    over.setdefault("evaluate-finetuned", "all")  # the unseen rows read other domains' own models on the held-out one
     over.setdefault("cache-dir", str(args.cache))
     cfg, _, _ = pipeline_config(app_defaults() | over)
     if args.run_dir is None:

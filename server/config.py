@@ -20,7 +20,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from common.core.strict import Strict
 from common.core.runs import new_run_dir
@@ -67,7 +67,11 @@ class PipelineConfig(Strict):
     pseudo_users_n: Count | None = Field(None, description="pseudo-users per domain (none / 0 = all items)")
     teacher_top_k: Count | None = Field(64, description="teacher logits per pseudo-user a silo sends (none / 0 = "
                                         "all items)")
-    evaluate_finetuned: bool = True
+    # "own" by default: the reference the merged model is judged against, with no silo receiving another's model;
+    # "all" adds the transfer table (each silo's model on every other domain, benchmarks.merge's unseen rows)
+    evaluate_finetuned: Literal["own", "all", "none"] = Field(
+        "own", description="fine-tuned models scored at test: own (each silo its own) | all (every silo every "
+        "silo's) | none")
     # the simulated (and in-process benchmark) silos' evaluation policy (common/protocol/eval_policy.py): never in
     # a request; a deployed silo sets its own in node-config
     eval_max_users: int | None = Field(None, ge=MIN_USERS_FOR_METRICS, le=INT32_MAX, description="simulated "
@@ -94,6 +98,11 @@ class PipelineConfig(Strict):
     strategy: Literal["mergerec", "fedavg"] = Field("mergerec", description="mergerec: one-shot fine-tuning and "
                                                     "merging | fedavg: rounds of federated averaging")
     fedavg: FedAvgConfig = FedAvgConfig()
+
+    @field_validator("evaluate_finetuned", mode="before")
+    @classmethod
+    def _old_bool(cls, v):  # run directories written when this was a bool: true meant every silo's model everywhere
+        return {True: "all", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _defaults_and_names(self):
@@ -125,7 +134,7 @@ class PipelineConfig(Strict):
 #: run-config key -> (model, field) it sets; model "" is PipelineConfig itself
 PIPELINE_KEYS = {
     "backbone": ("backbone", "kind"), "encoder": ("backbone", "encoder"), "base": ("backbone", "base"),
-    "center-items": ("backbone", "center_items"),
+    "center-items": ("backbone", "center_items"), "encoder-precision": ("backbone", "encoder_precision"),
     "epochs": ("train", "epochs"), "batch-size": ("train", "batch_size"), "lr": ("train", "lr"),
     "patience": ("train", "patience"), "selection": ("train", "selection"), "negatives": ("train", "negatives"),
     "num-negatives": ("train", "num_negatives"), "continue-epochs": ("train", "continue_epochs"),
@@ -142,7 +151,7 @@ PIPELINE_KEYS = {
     "dp-epsilon": ("train", "dp_epsilon"), "dp-delta": ("train", "dp_delta"), "dp-clip": ("train", "dp_clip"),
     **{k: ("", k.replace("-", "_")) for k in (
         "catalog-root", "baselines", "init-method", "granularities", "pseudo-users", "pseudo-users-n",
-        "teacher-top-k", "eval-max-users", "eval-budget", "eval-epsilon", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed",
+        "teacher-top-k", "evaluate-finetuned", "eval-max-users", "eval-budget", "eval-epsilon", "min-silos", "retries", "timeout-s", "max-task-vector-ratio", "seed",
         "weave-rounds", "weave-epochs", "strategy")},
 }
 #: 0 or "none" = no limit (None)

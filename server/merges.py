@@ -128,32 +128,45 @@ class Merges:
         return out
 
     def candidate_models(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Every model the evaluation scores: the base, the training-free merges, MergeRec's and (by default)
-        each silo's own fine-tuned model."""
+        """Every model the evaluation scores: the base, the training-free merges, MergeRec's and (unless
+        evaluate_finetuned is "none") each silo's fine-tuned model ("own": `own_only` says where each is scored)."""
         models = {"pretrained": self.base.state, **self.merged_states(), **self.mergerec_states()}
-        if self.cfg.evaluate_finetuned:
+        if self.cfg.evaluate_finetuned != "none":
             for d, tv in self.vectors.load(self.state.active()).items():
                 models[f"finetuned-{d}"] = add_vector(self.base.state, tv)
         return models
 
+    def own_only(self) -> dict[str, str]:
+        """model name -> the one silo that scores it: each fine-tuned model at its own silo when
+        evaluate_finetuned is "own" (empty otherwise: every silo scores every model)."""
+        if self.cfg.evaluate_finetuned != "own":
+            return {}
+        return {f"finetuned-{d}": d for d in self.state.active()}
+
     # ------------------------------------------------------------------ evaluation at the silos
     def evaluate_at(self, models: dict[str, dict[str, torch.Tensor]], domains: list[str],
                     split: str = "test", integrated: dict | None = None,
-                    seen_items: str | None = None) -> dict[str, dict[str, dict]]:
+                    seen_items: str | None = None, only_at: dict[str, str] | None = None) -> dict[str, dict[str, dict]]:
         """Send `models` (name -> state) and `integrated` models (name -> (IntegratedSpec, parameters)) to the
         silos of `domains`; each evaluates them on its own `split` (seen items as the run's protocol says, or
         `seen_items`) over its own fixed users and returns aggregate metrics only (each model counts against the
-        silo's evaluation budget for the run). Returns domain -> model name -> AggregateMetrics as a
-        dict."""
+        silo's evaluation budget for the run). `only_at`: model name -> the one domain that scores it (others:
+        every domain). Returns domain -> model name -> AggregateMetrics as a dict."""
         integrated = integrated or {}
+        only_at = only_at or {}
         arrays = {name: state_to_numpy(s) for name, s in {**models, **{n: s for n, (_, s) in integrated.items()}}.items()}
-        req = EvaluateRequest(base=self.base.spec, split=split, models=[*models, *integrated],
-                              seen_items=seen_items or self.cfg.train.seen_items,
-                              integrated={n: spec for n, (spec, _) in integrated.items()})
+        requests = {}
+        for d in domains:
+            names = [n for n in models if only_at.get(n, d) == d]
+            req = EvaluateRequest(base=self.base.spec, split=split, models=[*names, *integrated],
+                                  seen_items=seen_items or self.cfg.train.seen_items,
+                                  integrated={n: spec for n, (spec, _) in integrated.items()})
+            requests[d] = (req, {n: arrays[n] for n in req.models})
 
         def validate(domain, o):  # which users: the silo's own fixed subsample (common/protocol/eval_policy.py)
-            check_evaluate(o.header, o.arrays, domain=domain, models=req.models, users=self.base.users.get(domain))
+            check_evaluate(o.header, o.arrays, domain=domain, models=requests[domain][0].models,
+                           users=self.base.users.get(domain))
 
-        results = self.calls.ask("evaluate", EVALUATE, {d: (req, arrays) for d in domains}, EvaluateReply, validate)
+        results = self.calls.ask("evaluate", EVALUATE, requests, EvaluateReply, validate)
         return {d: {m: am.model_dump() for m, am in o.header.metrics.items()} for d, o in results.items()}
 

@@ -301,7 +301,8 @@ class Pipeline:
     def evaluate(self) -> None:
         t0 = time.perf_counter()
         models = self.candidate_models()
-        metrics = self.merges.evaluate_at(models, self.active(), integrated=self.xcross.candidates())
+        metrics = self.merges.evaluate_at(models, self.active(), integrated=self.xcross.candidates(),
+                                          only_at=self.merges.own_only())
         for d, per in sorted(metrics.items()):
             log.info("evaluate: silo %s test NDCG@10: %s", d, ", ".join(f"{m} {v['values']['ndcg@10']:.4f}"
                                                                       for m, v in per.items() if "-" in m))

@@ -119,13 +119,48 @@ def test_untrained_text_encoder_items_equal_cached_item_embeddings(tmp_path):
     model = build_backbone(cfg).eval()
     dom = model.domain_inputs(silo.catalog)
     cached = item_text_embeddings(silo.catalog, encoder=enc, value_tokens=cfg.item_value_tokens,
-                                  max_tokens=cfg.item_max_tokens, cache_dir=cfg.cache_dir, progress=False)
+                                  max_tokens=cfg.item_max_tokens, cache_dir=cfg.cache_dir, precision="float32",
+                                  progress=False)
     with torch.no_grad():
         own = encode_all_items(model, dom)
     assert torch.allclose(own, cached, atol=1e-5)
     assert evaluate_split(model, silo, dom, "test", item_embeddings=cached) == evaluate_split(model, silo, dom, "test")
     with pytest.raises(ValueError, match="item embeddings"):
         evaluate_split(model, silo, dom, "test", item_embeddings=cached[:-1])
+
+
+def test_bfloat16_item_embeddings_are_close_to_float32_and_cached_apart(tmp_path, monkeypatch):
+    """Encoder precision: "auto" follows the hardware (bfloat16 only with native bfloat16 dot products); a
+    bfloat16 embedding stays within cosine 0.999 of float32's; the two never share a cache file."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import make_tiny_encoder
+
+    from common.data.demo import make_demo
+    from common.data.format import load_silo
+    from common.model import encoder as encoder_mod
+    from common.model.item_cache import item_text_embeddings
+
+    monkeypatch.setattr(encoder_mod, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert encoder_mod.resolve_precision("auto", "cpu") == "float32"
+    monkeypatch.setattr(encoder_mod, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert encoder_mod.resolve_precision("auto", "cpu") == "bfloat16"
+    assert encoder_mod.resolve_precision("float32", "cpu") == "float32"
+    with pytest.raises(ValueError, match="encoder precision"):
+        encoder_mod.resolve_precision("fp16")
+
+    enc = str(make_tiny_encoder(tmp_path / "enc"))
+    catalog = load_silo(make_demo(tmp_path / "demo", n_domains=1, n_items=60, n_users=40, seed=1)[0]).catalog
+    cache = tmp_path / "cache"
+    kw = dict(encoder=enc, value_tokens=32, max_tokens=128, cache_dir=cache, progress=False)
+    full = item_text_embeddings(catalog, precision="float32", **kw)
+    low = item_text_embeddings(catalog, precision="bfloat16", **kw)
+    assert len(list(cache.iterdir())) == 2  # one file per precision
+    cos = (full * low).sum(-1)
+    assert low.dtype == torch.float32 and not torch.equal(full, low) and cos.min() > 0.999
+    assert torch.equal(item_text_embeddings(catalog, precision="auto", **kw), low)  # "auto" -> bfloat16 here, cached
 
 
 def test_center_items_subtracts_the_catalog_mean_and_new_items_keep_the_indexed_catalogs_mean():

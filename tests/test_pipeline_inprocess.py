@@ -64,6 +64,8 @@ def test_full_pipeline_and_report(world, tmp_path, caplog):
     for d in dirs:
         models = report["metrics"][d.name]
         assert {"pretrained", "task_arithmetic", "ties", "mergerec-task", "mergerec-layer"} <= set(models)
+        # evaluate-finetuned "own": a silo is sent (and scores) its own fine-tuned model, never another silo's
+        assert {m for m in models if m.startswith("finetuned-")} == {f"finetuned-{d.name}"}
         assert all(0 <= m["values"]["ndcg@10"] <= 1 for m in models.values())
     model_dir = tmp_path / "run" / "model"
     assert (model_dir / "model.safetensors").exists()

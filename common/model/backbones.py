@@ -113,6 +113,7 @@ class LightRecommender(Recommender):
                 value_tokens=self.cfg.item_value_tokens,
                 max_tokens=self.cfg.item_max_tokens,
                 cache_dir=self.cfg.cache_dir,
+                precision=self.cfg.encoder_precision,
                 **kw,
             )
         if features.shape[0] != len(catalog):

@@ -94,6 +94,36 @@ def load_encoder(model: str = DEFAULT_ENCODER) -> nn.Module:
     return enc.eval()
 
 
+#: what `precision="auto"` may pick; bfloat16 only where the hardware multiplies it natively
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """"float32" or "bfloat16" for `precision` ("auto": bfloat16 on a CUDA device that supports it or an x86 CPU
+    with AVX512-BF16 / AMX-BF16 dot products, float32 elsewhere). bfloat16 runs the encoder's matrix products
+    under autocast (accumulating in float32): about 2x the items per second on such a CPU, every embedding within
+    cosine 0.99997 of float32's (docs/benchmarks.md, claim 12)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"encoder precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    if dev.type == "cpu" and _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return "bfloat16"
+    return "float32"
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of token states over the attention mask. hidden [B,T,H], mask [B,T] -> [B,H]."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -106,14 +136,17 @@ def encode_texts(
     texts: list[str],
     *,
     max_length: int,
-    batch_size: int = 128,
+    batch_size: int = 32,
     device: str | torch.device = "cpu",
+    precision: str = "float32",
     progress: bool = False,
     desc: str = "encode",
 ) -> torch.Tensor:
-    """L2-normalised mean-pooled embeddings [len(texts), H], no grad.
+    """L2-normalised mean-pooled embeddings [len(texts), H] (float32), no grad.
 
-    Texts are sorted by length so batches carry little padding; output order matches the input.
+    Texts are sorted by length so batches carry little padding; output order matches the input. `precision`:
+    as `resolve_precision` ("bfloat16": the encoder under bfloat16 autocast). Batches of 32 encode ~10% more
+    items per second than 128 on 2 CPU cores (less padding, cache-sized activations).
     """
     from tqdm.auto import tqdm
 
@@ -121,7 +154,9 @@ def encode_texts(
     out = torch.empty(len(texts), encoder.config.hidden_size)
     was_training = encoder.training
     encoder.eval()
-    with torch.inference_mode():
+    dev = torch.device(device)
+    low = resolve_precision(precision, dev) == "bfloat16"
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=low):
         for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc=desc, leave=False):
             idx = order[start : start + batch_size]
             batch = tokenizer(
