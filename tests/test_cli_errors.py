@@ -184,3 +184,14 @@ def test_make_e2e_writes_its_run_under_runs():
     assert Path(run_dir).parent == ROOT / "runs"
     assert f"deployment.check_artifacts {run_dir} " in out
 
+
+
+def test_every_simulated_silo_runs_at_once_up_to_twice_the_cores():
+    """Three silos on 2 cores run together (Ray is told 3 CPUs); many silos are capped at twice the cores, wider
+    silos at fewer."""
+    from deployment.simulate import silos_at_once
+
+    assert silos_at_once(3, cores=2) == 3
+    assert silos_at_once(10, cores=2) == 4
+    assert silos_at_once(10, cpus_per_silo=2, cores=2) == 2
+    assert silos_at_once(2, cpus_per_silo=4, cores=2) == 1
