@@ -199,11 +199,14 @@ def lora_finetuned(world, tmp_path_factory):
     p = Pipeline(_transport(world, root / "state"), _lora_cfg(world), root / "run")
     p.handshake()
     p.finetune()
-    # a fine-tuning is one validation evaluation of the silo's budget (its reply's val and history)
-    for d in world[2]:
-        ledger = json.loads((root / "state" / d.name / EVAL_LEDGER).read_text())
-        assert list(ledger.values()) == [{"val": 1}]
     return root
+
+
+def test_a_finetuning_spends_one_validation_evaluation(world, lora_finetuned):
+    """Its reply's val and history are aggregates of the held-out users: one "val" evaluation of the budget."""
+    for d in world[2]:
+        ledger = json.loads((lora_finetuned / "state" / d.name / EVAL_LEDGER).read_text())
+        assert list(ledger.values()) == [{"val": 1}]
 
 
 @pytest.mark.parametrize("name", sorted(WEAVE))
@@ -232,6 +235,7 @@ GATES = {
     "before users above the handshake's": _users("before", 10**6),
     "after users above the handshake's": _users("after", 10**6),
     "before and after over different users": _users("after", 5),
+    "before and after users above the handshake's": lambda c: _users("before", 10**6)(_users("after", 10**6)(c)),
     "before NaN": _metric("before", "ndcg@10", math.nan),
     "after 1.5": _metric("after", "recall@10", 1.5),
     "after huge": _metric("after", "ndcg@50", 1e300),
