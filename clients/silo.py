@@ -207,9 +207,11 @@ class SiloWorker:
             raise ContractError(str(exc)) from None
 
     def finetune(self, req: FinetuneRequest) -> tuple[FinetuneReply, Arrays]:
-        """Mode "full": sends the dense task vector. Mode "lora": trains and sends only the LoRA factors; the
+        """One "val" evaluation of the run's budget (`_spend`: the reply's `val` and `history` are aggregates of the
+        held-out users). Mode "full": sends the dense task vector. Mode "lora": trains and sends only the LoRA factors; the
         silo's own fine-tuned weights are base + the materialised delta (as the server computes it)."""
         base = self._require_base(req.base)
+        self._spend("val", 1)  # its reply's val and history are aggregates over the held-out validation users
         model = copy.deepcopy(base)
         cfg = req.train
         targets = self._lora_targets(cfg) if cfg.finetune == "lora" else []
@@ -255,10 +257,12 @@ class SiloWorker:
 
     def fed_round(self, req: FedRoundRequest, arrays: Arrays) -> tuple[FedRoundReply, Arrays]:
         """One FedAvg / FedProx round (common/model/train.local_round): the received global model's validation
-        aggregate on this silo's held-out users, then (epochs > 0) local training; only the weight update and
-        aggregates go back. FedProx: the proximal term mu/2 ||theta - theta_global||^2 is L2-SP toward the
+        aggregate on this silo's held-out users (one "val" evaluation of the run's budget, whatever `epochs`: a
+        validation-only round is an evaluation like any other), then (epochs > 0) local training; only the weight
+        update and aggregates go back. FedProx: the proximal term mu/2 ||theta - theta_global||^2 is L2-SP toward the
         received weights."""
         base = self._require_base(req.base)
+        self._spend("val", 1)  # `val`: the received (server-chosen) model scored on the held-out users
         shapes = {n: tuple(t.shape) for n, t in base.named_parameters()}
         check_state_arrays(arrays.get("model", {}), shapes, "global model")
         model = self._model_with(arrays["model"])

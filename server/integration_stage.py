@@ -22,13 +22,13 @@ import torch
 from common.merging.task_vectors import add_vector, state_to_numpy
 from common.model.gates import train_gates
 from common.model.integration import IntegratedRecommender, IntegratedSpec, inference_cost
-from common.protocol.messages import TUNE_GATES, ContractError, GateTuneReply, GateTuneRequest
+from common.protocol.messages import TUNE_GATES, GateTuneReply, GateTuneRequest
 from server.base import BaseContext
 from server.checkpoint import Checkpoint
 from server.merges import Merges
 from server.run_dir import RunDir
 from server.silo_caller import PipelineError, SiloCaller
-from server.validation import check_metrics
+from server.validation import check_gate
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,7 @@ class Integration:
         req = GateTuneRequest(base=self.base.spec, spec=spec, train=train_cfg, user_fraction=fraction)
 
         def validate(d, o):
-            if o.header.domain != d:
-                raise ContractError(f"domain must be {d!r}")
-            users = self.base.users.get(d)
-            check_metrics(o.header.before, "before", users)
-            check_metrics(o.header.after, "after", users)
-            if o.header.epochs > train_cfg.epochs:
-                raise ContractError(f"epochs must be <= the request's {train_cfg.epochs}")
+            check_gate(o.header, domain=d, epochs=train_cfg.epochs, users=self.base.users.get(d))
 
         got = self.calls.ask("tune_gates", TUNE_GATES, {domain: (req, {"model": state_to_numpy(params)})},
                              GateTuneReply, validate)

@@ -22,6 +22,7 @@ from common.protocol.messages import (
     EvaluateReply,
     FedRoundReply,
     FinetuneReply,
+    GateTuneReply,
     TEACHER_TOLERANCE,
     TeacherReply,
     WeaveReply,
@@ -154,6 +155,20 @@ def check_round(reply: FedRoundReply, arrays, *, domain: str, base_fp: str, roun
         if reply.users < 1:
             raise ContractError("users must be at least 1 after a training round")
         check_task_vector(arrays["update"], shapes, base_norm, max_ratio, f"update of {domain}")
+
+
+def check_gate(reply: GateTuneReply, *, domain: str, epochs: int, users: int | None = None) -> None:
+    """A gate-tuning reply (X-Cross's new domain): the silo asked, epochs <= the request's, and before / after
+    test aggregates each checked as check_metrics (user counts <= `users`, the silo's handshake count when it
+    has one) and over the same users (the silo's fixed test subsample scores both)."""
+    _same(reply.domain, domain, "domain")
+    _finite(reply, ("seconds", "epochs"))
+    if reply.epochs > epochs:
+        raise ContractError(f"epochs must be <= the request's {epochs}")
+    check_metrics(reply.before, "before", users)
+    check_metrics(reply.after, "after", users)
+    if reply.before.users != reply.after.users:
+        raise ContractError("before and after must be over the same users (the silo's fixed test subsample)")
 
 
 def check_metrics(m: AggregateMetrics, what: str, users: int | None = None) -> None:

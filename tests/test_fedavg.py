@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from clients.client_app import in_process_endpoint
-from clients.silo import SiloWorker
+from clients.silo import EVAL_LEDGER, SiloWorker
 from common.model.config import BackboneConfig, TrainConfig
 from common.model.coefficients import CoefficientConfig
 from common.model.integration import IntegrationConfig
+from common.protocol.eval_policy import EvalPolicy
+from common.protocol.messages import BUDGET_ERROR_CODE, error_text
 from server.config import FedAvgConfig, PipelineConfig
 from server.fedavg import average
-from server.pipeline import Pipeline
+from server.pipeline import Pipeline, PipelineError
 from server.transport import InProcessTransport, MessageRecorder
 
 from privacy import assert_no_user_data, recorded_messages
@@ -32,11 +34,12 @@ def _cfg(world, **kw) -> PipelineConfig:
     return PipelineConfig(**{**base, **kw})
 
 
-def _transport(world, tmp, calls=None, broken=None, observer=None):
+def _transport(world, tmp, calls=None, broken=None, observer=None, policies=None):
     root, _, dirs = world
     endpoints = {}
     for d in dirs:
-        fn = in_process_endpoint(SiloWorker(d.name, d, state_dir=tmp / "state" / d.name, cache_dir=root / "cache"))
+        fn = in_process_endpoint(SiloWorker(d.name, d, state_dir=tmp / "state" / d.name, cache_dir=root / "cache",
+                                            policy=(policies or {}).get(d.name)))
         if broken and d.name in broken:
             fn = broken[d.name](fn)
         endpoints[d.name] = fn
@@ -86,6 +89,14 @@ def test_fedavg_rounds_are_stored_averaged_and_the_best_round_is_shipped(world, 
     card = (tmp_path / "run" / "model" / "README.md").read_text()
     assert "federated averaging" in card and f"Round {fed.chosen} is shipped" in card
     assert_no_user_data(recorded_messages(tmp_path / "messages"), world[2])
+    # every round is one validation evaluation of each silo's budget (the final validation-only one too): 3, and
+    # the evaluate stage's selection scores the shipped candidate once more on validation
+    for d in world[2]:
+        assert list(_ledger(tmp_path, d.name).values()) == [{"val": 3 + 1, "test": 2}]
+
+
+def _ledger(tmp_path, domain: str) -> dict:
+    return json.loads((tmp_path / "state" / domain / EVAL_LEDGER).read_text())
 
 
 def _round_of(content) -> int:
@@ -107,6 +118,31 @@ def test_a_silo_dropped_mid_round_leaves_the_round_to_the_others(world, tmp_path
     assert set(rounds[1].users) == {"garden", "kitchen", "outdoor"}
     assert set(rounds[2].users) == {"garden", "outdoor"}  # averaged over the two that answered, renormalised
     assert "kitchen" not in report["metrics"]
+
+
+def test_a_silo_refuses_rounds_beyond_its_evaluation_budget(world, tmp_path):
+    """A round returns the received model's validation aggregate: each one spends an evaluation of the silo's
+    budget, so rounds (validation-only ones included) are no unlimited evaluation oracle. kitchen (eval-budget 3)
+    answers rounds 1-3 and refuses the 4th with the budget code; it is dropped, named, and the run goes on."""
+    tight = {"kitchen": EvalPolicy(budget=3)}
+    p = Pipeline(_transport(world, tmp_path, policies=tight), _cfg(world, fedavg=FedAvgConfig(rounds=4)),
+                 tmp_path / "run")
+    report = p.run()
+    assert report["dropped"] == [{"domain": "kitchen", "stage": "fedavg", "reason": error_text(BUDGET_ERROR_CODE)}]
+    assert "eval-budget" in report["dropped"][0]["reason"]
+    rounds = p.state.fedavg.rounds
+    assert [set(r.users) for r in rounds[1:]] == [{"garden", "kitchen", "outdoor"}] * 3 + [{"garden", "outdoor"}]
+    assert list(_ledger(tmp_path, "kitchen").values()) == [{"val": 3}]
+    assert sorted(report["metrics"]) == ["garden", "outdoor"]
+
+
+def test_rounds_beyond_every_silos_budget_stop_the_run_with_one_clear_line(world, tmp_path):
+    everyone = {d.name: EvalPolicy(budget=2) for d in world[2]}
+    with pytest.raises(PipelineError) as err:
+        Pipeline(_transport(world, tmp_path, policies=everyone), _cfg(world, fedavg=FedAvgConfig(rounds=3)),
+                 tmp_path / "run").run()
+    msg = str(err.value)
+    assert "\n" not in msg and "at fedavg" in msg and "eval-budget" in msg, msg
 
 
 def test_a_server_killed_mid_round_resumes_after_the_last_stored_round(world, tmp_path):

@@ -27,8 +27,9 @@ from common.model.config import INT32_MAX, MIN_USERS_FOR_METRICS
 
 #: model evaluations per split per run a silo answers by default: the pipeline asks for (pretrained +
 #: training-free baselines + MergeRec variants + one fine-tuned model per silo + FedAvg / integrated candidates)
-#: on test and the merged candidates on validation, once per attempt; 128 leaves room for retries and a few
-#: resumes at dozens of silos, and is far below the ~n requests a reconstruction over n users needs.
+#: on test, and on validation the merged candidates, its fine-tuning (one) and every FedAvg round (one each,
+#: validation-only rounds included), once per attempt; 128 leaves room for retries and a few resumes at dozens
+#: of silos (default FedAvg: 10 rounds + 1), and is far below the ~n requests a reconstruction over n users needs.
 DEFAULT_EVAL_BUDGET = 128
 #: how many runs the budget ledger remembers (older runs are forgotten)
 LEDGER_RUNS = 64

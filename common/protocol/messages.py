@@ -54,7 +54,7 @@ BUDGET_ERROR_CODE = 103  # the silo's evaluation budget for this run is spent (c
 ERROR_TEXTS = {CONTRACT_ERROR_CODE: "the silo refused the request (contract)",
                DATA_ERROR_CODE: "data error at the silo (details in the silo's own log)",
                INTERNAL_ERROR_CODE: "internal error at the silo (details in the silo's own log)",
-               BUDGET_ERROR_CODE: "the silo's evaluation budget for this run is spent"}
+               BUDGET_ERROR_CODE: "the silo's evaluation budget for this run is spent (its eval-budget)"}
 #: Flower's own error codes (flwr.common.constant.ErrorCode), for errors a SuperNode or the SuperLink reports
 FLOWER_ERROR_TEXTS = {0: "unknown error", 1: "the ClientApp did not load", 2: "the ClientApp raised an exception",
                       3: "message unavailable", 4: "reply unavailable", 5: "node unavailable",
@@ -156,6 +156,9 @@ class HandshakeReply(Header):
 
 
 class FinetuneRequest(Header):
+    """Its reply's `val` and `history` are aggregates of the held-out validation users: one "val" evaluation of
+    the silo's per-run budget (refused with BUDGET_ERROR_CODE beyond it)."""
+
     base: BaseSpec
     train: TrainConfig  # its val_max_users is at least MIN_USERS_FOR_METRICS (TrainConfig checks it)
 
@@ -244,7 +247,9 @@ class FedRoundRequest(Header):
     full weights (as EvaluateRequest's). The silo first scores that model on the validation items of its
     held-out users (the seeded `train.val_max_users` subsample, never trained on in a round), then, when
     `epochs` > 0, trains it `epochs` epochs on every other user's train + validation items; FedProx adds
-    `prox_mu` / 2 * ||theta - theta_global||^2 to the loss. `epochs` = 0: validation only."""
+    `prox_mu` / 2 * ||theta - theta_global||^2 to the loss. `epochs` = 0: validation only. Every round, training
+    or not, is one "val" evaluation of the silo's per-run budget (refused with BUDGET_ERROR_CODE beyond it): a
+    validation-only round is an evaluation of a model the server chose."""
 
     base: BaseSpec
     train: TrainConfig
