@@ -63,8 +63,8 @@ def main(argv=None) -> int:
         ref = emb if ref is None else ref
         cos = (emb * ref).sum(1)
         rows.append({"encoder": name, "items": len(sample), "seconds": round(seconds, 2),
-                     "items_per_s": round(len(sample) / seconds, 1), "cos_to_fp32_min": round(float(cos.min()), 4),
-                     "cos_to_fp32_mean": round(float(cos.mean()), 4)})
+                     "items_per_s": round(len(sample) / seconds, 1), "cos_to_fp32_min": round(float(cos.min()), 6),
+                     "cos_to_fp32_mean": round(float(cos.mean()), 6)})
         print(rows[-1], file=sys.stderr, flush=True)
     cmd = "python -m benchmarks.encoder_precision " + " ".join(argv if argv is not None else sys.argv[1:])
     print(write_table_results(args.out, {"command": cmd, "domain": args.domain, "rows": rows},
