@@ -16,7 +16,7 @@ import shutil
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from clients.client_app import in_process_endpoint
 from clients.silo import SiloWorker
@@ -27,6 +27,11 @@ from common.protocol.messages import SiloReplyError, error_text
 from server.config import PipelineConfig
 from server.pipeline import Pipeline
 from server.transport import InProcessTransport
+
+from corrupt import arrays as _arrays
+from corrupt import copy_record as _copy
+from corrupt import header as _header
+from corrupt import set_field as _set
 
 from helpers import make_tiny_encoder
 
@@ -70,31 +75,6 @@ def world(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------ corruptions
-def _copy(c) -> RecordDict:
-    out = RecordDict()
-    for k, v in c.items():
-        out[k] = v
-    return out
-
-
-def _header(update):
-    def corrupt(c):
-        h = json.loads(c.config_records["header"]["json"])
-        update(h)
-        out = _copy(c)
-        out["header"] = ConfigRecord({"type": c.config_records["header"]["type"], "json": json.dumps(h)})
-        return out
-    return corrupt
-
-
-def _arrays(group, update):
-    def corrupt(c):
-        named = {n: a.numpy().copy() for n, a in c.array_records[f"arrays.{group}"].items()}
-        update(named)
-        out = _copy(c)
-        out[f"arrays.{group}"] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in named.items()})
-        return out
-    return corrupt
 
 
 def _add(name, record):
@@ -108,10 +88,6 @@ def _add(name, record):
 def _first(named, fn):
     n = sorted(named)[0]
     named[n] = fn(named[n])
-
-
-def _set(key, value):
-    return _header(lambda h: h.__setitem__(key, value))
 
 
 def _nan_metric(h):

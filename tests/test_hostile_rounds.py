@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
 from clients.client_app import in_process_endpoint
 from clients.silo import EVAL_LEDGER, SiloWorker
@@ -26,6 +26,11 @@ from server.config import FedAvgConfig, PipelineConfig
 from server.integration_stage import parameters
 from server.pipeline import Pipeline, PipelineError
 from server.transport import InProcessTransport
+
+from corrupt import arrays as _arrays
+from corrupt import header as _header
+from corrupt import set_field as _set
+from corrupt import users as _users
 
 BAD = "kitchen"  # the hostile silo; garden and outdoor are honest
 PLANTED = "PLANTED"  # a value only the hostile silo wrote: no reason, report or log line may repeat it
@@ -63,25 +68,6 @@ def _transport(world, state, message_type=None, corrupt=None) -> InProcessTransp
 
 
 # ------------------------------------------------------------------------------------------ corruptions
-def _copy(c) -> RecordDict:
-    out = RecordDict()
-    for k, v in c.items():
-        out[k] = v
-    return out
-
-
-def _header(update):
-    def corrupt(c):
-        h = json.loads(c.config_records["header"]["json"])
-        update(h)
-        out = _copy(c)
-        out["header"] = ConfigRecord({"type": c.config_records["header"]["type"], "json": json.dumps(h)})
-        return out
-    return corrupt
-
-
-def _set(key, value):
-    return _header(lambda h: h.__setitem__(key, value))
 
 
 def _metric(field, key, value):
@@ -92,20 +78,6 @@ def _metric(field, key, value):
         else:
             h[field]["values"][key] = value
     return _header(update)
-
-
-def _users(field, value):
-    return _header(lambda h: h[field].__setitem__("users", value))
-
-
-def _arrays(group, update):
-    def corrupt(c):
-        named = {n: a.numpy().copy() for n, a in c.array_records[f"arrays.{group}"].items()}
-        update(named)
-        out = _copy(c)
-        out[f"arrays.{group}"] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in named.items()})
-        return out
-    return corrupt
 
 
 def _drop_group(group):
