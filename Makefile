@@ -28,11 +28,16 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/no-deps.txt
 run: $(STAMP)
 	$(BIN)/python -m deployment.simulate
 
+# Both lanes run on TEST_WORKERS pytest-xdist workers, one torch thread each per core (tests/conftest.py): the
+# end-to-end tests spend much of their time waiting on Flower (start-up, heartbeats), which the other worker fills.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS)
+
 test: $(STAMP)   ## the full suite (what CI runs): unit, in-process, Flower end-to-end
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q $(XDIST) --durations=15
 
 test-fast: $(STAMP)   ## unit + in-process tests only (no Flower processes, nothing slow)
-	$(BIN)/python -m pytest -q -m "not slow and not e2e" --durations=15
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow and not e2e" --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.core

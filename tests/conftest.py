@@ -1,7 +1,7 @@
 """Shared, session-scoped test fixtures and the two lanes.
 
-Lanes: `make test-fast` runs `-m "not slow and not e2e"` (unit and in-process tests, about 2 minutes on 2
-cores); `make test` runs everything. Mark a test `slow` when it takes more than a few seconds on 2 cores, `e2e`
+Lanes: `make test-fast` runs `-m "not slow and not e2e"` (unit and in-process tests); `make test` runs
+everything. Both run on two pytest-xdist workers (`-n 2`), one torch thread each on 2 cores. Mark a test `slow` when it takes more than a few seconds on 2 cores, `e2e`
 when it starts real Flower processes.
 
 Fixtures built once per session (tests copy what they change, never edit these):
@@ -25,6 +25,16 @@ from helpers import make_tiny_encoder
 
 # numpy's OpenBLAS thread pool hung a ServerApp inside np.dot on a loaded machine; tests never need it
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+# Under pytest-xdist (`make test` / `make test-fast` run `-n 2`) each worker gets its share of the cores, as do the
+# processes its tests start: two workers of two torch threads each on 2 cores slow each other down many times.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_threads))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,3 +61,4 @@ def world(tmp_path_factory, tiny_encoder):
     root = tmp_path_factory.mktemp("world")
     dirs = make_demo(root / "data", n_domains=3, n_items=50, n_users=40, seed=1)
     return root, tiny_encoder, dirs
+

@@ -1,6 +1,8 @@
 """`python -m benchmarks.pipeline --smoke`: the pipeline benchmark's driver on demo data, through the real Flower
-simulation (deployment.simulate), cold then warm; the item-embedding cache changes no result. The demo data is
-written beforehand, smaller than the driver's default (it writes its own only where none exists)."""
+simulation (deployment.simulate, Ray), cold then warm; the item-embedding cache changes no result. The demo data is
+written beforehand, smaller than the driver's default (it writes its own only where none exists). The runs are
+the hybrid (the MergeRec stages, then a FedAvg round from the best merge) with every message recorded: the
+simulation path leaks no user data in any message of either strategy (the privacy check of `make run`'s path)."""
 
 from __future__ import annotations
 
@@ -11,16 +13,19 @@ import pytest
 from benchmarks.pipeline import main
 from common.core.report import ROOT
 from common.data.demo import make_demo
+from privacy import assert_no_user_data, recorded_messages
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_smoke_writes_stage_silo_bytes_rss_and_metrics(tmp_path, tiny_encoder):
     enc = tiny_encoder
-    make_demo(tmp_path / "work" / "demo-data", n_domains=3, n_items=60, n_users=50, seed=0)
-    out = tmp_path / "pipeline.json"
+    # users, items and max-items (50) all differ: the privacy check flags any array or list with one entry per user
+    dirs = make_demo(tmp_path / "work" / "demo-data", n_domains=3, n_items=80, n_users=60, seed=0)
+    out, msgs = tmp_path / "pipeline.json", tmp_path / "messages"
+    hybrid = f"strategy='fedavg' fedavg-init='merged' fedavg-rounds=1 record-messages='{msgs}'"
     assert main(["--smoke", "--work", str(tmp_path / "work"), "--out", str(out),
-                 "--run-config", f"encoder='{enc}'"]) == 0
+                 "--run-config", f"encoder='{enc}' {hybrid}"]) == 0
     result = json.loads(out.read_text())
     # the small demo written above, not a new one (result paths are relative to the project root)
     assert (ROOT / result["data_root"]).resolve() == (tmp_path / "work" / "demo-data").resolve()
@@ -33,8 +38,12 @@ def test_smoke_writes_stage_silo_bytes_rss_and_metrics(tmp_path, tiny_encoder):
             assert s["received_from_silo"] > s["task_vector_bytes"] > 0 and s["teacher_bytes"] > 0
             assert s["sent_to_silo"] > 0 and s["seconds"] > 0
         assert r["peak_rss_process_mb"] > 50 and r["peak_rss_total_mb"] >= r["peak_rss_process_mb"]
-        assert {m["model"] for m in r["metrics"]} >= {"pretrained", "task_arithmetic", "mergerec-task"}
+        assert {m["model"] for m in r["metrics"]} >= {"pretrained", "task_arithmetic", "mergerec-task", "hybrid"}
     assert any((tmp_path / "work" / "cache" / "item_embeddings").iterdir())
     key = lambda m: (m["domain"], m["model"])  # noqa: E731
     assert sorted(cold["metrics"], key=key) == [dict(m, run="cold") for m in sorted(warm["metrics"], key=key)]
     assert (tmp_path / "pipeline.md").read_text().startswith("# Federated pipeline benchmark")
+    report = json.loads((tmp_path / "work" / "cold" / "run" / "report.json").read_text())
+    assert len(report["fedavg"]["rounds"]) == 2  # round 0 (the merged start) and the trained round
+    # two runs of three silos: handshake, fine-tuning, teacher, the round(s), evaluations, each way
+    assert assert_no_user_data(recorded_messages(msgs), dirs) >= 48
