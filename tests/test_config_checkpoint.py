@@ -341,3 +341,13 @@ def test_damaged_stored_merge_is_recomputed_without_redoing_a_stage(world, tmp_p
     assert after["completed"] == before["completed"]
     again = load_file(str(run / "model" / "model.safetensors"))
     assert all(torch.equal(again[n], shipped[n]) for n in shipped)
+
+
+def test_evaluate_finetuned_of_older_run_directories_still_loads():
+    """`evaluate_finetuned` was a bool (true: every silo scored every silo's model); a stored config keeps its
+    meaning, and the default scores each silo's own model at that silo only."""
+    assert PipelineConfig().evaluate_finetuned == "own"
+    assert PipelineConfig(evaluate_finetuned=True).evaluate_finetuned == "all"
+    assert PipelineConfig(evaluate_finetuned=False).evaluate_finetuned == "none"
+    with pytest.raises(ValueError):
+        PipelineConfig(evaluate_finetuned="some")
