@@ -70,22 +70,28 @@ def _subsample(n: int, k: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)[:k].sort().values
 
 
-def _training_rows(silo: SiloData, causal: bool, max_items: int, max_users: int | None, seed: int,
-                   with_val: bool = False, held_out: frozenset[int] = frozenset(), skip: frozenset[int] = frozenset()):
-    """(inputs, targets) per training example: one row per user (causal: targets per position).
-    with_val: each user's validation item is appended to their train sequence (the final fit), except for
-    the users (indices into silo.users) in `held_out`, whose validation items score the epochs. Users in `skip`
-    are left out entirely (DP: the held-out validation users are not trained on)."""
-    keep = _subsample(len(silo.train), max_users, seed).tolist()
-    rows = []
-    for u in keep:
+def _user_sequences(silo: SiloData, max_users: int | None, seed: int, with_val: bool = False,
+                    held_out: frozenset[int] = frozenset(), skip: frozenset[int] = frozenset()):
+    """(user index into silo.users, item sequence) of every user fine-tuning trains on: the seeded `max_users`
+    subsample, less the users in `skip` (DP: the held-out validation users are not trained on), less the users
+    whose sequence is shorter than two items. with_val: each user's validation item is appended to their train
+    sequence (the final fit), except for the users in `held_out`, whose validation items score the epochs."""
+    for u in _subsample(len(silo.train), max_users, seed).tolist():
         if u in skip:
             continue
         seq = silo.train[u]
         if with_val and u not in held_out and silo.users[u] in silo.val:
             seq = [*seq, silo.val[silo.users[u]]]
-        if len(seq) < 2:
-            continue
+        if len(seq) >= 2:
+            yield u, seq
+
+
+def _training_rows(silo: SiloData, causal: bool, max_items: int, max_users: int | None, seed: int,
+                   with_val: bool = False, held_out: frozenset[int] = frozenset(), skip: frozenset[int] = frozenset()):
+    """(inputs, targets) per training example: one row per user of `_user_sequences` (causal: targets per
+    position)."""
+    rows = []
+    for _, seq in _user_sequences(silo, max_users, seed, with_val, held_out, skip):
         if causal:
             seq = seq[-(max_items + 1) :]
             rows.append((seq[:-1], seq[1:]))
@@ -388,12 +394,9 @@ def _dp_skip(silo: SiloData, cfg: TrainConfig) -> frozenset[int]:
 
 
 def trained_users(silo: SiloData, causal: bool, cfg: TrainConfig) -> list[int]:
-    """Indices into silo.users of the users fine-tuning trains on: the seeded `max_users` subsample, less the users
-    DP leaves out, less users with under two items in train + validation (no training row). These are the
-    members a membership-inference attack targets."""
-    skip = _dp_skip(silo, cfg)
-    keep = _subsample(len(silo.train), cfg.max_users, cfg.seed).tolist()
-    return [u for u in keep if u not in skip and len(silo.train[u]) + (silo.users[u] in silo.val) >= 2]
+    """Indices into silo.users of the users fine-tuning trains on (the final fit's rows: every user's train +
+    validation items, less the users DP leaves out). These are the members a membership-inference attack targets."""
+    return [u for u, _ in _user_sequences(silo, cfg.max_users, cfg.seed, with_val=True, skip=_dp_skip(silo, cfg))]
 
 
 def _selection_data(silo: SiloData, model: Recommender, cfg: TrainConfig):
