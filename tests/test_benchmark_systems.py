@@ -18,7 +18,7 @@ from helpers import make_tiny_encoder
 
 pytestmark = pytest.mark.slow  # more than a few seconds on 2 cores: not in `make test-fast`
 
-FRACTIONS = [0.1, 0.5, 1.0]
+FRACTIONS = [0.5, 1.0]
 
 
 @pytest.fixture(scope="module")

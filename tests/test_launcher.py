@@ -1,8 +1,9 @@
 """`python -m deployment.simulate` stops every process of its run within seconds on SIGTERM, on Ctrl-C and on its
 --timeout, with every core busy: the SuperLink, `flwr run`, Flower's simulation runtime (`flwr-simulation`) and Ray's
-processes. Two busy loops (`cpu_hog`) run beside each test. The launcher runs under a run id of the test's
-(deployment.procs.MARKER), which every process of the run inherits; the test also snapshots the launcher's process
-tree before stopping it. Every wait is a poll with a short deadline."""
+processes. Two busy loops (`cpu_hog`) start beside the run once its runtime and Ray's workers are up and load every
+core while the run is stopped (the start-up needs no load: what failed under load was the stop). The launcher runs
+under a run id of the test's (deployment.procs.MARKER), which every process of the run inherits; the test also
+snapshots the launcher's process tree before stopping it. Every wait is a poll with a short deadline."""
 
 from __future__ import annotations
 
@@ -24,28 +25,33 @@ from deployment.procs import MARKER, ProcessSet, alive, cmdline, descendants, ma
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ["garden", "kitchen"]
-START_S = 90.0  # deadline for the run to reach Flower's simulation runtime and Ray's workers (~30 s, cores busy)
+START_S = 90.0  # deadline for the run to reach Flower's simulation runtime and Ray's workers (~15 s on 2 cores)
 EXIT_S = 10.0  # the launcher's exit after a signal or its --timeout (grace 3 s, then SIGKILL)
 GONE_S = 3.0  # after the launcher's exit: nothing of the run may be left by then
-RUN_TIMEOUT_S = 60  # the --timeout test's limit: Ray's workers must be up before it
+RUN_TIMEOUT_S = 45  # the --timeout test's limit: Ray's workers must be up before it
 
 
 @pytest.fixture
 def cpu_hog():
-    """Two busy loops, one per core of the test machine, for the whole test (unmarked, own session)."""
+    """`start()`: two busy loops, one per core of the test machine, from then to the end of the test (unmarked,
+    own session)."""
     env = {k: v for k, v in os.environ.items() if k != MARKER}
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], env=env, start_new_session=True)
-            for _ in range(2)]
-    yield
+    hogs = []
+
+    def start() -> None:
+        assert not hogs, "already busy"
+        hogs.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"], env=env, start_new_session=True)
+                    for _ in range(2))
+
+    yield start
     for h in hogs:
         h.kill()
         h.wait()
 
 
 @pytest.fixture
-def launch(world, tmp_path, cpu_hog):
-    """start_launcher(world, tmp_path, ...) with the CPU hog beside it; whatever a failed test left of the run is
-    killed at teardown."""
+def launch(world, tmp_path):
+    """start_launcher(world, tmp_path, ...); whatever a failed test left of the run is killed at teardown."""
     started = []
 
     def _launch(*extra: str, **kw) -> tuple[subprocess.Popen, str]:
@@ -134,9 +140,11 @@ def assert_resumable(run_dir: Path, log: str) -> None:
         json.loads((run_dir / "checkpoint.json").read_text())
 
 
-def _stop_run(proc: subprocess.Popen, sig: int, run_id: str, tmp: Path) -> tuple[int | None, float, set[int]]:
+def _stop_run(proc: subprocess.Popen, sig: int, run_id: str, tmp: Path, busy) -> tuple[int | None, float, set[int]]:
+    """Wait for the runtime, load every core (`busy`), send `sig`; (exit code, seconds to exit, the run's pids)."""
     before = wait_for_runtime(proc, run_id, tmp, time.monotonic() + START_S)
     assert len(before) >= 4, [cmdline(p)[:80] for p in before]
+    busy()
     t0 = time.monotonic()
     proc.send_signal(sig)
     code = wait_exit(proc, t0 + EXIT_S)
@@ -144,21 +152,22 @@ def _stop_run(proc: subprocess.Popen, sig: int, run_id: str, tmp: Path) -> tuple
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_signal_stops_every_process(launch, tmp_path, sig):
+def test_signal_stops_every_process(launch, cpu_hog, tmp_path, sig):
     """Ctrl-C: SIGINT to a launcher that inherited SIGINT ignored (how it once sat through Ctrl-C with the run
     going on; tests/test_procs.py covers both dispositions in miniature)."""
     proc, run_id = launch(sigint_ignored=sig == signal.SIGINT)
-    code, took, before = _stop_run(proc, sig, run_id, tmp_path)
+    code, took, before = _stop_run(proc, sig, run_id, tmp_path, cpu_hog)
     assert code == 128 + sig, f"exit {code} {took:.1f} s after the signal:\n{_log(tmp_path)}"
     assert_all_gone(run_id, before)
     assert_resumable(tmp_path / "run", _log(tmp_path))
     print(f"\nlauncher exited {took:.1f} s after {signal.Signals(sig).name}")
 
 
-def test_timeout_stops_every_process(launch, tmp_path):
+def test_timeout_stops_every_process(launch, cpu_hog, tmp_path):
     t0 = time.monotonic()
     proc, run_id = launch("--timeout", str(RUN_TIMEOUT_S))
     before = wait_for_runtime(proc, run_id, tmp_path, t0 + RUN_TIMEOUT_S)
+    cpu_hog()
     code = wait_exit(proc, t0 + RUN_TIMEOUT_S + EXIT_S)
     took = time.monotonic() - t0
     out = _log(tmp_path)
@@ -168,10 +177,10 @@ def test_timeout_stops_every_process(launch, tmp_path):
     print(f"\nlauncher exited {took:.1f} s after it started (--timeout {RUN_TIMEOUT_S}, counted from a little later)")
 
 
-def test_pipeline_benchmark_sigterm_stops_every_process(launch, tmp_path):
+def test_pipeline_benchmark_sigterm_stops_every_process(launch, cpu_hog, tmp_path):
     """The benchmark driver runs the same launcher code; SIGTERM to it stops its run's processes too."""
     proc, run_id = launch(benchmark=True)
-    code, took, before = _stop_run(proc, signal.SIGTERM, run_id, tmp_path)
+    code, took, before = _stop_run(proc, signal.SIGTERM, run_id, tmp_path, cpu_hog)
     assert code == 128 + signal.SIGTERM, f"exit {code} {took:.1f} s after SIGTERM:\n{_log(tmp_path)}"
     assert_all_gone(run_id, before)
     print(f"\nbenchmark driver exited {took:.1f} s after SIGTERM")
