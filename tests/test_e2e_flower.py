@@ -3,9 +3,9 @@ per demo domain, shared by the tests of this module, the full pipeline submitted
 request starts a ClientApp process, so an end-to-end test costs about one process start per stage: one hybrid
 run (MergeRec stages, then FedAvg rounds) carries the checks that share a configuration: artifacts, equality
 with the in-process pipeline, the ServerApp stopped mid-round and started again, privacy of every recorded
-message. Apart: LoRA with weaving (equality, privacy), a SuperNode killed during fine-tuning (last: the stack
-keeps that node down). The simulation runtime's privacy check is in tests/test_benchmark_pipeline.py (the
-pipeline benchmark's smoke runs the hybrid through it)."""
+message. Apart, last (the stack keeps that node down): LoRA with weaving and a SuperNode killed during
+fine-tuning (drop, equality, privacy). The simulation runtime's privacy check is in
+tests/test_benchmark_pipeline.py (the pipeline benchmark's smoke runs the hybrid through it)."""
 
 from __future__ import annotations
 
@@ -63,12 +63,19 @@ def full_config(rc: dict) -> dict:
     return {**defaults, **rc}
 
 
-def in_process_report(root: Path, rc: dict, run_dir: Path) -> dict:
+def in_process_report(root: Path, rc: dict, run_dir: Path, crash: tuple[str, str] | None = None) -> dict:
+    """The same configuration through the in-process transport; `crash` = (domain, message type): that silo
+    raises on that message (and every later one), as a SuperNode that died there."""
     cfg, _, _ = pipeline_config(full_config(rc))
+    dead = set()
+
     def single_threaded(worker):
         """Silo work runs with one thread, as on the SuperNodes; the server side keeps the default, as the
         ServerApp does."""
         def call(message_type, content):
+            if crash is not None and worker.domain == crash[0] and (dead or message_type == crash[1]):
+                dead.add(worker.domain)
+                raise ConnectionError(f"{worker.domain} is gone")
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
@@ -84,31 +91,6 @@ def in_process_report(root: Path, rc: dict, run_dir: Path) -> dict:
 
 def _finetune_requests(folder: Path) -> int:
     return len(list(folder.glob("*-down-train.finetune-*.json")))
-
-
-def test_lora_and_weaving_through_flower(world, stack, tmp_path):
-    """finetune = lora with one weaving round over real SuperNodes: the train.weave action reaches every silo,
-    the metrics equal the in-process pipeline's, and no recorded message leaks user data."""
-    root, enc = world
-    rc = run_config(root, enc, tmp_path / "run", **{"record-messages": str(tmp_path / "messages"),
-                                                    "finetune": "lora", "lora-rank": 4, "weave-rounds": 1,
-                                                    "epochs": 2, "coef-steps": 10, "baselines": "task_arithmetic",
-                                                    "granularities": "task"})
-    res = stack.run_app(ROOT, run_config=rc, timeout=900)
-    assert res.ok, f"{res.status}: {res.details}\n{stack.log_tails()}"
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert sorted(report["active"]) == DOMAINS and report["dropped"] == []
-    assert len(report["weave"]["hops"]) == 3 and report["weave"]["skipped"] == []
-    for d in DOMAINS:
-        assert report["finetune"][d]["upload_bytes"] < report["finetune"][d]["dense_task_vector_bytes"] / 5
-    reference = in_process_report(root, rc, tmp_path / "in-process")
-    for d in DOMAINS:
-        for model, m in reference["metrics"][d].items():
-            got = report["metrics"][d][model]["values"]
-            assert got == pytest.approx(m["values"], abs=1e-6), f"{d}/{model}"
-    msgs = tmp_path / "messages"
-    assert len(list(msgs.glob("*-up-train.weave-*.json"))) == 3
-    assert assert_no_user_data(recorded_messages(msgs), [root / "data" / d for d in DOMAINS]) >= 27
 
 
 #: how long a wait goes on after the `flwr run` log stream ended: the stream can end while the run goes on
@@ -200,15 +182,20 @@ def test_hybrid_stopped_mid_round_resumes_to_the_in_process_result(world, stack,
     assert assert_no_user_data(recorded_messages(msgs), [root / "data" / d for d in DOMAINS]) >= 24
 
 
-def test_supernode_killed_during_finetuning_is_dropped(world, stack, tmp_path):
-    """kitchen's SuperNode is killed (SIGKILL, its ClientApp with it) as soon as its ClientApp started on the
-    fine-tuning request (polled, so no long fine-tuning is needed to catch it); the run goes on with the other
-    two. The rest is the SuperLink's wait: it answers for the dead node only once its heartbeat patience has
-    passed (2 x 30 s in flwr 1.41), or the stage limit (60 s) ends an attempt and the retry finds the node gone.
-    Last in the module: the stack keeps the killed SuperNode down."""
+def test_lora_weaving_with_a_supernode_killed_during_finetuning(world, stack, tmp_path):
+    """finetune = lora with one weaving round over real SuperNodes, and kitchen's SuperNode killed (SIGKILL, its
+    ClientApp with it) as soon as its ClientApp started on the fine-tuning request (polled, so no long
+    fine-tuning is needed to catch it): the run goes on with the other two, the train.weave action reaches both,
+    the LoRA upload stays small, the metrics equal the in-process pipeline's with kitchen crashing at the same
+    request, and no recorded message leaks user data. Most of the wall time is the SuperLink's wait: it answers for
+    the dead node only once its heartbeat patience has passed (2 x 30 s in flwr 1.41), or the stage limit (60 s)
+    ends an attempt and the retry finds the node gone; no CPU is spent meanwhile. Last in the module: the stack
+    keeps the killed SuperNode down."""
     root, enc = world
-    run_dir = tmp_path / "run"
-    rc = run_config(root, enc, run_dir, **{"record-messages": str(tmp_path / "messages"), "timeout-s": 60.0})
+    run_dir, msgs = tmp_path / "run", tmp_path / "messages"
+    rc = run_config(root, enc, run_dir, **{"record-messages": str(msgs), "timeout-s": 60.0, "finetune": "lora",
+                                           "lora-rank": 4, "weave-rounds": 1, "coef-steps": 10,
+                                           "granularities": "task"})
     kitchen = stack.procs["supernode-kitchen"]
     seen = len(kitchen.output())  # the node's log holds the earlier tests' runs too
 
@@ -219,14 +206,25 @@ def test_supernode_killed_during_finetuning_is_dropped(world, stack, tmp_path):
 
     res = stack.run_app(ROOT, run_config=rc, timeout=900, wait=False)
     assert res.run_id is not None, res.details
-    _wait_for(lambda: _finetune_requests(tmp_path / "messages") >= 3 and kitchen_finetuning(), 300,
+    _wait_for(lambda: _finetune_requests(msgs) >= 3 and kitchen_finetuning(), 300,
               "kitchen's ClientApp to start fine-tuning", stack)
     kill_supernode(stack, "kitchen")
     res = stack.wait_run(res, timeout=900)
     assert res.ok, f"{res.status}: {res.details}\n{stack.log_tails()}"
     report = json.loads((run_dir / "report.json").read_text())
-    assert sorted(report["active"]) == ["garden", "outdoor"]
-    assert [d["domain"] for d in report["dropped"]] == ["kitchen"]
-    assert report["dropped"][0]["stage"] == "finetune"
-    assert "kitchen" not in report["metrics"] and set(report["metrics"]) == {"garden", "outdoor"}
-    assert assert_no_user_data(recorded_messages(tmp_path / "messages"), [root / "data" / d for d in DOMAINS]) >= 12
+    alive = ["garden", "outdoor"]
+    assert sorted(report["active"]) == alive
+    assert [d["domain"] for d in report["dropped"]] == ["kitchen"] and report["dropped"][0]["stage"] == "finetune"
+    assert "kitchen" not in report["metrics"] and set(report["metrics"]) == set(alive)
+    assert len(report["weave"]["hops"]) == 2 and report["weave"]["skipped"] == []
+    for d in alive:
+        assert report["finetune"][d]["upload_bytes"] < report["finetune"][d]["dense_task_vector_bytes"] / 5
+    reference = in_process_report(root, rc, tmp_path / "in-process", crash=("kitchen", "train.finetune"))
+    assert [d["domain"] for d in reference["dropped"]] == ["kitchen"]
+    for d in alive:
+        assert set(report["metrics"][d]) == set(reference["metrics"][d]), d
+        for model, m in reference["metrics"][d].items():
+            got = report["metrics"][d][model]["values"]
+            assert got == pytest.approx(m["values"], abs=1e-6), f"{d}/{model}"
+    assert len(list(msgs.glob("*-up-train.weave-*.json"))) == 2
+    assert assert_no_user_data(recorded_messages(msgs), [root / "data" / d for d in DOMAINS]) >= 12

@@ -29,6 +29,7 @@ START_S = 90.0  # deadline for the run to reach Flower's simulation runtime and 
 EXIT_S = 10.0  # the launcher's exit after a signal or its --timeout (grace 3 s, then SIGKILL)
 GONE_S = 3.0  # after the launcher's exit: nothing of the run may be left by then
 RUN_TIMEOUT_S = 45  # the --timeout test's limit: Ray's workers must be up before it
+HOG_LEAD_S = 5.0  # the --timeout test loads every core from this many seconds before the limit
 
 
 @pytest.fixture
@@ -165,9 +166,11 @@ def test_signal_stops_every_process(launch, cpu_hog, tmp_path, sig):
 
 def test_timeout_stops_every_process(launch, cpu_hog, tmp_path):
     t0 = time.monotonic()
-    proc, run_id = launch("--timeout", str(RUN_TIMEOUT_S))
+    # one silo at a time: the run waits out the limit on one core, not on every core (the hogs load them at the end)
+    proc, run_id = launch("--timeout", str(RUN_TIMEOUT_S), "--silos-at-once", "1")
     before = wait_for_runtime(proc, run_id, tmp_path, t0 + RUN_TIMEOUT_S)
-    cpu_hog()
+    time.sleep(max(0.0, t0 + RUN_TIMEOUT_S - HOG_LEAD_S - time.monotonic()))
+    cpu_hog()  # every core busy from a little before the timeout to the end
     code = wait_exit(proc, t0 + RUN_TIMEOUT_S + EXIT_S)
     took = time.monotonic() - t0
     out = _log(tmp_path)
