@@ -244,12 +244,9 @@ def build_backbone(cfg: BackboneConfig, *, seed: int = 0) -> Recommender:
         if cfg.base != "init":
             raise ValueError("base: the text backbone starts from its encoder's own weights; use base='init'")
         return TextRecommender(cfg)
-    from transformers import AutoConfig
+    from common.model.encoder import encoder_width
 
-    from common.model.encoder import resolve_model_path
-
-    hidden = AutoConfig.from_pretrained(resolve_model_path(cfg.encoder)).hidden_size
-    model = LightRecommender(cfg, hidden)
+    model = LightRecommender(cfg, encoder_width(cfg.encoder))
     if cfg.base != "init":
         load_base_weights(model, cfg)
     return model

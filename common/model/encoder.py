@@ -66,6 +66,24 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def encoder_width(model: str = DEFAULT_ENCODER) -> int:
+    """The encoder's output width (its config's hidden_size). Read from the model folder's config.json without
+    importing transformers (about half a second of every ClientApp process, which builds the light backbone for
+    each message while the item embeddings come from the cache); a hub id, or a config that names the width
+    otherwise, goes through transformers' AutoConfig."""
+    path = resolve_model_path(model)
+    config = Path(path) / "config.json"
+    if config.is_file():
+        import json
+
+        width = json.loads(config.read_text()).get("hidden_size")
+        if isinstance(width, int) and not isinstance(width, bool) and width > 0:
+            return width
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).hidden_size
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(model: str = DEFAULT_ENCODER):
     from transformers import AutoTokenizer
