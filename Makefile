@@ -28,9 +28,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/no-deps.txt
 run: $(STAMP)
 	$(BIN)/python -m deployment.simulate
 
-# Both lanes run on TEST_WORKERS pytest-xdist workers, one torch thread each per core (tests/conftest.py): the
-# end-to-end tests spend much of their time waiting on Flower (start-up, heartbeats), which the other worker fills.
-TEST_WORKERS ?= 2
+# Both lanes run on TEST_WORKERS pytest-xdist workers, one torch thread each (tests/conftest.py): the
+# end-to-end tests wait on Flower (start-up, heartbeats) while the other workers fill the cores.
+TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS)
 
 test: $(STAMP)   ## the full suite (what CI runs): unit, in-process, Flower end-to-end

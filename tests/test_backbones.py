@@ -204,3 +204,39 @@ def test_zero_frozen_item_mlp_is_skipped_with_the_same_numbers():
         assert mlp_contributes(model.adaptor_mlp)  # a fitted residual always counts
         assert torch.equal(model(dom, "items", ids), full())
         assert not torch.equal(model(dom, "items", ids), F.normalize(model.adaptor(x), dim=-1))
+
+
+def test_encoder_width_reads_the_config_and_a_warm_light_backbone_never_imports_transformers(tmp_path, world):
+    """The light backbone's width comes from the encoder folder's config.json (what AutoConfig says), falling back
+    to AutoConfig when the file names it otherwise; with the item cache warm, building the backbone and its
+    domain inputs in a fresh process (a ClientApp's per-message work) imports no transformers."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from common.data.format import load_silo
+    from common.model.backbones import build_backbone
+    from common.model.encoder import encoder_width
+
+    root, enc, dirs = world
+    assert encoder_width(str(enc)) == AutoConfig.from_pretrained(str(enc)).hidden_size
+    other = shutil.copytree(enc, tmp_path / "enc")  # no hidden_size in the file: AutoConfig decides (BERT's default)
+    cfg_file = other / "config.json"
+    cfg_file.write_text(json.dumps({k: v for k, v in json.loads(cfg_file.read_text()).items() if k != "hidden_size"}))
+    assert encoder_width(str(other)) == AutoConfig.from_pretrained(str(other)).hidden_size != encoder_width(str(enc))
+
+    bb = BackboneConfig(kind="light", encoder=str(enc), layers=1, heads=2, cache_dir=root / "cache")
+    build_backbone(bb).domain_inputs(load_silo(dirs[0]).catalog)  # warms the cache (if no test did)
+    code = ("import sys; from common.model.backbones import build_backbone; from common.model.config import "
+            "BackboneConfig; from common.data.format import load_silo; "
+            f"bb = BackboneConfig(kind='light', encoder={str(enc)!r}, layers=1, heads=2, cache_dir={str(root / 'cache')!r}); "
+            f"build_backbone(bb).domain_inputs(load_silo({str(dirs[0])!r}).catalog); "
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
