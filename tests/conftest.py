@@ -1,7 +1,7 @@
 """Shared, session-scoped test fixtures and the two lanes.
 
 Lanes: `make test-fast` runs `-m "not slow and not e2e"` (unit and in-process tests); `make test` runs
-everything. Both run on pytest-xdist workers (`-n $(TEST_WORKERS)`, 3 by default), one torch thread each. Mark a
+everything, on pytest-xdist workers (`make test`: 3, `make test-fast`: 2; Makefile), one torch thread each. Mark a
 test `slow` when it takes more than a few seconds on 2 cores, `e2e` when it starts real Flower processes.
 
 Fixtures built once per session (tests copy what they change, never edit these):
@@ -26,7 +26,7 @@ from helpers import make_tiny_encoder
 # numpy's OpenBLAS thread pool hung a ServerApp inside np.dot on a loaded machine; tests never need it
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-# Under pytest-xdist (`make test` / `make test-fast` run `-n 3`) each worker gets its share of the cores, as do the
+# Under pytest-xdist (`make test` runs `-n 3`, `make test-fast` `-n 2`) each worker gets its share of the cores, as do the
 # processes its tests start: two workers of two torch threads each on 2 cores slow each other down many times.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
