@@ -26,8 +26,8 @@ from helpers import make_tiny_encoder
 # numpy's OpenBLAS thread pool hung a ServerApp inside np.dot on a loaded machine; tests never need it
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-# Under pytest-xdist (`make test` runs `-n 3`, `make test-fast` `-n 2`) each worker gets its share of the cores, as do the
-# processes its tests start: two workers of two torch threads each on 2 cores slow each other down many times.
+# Under pytest-xdist (`make test` runs `-n 3`, `make test-fast` `-n 2`) each worker gets its share of the cores, as
+# do the processes its tests start: two workers of two torch threads each on 2 cores slow each other down many times.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -233,7 +233,8 @@ def test_encoder_width_reads_the_config_and_a_warm_light_backbone_never_imports_
     build_backbone(bb).domain_inputs(load_silo(dirs[0]).catalog)  # warms the cache (if no test did)
     code = ("import sys; from common.model.backbones import build_backbone; from common.model.config import "
             "BackboneConfig; from common.data.format import load_silo; "
-            f"bb = BackboneConfig(kind='light', encoder={str(enc)!r}, layers=1, heads=2, cache_dir={str(root / 'cache')!r}); "
+            f"bb = BackboneConfig(kind='light', encoder={str(enc)!r}, layers=1, heads=2, "
+            f"cache_dir={str(root / 'cache')!r}); "
             f"build_backbone(bb).domain_inputs(load_silo({str(dirs[0])!r}).catalog); "
             "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -1,6 +1,6 @@
 """`python -m benchmarks.pipeline --smoke`: the pipeline benchmark's driver on demo data, through the real Flower
-simulation (deployment.simulate, Ray), one cold run (a warm run is the same code with the cache kept: that the cache
-changes no embedding is tests/test_backbones.py's; tests/test_launcher.py starts a warm run of the driver). The
+simulation (deployment.simulate, Ray), one cold run (a warm run is the same code with the cache kept; that cached
+embeddings equal computed ones is tested in tests/test_backbones.py; tests/test_launcher.py starts a warm run). The
 demo data is written beforehand, smaller than the driver's default (it writes its own only where none exists).
 The run is the hybrid (the MergeRec stages, then a FedAvg round from the best merge) with every message recorded:
 the simulation path leaks no user data in any message of either strategy (the privacy check of `make run`'s

@@ -112,13 +112,6 @@ def _wait_for(predicate, timeout: float, what: str, stack=None) -> None:
         time.sleep(0.1)
 
 
-def _completed(run_dir: Path) -> list[str]:
-    try:
-        return json.loads((run_dir / "checkpoint.json").read_text())["completed"]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-
-
 def _rounds_stored(run_dir: Path) -> list[int]:
     try:
         fed = json.loads((run_dir / "checkpoint.json").read_text()).get("fedavg") or {}
